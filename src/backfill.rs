@@ -1,0 +1,299 @@
+//! `upload`: one pass over the whole store, uploading every file not yet verified in the bucket,
+//! with `upload.concurrency` files in flight. The adoption command for an existing server, and the
+//! cron-style fallback.
+//!
+//! A walker thread lists the store and drops files whose record matches (no request at all); the
+//! rest go through a bounded channel to the uploaders. A failed file is reported and does not stop
+//! the others, except for errors that would fail every file (credentials, bucket), which end the
+//! run with that one error.
+
+use std::io::IsTerminal;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::scan::{self, Item};
+use crate::state::{Committer, State, StateError};
+use crate::upload::s3::{ObjectStore, S3Error};
+use crate::upload::{Outcome, UploadError, Uploader};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackfillError {
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("the bucket is not usable: {0}")]
+    Bucket(#[source] S3Error),
+    #[error("stopped after {done} files: {source}")]
+    Fatal {
+        done: u64,
+        #[source]
+        source: UploadError,
+    },
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct Summary {
+    pub uploaded: u64,
+    pub adopted: u64,
+    pub unchanged: u64,
+    pub vanished: u64,
+    pub skipped: u64,
+    pub failed: u64,
+    pub bytes: u64,
+    pub elapsed: Duration,
+}
+
+impl std::fmt::Display for Summary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let secs = self.elapsed.as_secs_f64();
+        write!(
+            f,
+            "uploaded {} ({:.1} MB), already in bucket {}, unchanged {}, vanished {}, skipped {}, failed {} in {:.1}s",
+            self.uploaded,
+            self.bytes as f64 / 1e6,
+            self.adopted,
+            self.unchanged,
+            self.vanished,
+            self.skipped,
+            self.failed,
+            secs
+        )
+    }
+}
+
+/// How progress is shown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Progress {
+    /// A progress bar on stderr when it is a terminal, else a log line every 10 s.
+    Auto,
+    /// Log lines only.
+    Log,
+}
+
+/// Runs the backfill until done or `cancel` fires (in-flight files finish; the rest wait for the
+/// next run).
+pub async fn run(
+    config: &Config,
+    progress: Progress,
+    cancel: CancellationToken,
+) -> Result<Summary, BackfillError> {
+    let started = Instant::now();
+    let state = State::open(&config.state_dir)?;
+    let store = Arc::new(ObjectStore::new(&config.s3, config.upload.multipart_part_size).await);
+    store.check_bucket().await.map_err(BackfillError::Bucket)?;
+    let (committer, commit_thread) = Committer::start(state.clone());
+    let uploader = Uploader::new(
+        config.media_store_path.clone(),
+        store,
+        state.clone(),
+        committer,
+        config.upload.multipart_threshold,
+        config.upload.multipart_part_size,
+    );
+
+    let bar = Bar::new(progress);
+    let stop_walk = Arc::new(AtomicBool::new(false));
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<scan::Found>(1024);
+    let (problem_tx, mut problem_rx) = tokio::sync::mpsc::unbounded_channel::<scan::Problem>();
+    let walker = {
+        let root = config.media_store_path.clone();
+        let include_url_cache = config.upload.include_url_cache;
+        let stop = stop_walk.clone();
+        let state = state.clone();
+        let bar = bar.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut unchanged = 0u64;
+            scan::walk(&root, include_url_cache, |item| {
+                if stop.load(Ordering::Relaxed) {
+                    return false;
+                }
+                match item {
+                    Item::File(found) => {
+                        // Skip what is recorded with the same size and mtime without any request.
+                        if let Ok(Some(rec)) = state.record(&found.path) {
+                            if rec.matches(found.snapshot.size, found.snapshot.mtime_ns) {
+                                unchanged += 1;
+                                bar.found(1, 0);
+                                bar.done(0);
+                                return true;
+                            }
+                        }
+                        bar.found(1, found.snapshot.size);
+                        tx.blocking_send(found).is_ok()
+                    }
+                    Item::Problem(p) => problem_tx.send(p).is_ok(),
+                }
+            });
+            unchanged
+        })
+    };
+
+    let mut summary = Summary::default();
+    let mut fatal = None;
+    let mut done = 0u64;
+    {
+        let files = futures::stream::poll_fn(|cx| rx.poll_recv(cx));
+        let mut results = files
+            .map(|found| {
+                let uploader = &uploader;
+                async move { (uploader.upload(&found.path).await, found) }
+            })
+            .buffer_unordered(config.upload.concurrency);
+        loop {
+            let next = tokio::select! {
+                _ = cancel.cancelled(), if !stop_walk.load(Ordering::Relaxed) => {
+                    tracing::warn!("Interrupted: finishing the uploads in flight, the rest waits for the next run.");
+                    stop_walk.store(true, Ordering::Relaxed);
+                    continue;
+                }
+                next = results.next() => next,
+            };
+            let Some((result, found)) = next else { break };
+            done += 1;
+            match result {
+                Ok(Outcome::Uploaded { bytes }) => {
+                    summary.uploaded += 1;
+                    summary.bytes += bytes;
+                    tracing::debug!(path = %found.path, bytes, "Uploaded.");
+                }
+                Ok(Outcome::Adopted) => summary.adopted += 1,
+                Ok(Outcome::Unchanged) => summary.unchanged += 1,
+                Ok(Outcome::Vanished) => summary.vanished += 1,
+                Ok(Outcome::NotRegular) => summary.skipped += 1,
+                Err(e) if e.is_fatal_for_run() => {
+                    summary.failed += 1;
+                    stop_walk.store(true, Ordering::Relaxed);
+                    fatal.get_or_insert(e);
+                }
+                Err(e) => {
+                    summary.failed += 1;
+                    tracing::error!(path = %found.path, error = %e, "Upload failed.");
+                }
+            }
+            bar.done(found.snapshot.size);
+            while let Ok(p) = problem_rx.try_recv() {
+                report_problem(&p, &mut summary);
+            }
+        }
+    }
+    drop(rx);
+    summary.unchanged += walker.await.unwrap_or(0);
+    while let Ok(p) = problem_rx.try_recv() {
+        report_problem(&p, &mut summary);
+    }
+    // Dropping the uploader drops the last committer: the thread commits what is left and ends.
+    drop(uploader);
+    let _ = tokio::task::spawn_blocking(move || commit_thread.join()).await;
+    bar.finish();
+    summary.elapsed = started.elapsed();
+    if let Some(source) = fatal {
+        return Err(BackfillError::Fatal { done, source });
+    }
+    Ok(summary)
+}
+
+fn report_problem(p: &scan::Problem, summary: &mut Summary) {
+    match p {
+        scan::Problem::Unreadable { .. } => {
+            summary.failed += 1;
+            tracing::error!(problem = %p, "Cannot read part of the media store.");
+        }
+        scan::Problem::BadName { .. } | scan::Problem::SymlinkedDir { .. } => {
+            summary.skipped += 1;
+            tracing::warn!(problem = %p, "Skipped.");
+        }
+    }
+}
+
+/// Progress display: an indicatif bar on a terminal, else an info line every 10 s.
+#[derive(Clone)]
+struct Bar {
+    inner: Option<indicatif::ProgressBar>,
+    counters: Arc<Counters>,
+}
+
+#[derive(Default)]
+struct Counters {
+    found: std::sync::atomic::AtomicU64,
+    done: std::sync::atomic::AtomicU64,
+    bytes: std::sync::atomic::AtomicU64,
+    ticker: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Bar {
+    fn new(mode: Progress) -> Self {
+        let counters = Arc::new(Counters::default());
+        if mode == Progress::Auto && std::io::stderr().is_terminal() {
+            let pb = indicatif::ProgressBar::new(0);
+            pb.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} files {msg}",
+                )
+                .expect("static template"),
+            );
+            pb.enable_steady_tick(Duration::from_millis(200));
+            return Bar {
+                inner: Some(pb),
+                counters,
+            };
+        }
+        let c = counters.clone();
+        let started = Instant::now();
+        let ticker = tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_secs(10));
+            every.tick().await;
+            loop {
+                every.tick().await;
+                let done = c.done.load(Ordering::Relaxed);
+                let bytes = c.bytes.load(Ordering::Relaxed);
+                let secs = started.elapsed().as_secs_f64();
+                tracing::info!(
+                    done,
+                    found = c.found.load(Ordering::Relaxed),
+                    mb = bytes as f64 / 1e6,
+                    files_per_s = (done as f64 / secs).round(),
+                    "Uploading."
+                );
+            }
+        });
+        *counters.ticker.lock().expect("not poisoned") = Some(ticker);
+        Bar {
+            inner: None,
+            counters,
+        }
+    }
+
+    fn found(&self, files: u64, _bytes: u64) {
+        self.counters.found.fetch_add(files, Ordering::Relaxed);
+        if let Some(pb) = &self.inner {
+            pb.inc_length(files);
+        }
+    }
+
+    fn done(&self, bytes: u64) {
+        self.counters.done.fetch_add(1, Ordering::Relaxed);
+        let total = self.counters.bytes.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        if let Some(pb) = &self.inner {
+            pb.inc(1);
+            let secs = pb.elapsed().as_secs_f64().max(0.001);
+            pb.set_message(format!(
+                "{:.1} MB, {:.1} MB/s",
+                total as f64 / 1e6,
+                total as f64 / 1e6 / secs
+            ));
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(pb) = &self.inner {
+            pb.finish_and_clear();
+        }
+        if let Some(t) = self.counters.ticker.lock().expect("not poisoned").take() {
+            t.abort();
+        }
+    }
+}

@@ -1,0 +1,634 @@
+//! Configuration: a raw serde view of the file (+ env overrides) → a validated [`Config`].
+//!
+//! Key names mirror what Synapse admins already have: the `s3:` block uses the names of
+//! `s3_storage_provider`'s `config:` block, so it can be pasted. Unknown keys are errors (a typo must
+//! not silently fall back to a default). Environment variables override the file:
+//! `SYNAPSE_S3_OFFLOAD__S3__BUCKET=…` (prefix and separator are both `__`, so snake_case keys stay
+//! reachable).
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+pub const ENV_PREFIX: &str = "SYNAPSE_S3_OFFLOAD";
+
+/// A secret string: never printed, by `Debug` or `Display`.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+    /// The secret itself; call only where it is handed to the client that needs it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path} is invalid: {source}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: config::ConfigError,
+    },
+    #[error("config key `{key}` is invalid: {reason}")]
+    Invalid { key: &'static str, reason: String },
+    #[error("config key `{key}` is required: {hint}")]
+    Missing {
+        key: &'static str,
+        hint: &'static str,
+    },
+}
+
+fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        reason: reason.into(),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Raw form: exactly what the file says.
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    pub media_store_path: Option<PathBuf>,
+    pub state_dir: Option<PathBuf>,
+    #[serde(default)]
+    pub s3: RawS3,
+    #[serde(default)]
+    pub upload: RawUpload,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawS3 {
+    pub bucket: Option<String>,
+    pub prefix: Option<String>,
+    pub endpoint_url: Option<String>,
+    pub region_name: Option<String>,
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<Secret>,
+    pub session_token: Option<Secret>,
+    pub storage_class: Option<String>,
+    pub sse_customer_key: Option<Secret>,
+    pub sse_customer_algo: Option<String>,
+    pub force_path_style: Option<bool>,
+    pub request_checksum_calculation: Option<String>,
+    pub response_checksum_validation: Option<String>,
+    pub max_attempts: Option<u32>,
+    pub connect_timeout: Option<String>,
+    pub request_timeout: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpload {
+    pub concurrency: Option<usize>,
+    pub multipart_threshold: Option<SizeValue>,
+    pub multipart_part_size: Option<SizeValue>,
+    pub include_url_cache: Option<bool>,
+}
+
+/// A size as written by a human (`16MiB`, `8 MB`) or a plain number of bytes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum SizeValue {
+    Bytes(u64),
+    Text(String),
+}
+
+// ---------------------------------------------------------------------------------------------
+// Validated form.
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Canonical absolute path of Synapse's media store.
+    pub media_store_path: PathBuf,
+    /// Where the redb state lives.
+    pub state_dir: PathBuf,
+    pub s3: S3Config,
+    pub upload: UploadConfig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChecksumMode {
+    WhenRequired,
+    WhenSupported,
+}
+
+#[derive(Debug, Clone)]
+pub struct S3Config {
+    pub bucket: String,
+    /// Prepended verbatim to the media path, as `s3_storage_provider` does.
+    pub prefix: String,
+    pub endpoint_url: Option<String>,
+    pub region_name: Option<String>,
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<Secret>,
+    pub session_token: Option<Secret>,
+    pub storage_class: Option<String>,
+    pub sse_customer_key: Option<Secret>,
+    pub sse_customer_algo: String,
+    pub force_path_style: bool,
+    pub request_checksum_calculation: ChecksumMode,
+    pub response_checksum_validation: ChecksumMode,
+    /// Attempts per S3 request made by the SDK's retry layer (1 = no retry).
+    pub max_attempts: u32,
+    pub connect_timeout: Duration,
+    pub request_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct UploadConfig {
+    pub concurrency: usize,
+    pub multipart_threshold: u64,
+    pub multipart_part_size: u64,
+    pub include_url_cache: bool,
+}
+
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/synapse-s3-offload";
+const MIN_PART_SIZE: u64 = 5 * 1024 * 1024;
+const MAX_PART_SIZE: u64 = 5 * 1024 * 1024 * 1024;
+
+/// Storage classes `s3_storage_provider` can read back without a restore.
+const READABLE_STORAGE_CLASSES: &[&str] = &[
+    "STANDARD",
+    "REDUCED_REDUNDANCY",
+    "STANDARD_IA",
+    "ONEZONE_IA",
+    "INTELLIGENT_TIERING",
+    "GLACIER_IR",
+    "EXPRESS_ONEZONE",
+    "OUTPOSTS",
+];
+const ARCHIVE_STORAGE_CLASSES: &[&str] = &["GLACIER", "DEEP_ARCHIVE", "SNOW"];
+
+/// Loads the file at `path` (YAML, or TOML when it ends in `.toml`), applies env overrides and
+/// validates the result.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let raw = load_raw(path)?;
+    validate(raw)
+}
+
+pub fn load_raw(path: &Path) -> Result<RawConfig, ConfigError> {
+    // Read it ourselves first so a missing/unreadable file gets an io error with the path, not the
+    // config crate's generic "not found".
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let format = match path.extension().and_then(|e| e.to_str()) {
+        Some("toml") => config::FileFormat::Toml,
+        _ => config::FileFormat::Yaml,
+    };
+    let parse_err = |source| ConfigError::Parse {
+        path: path.to_owned(),
+        source,
+    };
+    let built = config::Config::builder()
+        .add_source(config::File::from_str(&text, format))
+        .add_source(
+            config::Environment::with_prefix(ENV_PREFIX)
+                .prefix_separator("__")
+                .separator("__")
+                .try_parsing(true),
+        )
+        .build()
+        .map_err(parse_err)?;
+    built.try_deserialize::<RawConfig>().map_err(parse_err)
+}
+
+pub fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
+    let media_store_path = raw.media_store_path.ok_or(ConfigError::Missing {
+        key: "media_store_path",
+        hint: "set it to Synapse's media_store_path (e.g. /var/lib/matrix-synapse/media)",
+    })?;
+    let media_store_path = validate_media_store(&media_store_path)?;
+    let state_dir = raw
+        .state_dir
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
+    if !state_dir.is_absolute() {
+        return Err(invalid("state_dir", "must be an absolute path"));
+    }
+    if state_dir.starts_with(&media_store_path) {
+        return Err(invalid(
+            "state_dir",
+            "must not be inside media_store_path (the daemon would upload its own database)",
+        ));
+    }
+    Ok(Config {
+        media_store_path,
+        state_dir,
+        s3: validate_s3(raw.s3)?,
+        upload: validate_upload(raw.upload)?,
+    })
+}
+
+fn validate_media_store(p: &Path) -> Result<PathBuf, ConfigError> {
+    if !p.is_absolute() {
+        return Err(invalid(
+            "media_store_path",
+            format!("{} is not an absolute path", p.display()),
+        ));
+    }
+    let canonical = std::fs::canonicalize(p).map_err(|e| {
+        invalid(
+            "media_store_path",
+            format!(
+                "{} cannot be opened ({e}); point it at Synapse's media store",
+                p.display()
+            ),
+        )
+    })?;
+    if !canonical.is_dir() {
+        return Err(invalid(
+            "media_store_path",
+            format!("{} is not a directory", p.display()),
+        ));
+    }
+    std::fs::read_dir(&canonical).map_err(|e| {
+        invalid(
+            "media_store_path",
+            format!(
+                "{} is not readable ({e}); run as the user Synapse runs as (e.g. matrix-synapse)",
+                p.display()
+            ),
+        )
+    })?;
+    Ok(canonical)
+}
+
+fn validate_s3(raw: RawS3) -> Result<S3Config, ConfigError> {
+    let bucket = raw.bucket.ok_or(ConfigError::Missing {
+        key: "s3.bucket",
+        hint: "the bucket of your s3_storage_provider config",
+    })?;
+    validate_bucket(&bucket)?;
+    let prefix = raw.prefix.unwrap_or_default();
+    if prefix.starts_with('/') {
+        return Err(invalid(
+            "s3.prefix",
+            "must not start with '/' (keys are prefix + path, as in s3_storage_provider)",
+        ));
+    }
+    let endpoint_url = raw.endpoint_url.filter(|s| !s.is_empty());
+    if let Some(url) = &endpoint_url {
+        validate_endpoint(url)?;
+    }
+    match (&raw.access_key_id, &raw.secret_access_key) {
+        (Some(_), None) => {
+            return Err(invalid(
+                "s3.secret_access_key",
+                "access_key_id is set but secret_access_key is not; set both or neither (to use the AWS_* environment or profile)",
+            ));
+        }
+        (None, Some(_)) => {
+            return Err(invalid(
+                "s3.access_key_id",
+                "secret_access_key is set but access_key_id is not; set both or neither",
+            ));
+        }
+        _ => {}
+    }
+    if raw.session_token.is_some() && raw.access_key_id.is_none() {
+        return Err(invalid(
+            "s3.session_token",
+            "needs access_key_id and secret_access_key",
+        ));
+    }
+    let storage_class = match raw.storage_class.filter(|s| !s.is_empty()) {
+        None => None,
+        Some(c) => {
+            let upper = c.to_ascii_uppercase();
+            if ARCHIVE_STORAGE_CLASSES.contains(&upper.as_str()) {
+                return Err(invalid(
+                    "s3.storage_class",
+                    format!(
+                        "{c} objects cannot be read without a restore, so Synapse could not serve them; use STANDARD, STANDARD_IA, INTELLIGENT_TIERING or GLACIER_IR"
+                    ),
+                ));
+            }
+            if !READABLE_STORAGE_CLASSES.contains(&upper.as_str()) {
+                return Err(invalid(
+                    "s3.storage_class",
+                    format!(
+                        "unknown storage class {c:?}; expected one of {}",
+                        READABLE_STORAGE_CLASSES.join(", ")
+                    ),
+                ));
+            }
+            Some(upper)
+        }
+    };
+    let sse_customer_algo = raw.sse_customer_algo.unwrap_or_else(|| "AES256".into());
+    if let Some(key) = &raw.sse_customer_key {
+        if sse_customer_algo != "AES256" {
+            return Err(invalid(
+                "s3.sse_customer_algo",
+                "only AES256 is supported by S3 for SSE-C",
+            ));
+        }
+        // The provider hands the key to boto3 as-is, which requires exactly 32 bytes for AES256.
+        if key.expose().len() != 32 {
+            return Err(invalid(
+                "s3.sse_customer_key",
+                format!(
+                    "must be exactly 32 bytes for AES256 (it is {} bytes)",
+                    key.expose().len()
+                ),
+            ));
+        }
+    }
+    let max_attempts = raw.max_attempts.unwrap_or(3);
+    if !(1..=10).contains(&max_attempts) {
+        return Err(invalid("s3.max_attempts", "must be between 1 and 10"));
+    }
+    Ok(S3Config {
+        force_path_style: raw.force_path_style.unwrap_or(endpoint_url.is_some()),
+        bucket,
+        prefix,
+        endpoint_url,
+        region_name: raw.region_name.filter(|s| !s.is_empty()),
+        access_key_id: raw.access_key_id,
+        secret_access_key: raw.secret_access_key,
+        session_token: raw.session_token,
+        storage_class,
+        sse_customer_key: raw.sse_customer_key,
+        sse_customer_algo,
+        request_checksum_calculation: checksum_mode(
+            "s3.request_checksum_calculation",
+            raw.request_checksum_calculation,
+        )?,
+        response_checksum_validation: checksum_mode(
+            "s3.response_checksum_validation",
+            raw.response_checksum_validation,
+        )?,
+        max_attempts,
+        connect_timeout: duration("s3.connect_timeout", raw.connect_timeout, "10s")?,
+        request_timeout: duration("s3.request_timeout", raw.request_timeout, "2m")?,
+    })
+}
+
+fn validate_bucket(bucket: &str) -> Result<(), ConfigError> {
+    // Lenient on purpose: Ceph/B2/legacy buckets allow uppercase and underscores; we only refuse
+    // what cannot be a bucket name anywhere (and what would make a broken URL).
+    let ok_chars = bucket
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'));
+    if !(3..=255).contains(&bucket.len()) || !ok_chars {
+        return Err(invalid(
+            "s3.bucket",
+            format!(
+                "{bucket:?} is not a bucket name (3-63 letters, digits, '.', '-'; no '/' or spaces — put paths in s3.prefix)"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn validate_endpoint(url: &str) -> Result<(), ConfigError> {
+    let uri: http::Uri = url.parse().map_err(|e| {
+        invalid(
+            "s3.endpoint_url",
+            format!("{url:?} is not a URL ({e}); e.g. https://s3.example.com"),
+        )
+    })?;
+    match uri.scheme_str() {
+        Some("http" | "https") => {}
+        _ => {
+            return Err(invalid(
+                "s3.endpoint_url",
+                format!("{url:?} must start with http:// or https://"),
+            ));
+        }
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return Err(invalid("s3.endpoint_url", format!("{url:?} has no host")));
+    }
+    Ok(())
+}
+
+fn checksum_mode(key: &'static str, v: Option<String>) -> Result<ChecksumMode, ConfigError> {
+    match v.as_deref() {
+        None | Some("when_required") => Ok(ChecksumMode::WhenRequired),
+        Some("when_supported") => Ok(ChecksumMode::WhenSupported),
+        Some(other) => Err(invalid(
+            key,
+            format!("{other:?} is not when_required or when_supported"),
+        )),
+    }
+}
+
+/// Parses a human duration (`30d`, `1h 30m`, `500ms`); zero is refused.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s.trim())
+        .map_err(|e| format!("{s:?} is not a duration ({e}); write e.g. 30s, 5m, 1h, 30d"))?;
+    if d.is_zero() {
+        return Err(format!("{s:?} must be greater than zero"));
+    }
+    Ok(d)
+}
+
+fn duration(key: &'static str, v: Option<String>, default: &str) -> Result<Duration, ConfigError> {
+    parse_duration(v.as_deref().unwrap_or(default)).map_err(|r| invalid(key, r))
+}
+
+/// Parses a human size (`16MiB`, `8 MB`, `1048576`).
+pub fn parse_size(v: &SizeValue) -> Result<u64, String> {
+    match v {
+        SizeValue::Bytes(n) => Ok(*n),
+        SizeValue::Text(s) => parse_size::parse_size(s.trim())
+            .map_err(|e| format!("{s:?} is not a size ({e}); write e.g. 16MiB or 8MB")),
+    }
+}
+
+fn validate_upload(raw: RawUpload) -> Result<UploadConfig, ConfigError> {
+    let concurrency = raw.concurrency.unwrap_or(8);
+    if !(1..=256).contains(&concurrency) {
+        return Err(invalid("upload.concurrency", "must be between 1 and 256"));
+    }
+    let size = |key, v: Option<SizeValue>, default: u64| match v {
+        None => Ok(default),
+        Some(v) => parse_size(&v).map_err(|r| invalid(key, r)),
+    };
+    let multipart_threshold = size(
+        "upload.multipart_threshold",
+        raw.multipart_threshold,
+        16 << 20,
+    )?;
+    let multipart_part_size = size(
+        "upload.multipart_part_size",
+        raw.multipart_part_size,
+        16 << 20,
+    )?;
+    if multipart_threshold < MIN_PART_SIZE {
+        return Err(invalid(
+            "upload.multipart_threshold",
+            "must be at least 5MiB (S3's minimum part size)",
+        ));
+    }
+    if !(MIN_PART_SIZE..=MAX_PART_SIZE).contains(&multipart_part_size) {
+        return Err(invalid(
+            "upload.multipart_part_size",
+            "must be between 5MiB and 5GiB (S3's part size limits)",
+        ));
+    }
+    Ok(UploadConfig {
+        concurrency,
+        multipart_threshold,
+        multipart_part_size,
+        include_url_cache: raw.include_url_cache.unwrap_or(false),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw_with(dir: &Path) -> RawConfig {
+        RawConfig {
+            media_store_path: Some(dir.to_owned()),
+            state_dir: Some("/var/lib/x".into()),
+            s3: RawS3 {
+                bucket: Some("media".into()),
+                ..Default::default()
+            },
+            upload: RawUpload::default(),
+        }
+    }
+
+    #[test]
+    fn defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = validate(raw_with(dir.path())).unwrap();
+        assert_eq!(c.upload.concurrency, 8);
+        assert_eq!(c.upload.multipart_threshold, 16 << 20);
+        assert_eq!(
+            c.s3.request_checksum_calculation,
+            ChecksumMode::WhenRequired
+        );
+        assert!(!c.s3.force_path_style);
+        assert_eq!(c.s3.max_attempts, 3);
+    }
+
+    #[test]
+    fn durations_and_sizes() {
+        assert_eq!(
+            parse_duration("30d").unwrap(),
+            Duration::from_secs(30 * 86400)
+        );
+        assert_eq!(parse_duration("1h 30m").unwrap(), Duration::from_secs(5400));
+        assert!(
+            parse_duration("0s")
+                .unwrap_err()
+                .contains("greater than zero")
+        );
+        assert!(parse_duration("-5m").is_err());
+        assert!(parse_duration("soon").is_err());
+        assert_eq!(
+            parse_size(&SizeValue::Text("16MiB".into())).unwrap(),
+            16 << 20
+        );
+        assert_eq!(
+            parse_size(&SizeValue::Text("8 MB".into())).unwrap(),
+            8_000_000
+        );
+        assert_eq!(parse_size(&SizeValue::Bytes(42)).unwrap(), 42);
+        assert!(parse_size(&SizeValue::Text("lots".into())).is_err());
+    }
+
+    #[test]
+    fn secrets_are_redacted() {
+        let s = Secret::new("hunter2");
+        assert_eq!(format!("{s:?} {s}"), "*** ***");
+        let dir = tempfile::tempdir().unwrap();
+        let mut raw = raw_with(dir.path());
+        raw.s3.access_key_id = Some("AK".into());
+        raw.s3.secret_access_key = Some(Secret::new("topsecretvalue"));
+        let c = validate(raw).unwrap();
+        assert!(!format!("{c:?}").contains("topsecretvalue"));
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let cases: Vec<(fn(&mut RawConfig), &str)> = vec![
+            (|r| r.s3.bucket = Some("my bucket/x".into()), "s3.bucket"),
+            (
+                |r| r.s3.endpoint_url = Some("s3.example.com".into()),
+                "s3.endpoint_url",
+            ),
+            (
+                |r| r.s3.endpoint_url = Some("ftp://x".into()),
+                "s3.endpoint_url",
+            ),
+            (
+                |r| r.s3.storage_class = Some("GLACIER".into()),
+                "s3.storage_class",
+            ),
+            (
+                |r| r.s3.storage_class = Some("FAST".into()),
+                "s3.storage_class",
+            ),
+            (
+                |r| r.s3.sse_customer_key = Some(Secret::new("short")),
+                "s3.sse_customer_key",
+            ),
+            (
+                |r| r.s3.access_key_id = Some("AK".into()),
+                "s3.secret_access_key",
+            ),
+            (
+                |r| r.s3.request_checksum_calculation = Some("always".into()),
+                "s3.request_checksum_calculation",
+            ),
+            (
+                |r| r.s3.request_timeout = Some("0s".into()),
+                "s3.request_timeout",
+            ),
+            (|r| r.upload.concurrency = Some(0), "upload.concurrency"),
+            (
+                |r| r.upload.multipart_part_size = Some(SizeValue::Text("1MiB".into())),
+                "upload.multipart_part_size",
+            ),
+            (|r| r.state_dir = Some("relative".into()), "state_dir"),
+            (
+                |r| r.media_store_path = Some("/nonexistent/media".into()),
+                "media_store_path",
+            ),
+            (|r| r.s3.bucket = None, "s3.bucket"),
+        ];
+        for (mutate, key) in cases {
+            let mut raw = raw_with(dir.path());
+            mutate(&mut raw);
+            let err = validate(raw).unwrap_err().to_string();
+            assert!(err.contains(key), "{err}");
+        }
+    }
+}

@@ -1,0 +1,247 @@
+//! Synapse's media-store layout: which files we handle and how a file's path maps to its object key.
+//!
+//! Everything downstream (queue, records, S3 keys, sweep deletions) is keyed by [`MediaPath`], a
+//! path relative to `media_store_path` that has been validated once, here. It can never be absolute,
+//! contain `..`/`.`, empty components or non-UTF-8 bytes, so joining it to the store root can never
+//! escape the store (safety invariant 5), and the object key is `prefix + MediaPath` in exactly one
+//! place ([`MediaPath::key`]), the same rule `s3_storage_provider` uses to read objects back.
+
+use std::fmt;
+use std::path::{Component, Path, PathBuf};
+
+/// Top-level folders of a Synapse media store, in the order we scan them.
+pub const MEDIA_DIRS: &[&str] = &[
+    "local_content",
+    "local_thumbnails",
+    "remote_content",
+    "remote_thumbnail",
+];
+
+/// URL-preview folders: uploaded only with `upload.include_url_cache: true`, never swept by default.
+pub const URL_CACHE_DIRS: &[&str] = &["url_cache", "url_cache_thumbnails"];
+
+/// Why a path was refused as a [`MediaPath`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PathError {
+    #[error("path is empty")]
+    Empty,
+    #[error("path {0:?} is absolute; media paths are relative to media_store_path")]
+    Absolute(String),
+    #[error("path {0:?} contains '..', '.' or an empty component")]
+    NotNormal(String),
+    #[error("path {0:?} is not valid UTF-8, so it has no S3 key; rename the file to upload it")]
+    NotUtf8(String),
+    #[error("path {0:?} is not inside the media store {1:?}")]
+    OutsideStore(String, String),
+    #[error("path {0:?} contains a control character, which S3 keys should not hold")]
+    ControlChar(String),
+}
+
+/// A validated path of a file relative to the media store root, using `/` separators.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MediaPath(String);
+
+impl MediaPath {
+    /// Validates a relative path given as a string (from the queue, the database or a test).
+    pub fn parse(rel: &str) -> Result<Self, PathError> {
+        if rel.is_empty() {
+            return Err(PathError::Empty);
+        }
+        if rel.starts_with('/') {
+            return Err(PathError::Absolute(rel.to_owned()));
+        }
+        if rel.chars().any(char::is_control) {
+            return Err(PathError::ControlChar(rel.to_owned()));
+        }
+        if rel
+            .split('/')
+            .any(|c| c.is_empty() || c == "." || c == "..")
+        {
+            return Err(PathError::NotNormal(rel.to_owned()));
+        }
+        Ok(MediaPath(rel.to_owned()))
+    }
+
+    /// Validates `abs`, a path found on disk, against the (canonical) store root.
+    pub fn from_absolute(root: &Path, abs: &Path) -> Result<Self, PathError> {
+        let rel = abs.strip_prefix(root).map_err(|_| {
+            PathError::OutsideStore(
+                abs.to_string_lossy().into_owned(),
+                root.to_string_lossy().into_owned(),
+            )
+        })?;
+        Self::from_relative(rel)
+    }
+
+    /// Validates a relative filesystem path.
+    pub fn from_relative(rel: &Path) -> Result<Self, PathError> {
+        let mut parts = Vec::new();
+        for c in rel.components() {
+            match c {
+                Component::Normal(s) => match s.to_str() {
+                    Some(s) => parts.push(s),
+                    None => return Err(PathError::NotUtf8(rel.to_string_lossy().into_owned())),
+                },
+                Component::RootDir | Component::Prefix(_) => {
+                    return Err(PathError::Absolute(rel.to_string_lossy().into_owned()));
+                }
+                Component::CurDir | Component::ParentDir => {
+                    return Err(PathError::NotNormal(rel.to_string_lossy().into_owned()));
+                }
+            }
+        }
+        Self::parse(&parts.join("/"))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The object key: the storage provider's rule, `prefix + path`, applied here and nowhere else.
+    pub fn key(&self, prefix: &str) -> String {
+        format!("{prefix}{}", self.0)
+    }
+
+    /// The file's location under the store root. Cannot escape `root` (see the type's invariant).
+    pub fn to_path(&self, root: &Path) -> PathBuf {
+        root.join(&self.0)
+    }
+
+    /// The top-level folder (`local_content`, `remote_thumbnail`, …).
+    pub fn top_dir(&self) -> &str {
+        self.0.split('/').next().unwrap_or_default()
+    }
+
+    /// Whether files under this path are uploaded, given the url-cache setting.
+    pub fn is_uploadable(&self, include_url_cache: bool) -> bool {
+        let top = self.top_dir();
+        // A bare file at the top level (no folder) is never Synapse media.
+        self.0.contains('/')
+            && (MEDIA_DIRS.contains(&top) || (include_url_cache && URL_CACHE_DIRS.contains(&top)))
+    }
+}
+
+impl fmt::Display for MediaPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for MediaPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "MediaPath({:?})", self.0)
+    }
+}
+
+/// The top-level folders to upload from, given the url-cache setting.
+pub fn upload_dirs(include_url_cache: bool) -> impl Iterator<Item = &'static str> {
+    let extra: &[&str] = if include_url_cache {
+        URL_CACHE_DIRS
+    } else {
+        &[]
+    };
+    MEDIA_DIRS.iter().chain(extra.iter()).copied()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_accepts_synapse_paths() {
+        for p in [
+            "local_content/ab/cd/efghijkl",
+            "local_thumbnails/ab/cd/efgh/32-32-image-png-crop",
+            "remote_content/matrix.org/ab/cd/efgh",
+            "remote_thumbnail/example.com:8448/ab/cd/ef/640-480-image-jpeg-scale",
+            "local_content/ab/cd/with space é",
+        ] {
+            assert_eq!(MediaPath::parse(p).unwrap().as_str(), p);
+        }
+    }
+
+    #[test]
+    fn parse_rejects_escapes() {
+        let cases = [
+            ("", PathError::Empty),
+            ("/etc/passwd", PathError::Absolute("/etc/passwd".into())),
+            (
+                "local_content/../../etc",
+                PathError::NotNormal("local_content/../../etc".into()),
+            ),
+            (
+                "remote_content/../x",
+                PathError::NotNormal("remote_content/../x".into()),
+            ),
+            (
+                "local_content//x",
+                PathError::NotNormal("local_content//x".into()),
+            ),
+            (
+                "local_content/./x",
+                PathError::NotNormal("local_content/./x".into()),
+            ),
+            (
+                "local_content/x/",
+                PathError::NotNormal("local_content/x/".into()),
+            ),
+            (
+                "local_content/a\nb",
+                PathError::ControlChar("local_content/a\nb".into()),
+            ),
+        ];
+        for (input, want) in cases {
+            assert_eq!(MediaPath::parse(input), Err(want), "{input:?}");
+        }
+    }
+
+    #[test]
+    fn from_absolute_requires_the_root() {
+        let root = Path::new("/srv/media");
+        let p = MediaPath::from_absolute(root, Path::new("/srv/media/local_content/ab/cd/ef"));
+        assert_eq!(p.unwrap().as_str(), "local_content/ab/cd/ef");
+        assert!(matches!(
+            MediaPath::from_absolute(root, Path::new("/srv/other/x")),
+            Err(PathError::OutsideStore(..))
+        ));
+        assert!(matches!(
+            MediaPath::from_absolute(root, Path::new("/srv/media/local_content/../../x")),
+            Err(PathError::NotNormal(_))
+        ));
+    }
+
+    #[test]
+    fn non_utf8_is_refused() {
+        use std::ffi::OsStr;
+        use std::os::unix::ffi::OsStrExt;
+        let rel = Path::new(OsStr::from_bytes(b"local_content/ab/cd/\xff\xfe"));
+        assert!(matches!(
+            MediaPath::from_relative(rel),
+            Err(PathError::NotUtf8(_))
+        ));
+    }
+
+    #[test]
+    fn key_is_prefix_plus_path() {
+        let p = MediaPath::parse("local_content/ab/cd/ef").unwrap();
+        assert_eq!(p.key(""), "local_content/ab/cd/ef");
+        assert_eq!(p.key("synapse/"), "synapse/local_content/ab/cd/ef");
+        assert_eq!(
+            p.to_path(Path::new("/m")),
+            PathBuf::from("/m/local_content/ab/cd/ef")
+        );
+    }
+
+    #[test]
+    fn uploadable_dirs() {
+        let ok = |p: &str, url| MediaPath::parse(p).unwrap().is_uploadable(url);
+        assert!(ok("local_content/ab/cd/ef", false));
+        assert!(ok("remote_thumbnail/x/ab/cd/ef/1-1-a-b-c", false));
+        assert!(!ok("url_cache/2024-01-01/abc", false));
+        assert!(ok("url_cache/2024-01-01/abc", true));
+        assert!(!ok("local_content", false));
+        assert!(!ok("something_else/x", true));
+        let dirs: Vec<_> = upload_dirs(true).collect();
+        assert_eq!(dirs.len(), 6);
+    }
+}

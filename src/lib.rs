@@ -1,0 +1,11 @@
+//! synapse-s3-offload: uploads a Matrix Synapse media store to S3-compatible storage.
+//!
+//! Stages (see DESIGN.md): [`scan`] lists the store, [`upload`] verifies one file into the bucket and
+//! records it in [`state`]; [`backfill`] is the one-shot `upload` command built from them.
+
+pub mod backfill;
+pub mod config;
+pub mod layout;
+pub mod scan;
+pub mod state;
+pub mod upload;

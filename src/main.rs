@@ -1,0 +1,122 @@
+//! The `synapse-s3-offload` binary: parses the command line, loads the config, sets up logging and
+//! runs one command. Errors are printed as one line and mapped to a non-zero exit status.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use synapse_s3_offload::{backfill, config};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "Uploads a Matrix Synapse media store to S3-compatible storage"
+)]
+struct Cli {
+    /// Config file (YAML; TOML if it ends in .toml). Env overrides: SYNAPSE_S3_OFFLOAD__S3__BUCKET=…
+    #[arg(
+        long,
+        short,
+        global = true,
+        env = "SYNAPSE_S3_OFFLOAD_CONFIG",
+        default_value = "/etc/synapse-s3-offload/config.yaml"
+    )]
+    config: PathBuf,
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Upload every file of the media store that is not yet verified in the bucket, then exit.
+    Upload {
+        /// Plain log lines instead of a progress bar, even on a terminal.
+        #[arg(long)]
+        no_progress: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,aws_config=warn,aws_smithy_runtime=warn")
+    });
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let config = config::load(&cli.config)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(async move {
+        match cli.command {
+            Command::Upload { no_progress } => {
+                let cancel = CancellationToken::new();
+                let on_signal = cancel.clone();
+                tokio::spawn(async move {
+                    shutdown_signal().await;
+                    on_signal.cancel();
+                });
+                let progress = if no_progress {
+                    backfill::Progress::Log
+                } else {
+                    backfill::Progress::Auto
+                };
+                let summary = backfill::run(&config, progress, cancel.clone()).await?;
+                println!("{summary}");
+                if summary.failed > 0 {
+                    anyhow::bail!(
+                        "{} files failed (see the errors above); run `upload` again once fixed",
+                        summary.failed
+                    );
+                }
+                if cancel.is_cancelled() {
+                    anyhow::bail!("interrupted; run `upload` again to finish");
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+        }
+    })
+}
+
+/// SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("installing the SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

@@ -1,0 +1,345 @@
+//! Durable state in `state_dir/state.redb`: what has been verified in the bucket.
+//!
+//! Invariants:
+//! - A record is written only after the bucket confirmed the object (a PUT whose Content-MD5 the
+//!   server checked, or a HEAD showing the same size and digest). A record therefore never claims
+//!   more than the bucket holds at the time it was written.
+//! - Records are keyed by [`MediaPath`] and hold the size and mtime seen *before* the file was read,
+//!   so a file changed after its upload no longer matches its record and is uploaded again.
+//! - Writes go through [`State::apply`], one redb transaction per batch, committed with redb's
+//!   default durability (fsync). A crash before the commit loses only the record, never data: the
+//!   next pass finds the object by HEAD and records it without a second PUT.
+//!
+//! redb takes an exclusive lock on the file, so only one process uses a state directory at a time.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+
+use crate::layout::MediaPath;
+
+/// Relative media path → encoded [`Record`].
+const UPLOADED: TableDefinition<&str, &[u8]> = TableDefinition::new("uploaded");
+/// Schema metadata (`version`).
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const SCHEMA_VERSION: u64 = 1;
+pub const STATE_FILE: &str = "state.redb";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error(
+        "cannot create state_dir {path}: {source}; create it and make it writable by this user"
+    )]
+    CreateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "state database {path} is in use by another synapse-s3-offload process (a running daemon?); stop it or use its control commands"
+    )]
+    Locked { path: PathBuf },
+    #[error(
+        "cannot open state database {path}: {source}; if it is corrupted, move it aside and run `upload` to rebuild the records from the bucket (objects are recognised, not re-uploaded)"
+    )]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: redb::DatabaseError,
+    },
+    #[error(
+        "state database {path} has schema version {found}, this build knows {SCHEMA_VERSION}; use a matching synapse-s3-offload"
+    )]
+    Schema { path: PathBuf, found: u64 },
+    #[error("state database operation failed: {0}")]
+    Db(#[from] redb::Error),
+    #[error("committing to the state database failed: {0}")]
+    Commit(String),
+    #[error("a record in the state database is corrupted (key {key})")]
+    BadRecord { key: String },
+}
+
+macro_rules! db_err {
+    ($($t:ty),*) => {$(
+        impl From<$t> for StateError {
+            fn from(e: $t) -> Self { StateError::Db(e.into()) }
+        }
+    )*};
+}
+db_err!(
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
+
+/// What we verified in the bucket for one file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Record {
+    pub size: u64,
+    /// Modification time in nanoseconds since the epoch, as seen before reading the file.
+    pub mtime_ns: i64,
+    pub md5: [u8; 16],
+    /// When the object was verified, milliseconds since the epoch.
+    pub verified_at_ms: u64,
+}
+
+const RECORD_LEN: usize = 1 + 8 + 8 + 16 + 8;
+const RECORD_V1: u8 = 1;
+
+impl Record {
+    pub fn new(size: u64, mtime_ns: i64, md5: [u8; 16]) -> Self {
+        Record {
+            size,
+            mtime_ns,
+            md5,
+            verified_at_ms: now_ms(),
+        }
+    }
+
+    fn encode(&self) -> [u8; RECORD_LEN] {
+        let mut b = [0u8; RECORD_LEN];
+        b[0] = RECORD_V1;
+        b[1..9].copy_from_slice(&self.size.to_le_bytes());
+        b[9..17].copy_from_slice(&self.mtime_ns.to_le_bytes());
+        b[17..33].copy_from_slice(&self.md5);
+        b[33..41].copy_from_slice(&self.verified_at_ms.to_le_bytes());
+        b
+    }
+
+    fn decode(b: &[u8]) -> Option<Self> {
+        if b.len() != RECORD_LEN || b[0] != RECORD_V1 {
+            return None;
+        }
+        Some(Record {
+            size: u64::from_le_bytes(b[1..9].try_into().ok()?),
+            mtime_ns: i64::from_le_bytes(b[9..17].try_into().ok()?),
+            md5: b[17..33].try_into().ok()?,
+            verified_at_ms: u64::from_le_bytes(b[33..41].try_into().ok()?),
+        })
+    }
+
+    /// Whether this record still describes a file of this size and mtime.
+    pub fn matches(&self, size: u64, mtime_ns: i64) -> bool {
+        self.size == size && self.mtime_ns == mtime_ns
+    }
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// One change, applied atomically with the others of its batch.
+#[derive(Debug, Clone)]
+pub enum Op {
+    Record(MediaPath, Record),
+    Forget(MediaPath),
+}
+
+/// Handle to the state database; cheap to clone.
+#[derive(Clone)]
+pub struct State {
+    db: Arc<Database>,
+    path: PathBuf,
+}
+
+impl State {
+    /// Opens (or creates) `state_dir/state.redb`.
+    pub fn open(state_dir: &Path) -> Result<Self, StateError> {
+        std::fs::create_dir_all(state_dir).map_err(|source| StateError::CreateDir {
+            path: state_dir.to_owned(),
+            source,
+        })?;
+        let path = state_dir.join(STATE_FILE);
+        // A bounded cache: the records are small and the working set is the recent uploads.
+        let db = Database::builder()
+            .set_cache_size(16 << 20)
+            .create(&path)
+            .map_err(|source| match source {
+                redb::DatabaseError::DatabaseAlreadyOpen => {
+                    StateError::Locked { path: path.clone() }
+                }
+                source => StateError::Open {
+                    path: path.clone(),
+                    source,
+                },
+            })?;
+        let state = State {
+            db: Arc::new(db),
+            path,
+        };
+        state.init_schema()?;
+        Ok(state)
+    }
+
+    fn init_schema(&self) -> Result<(), StateError> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut meta = txn.open_table(META)?;
+            let found = meta.get("version")?.map(|v| v.value());
+            match found {
+                None => {
+                    meta.insert("version", SCHEMA_VERSION)?;
+                }
+                Some(SCHEMA_VERSION) => {}
+                Some(found) => {
+                    return Err(StateError::Schema {
+                        path: self.path.clone(),
+                        found,
+                    });
+                }
+            }
+            txn.open_table(UPLOADED)?;
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The record of `path`, if any. Blocking (a read transaction); cheap.
+    pub fn record(&self, path: &MediaPath) -> Result<Option<Record>, StateError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(UPLOADED)?;
+        let Some(v) = table.get(path.as_str())? else {
+            return Ok(None);
+        };
+        Record::decode(v.value())
+            .map(Some)
+            .ok_or_else(|| StateError::BadRecord {
+                key: path.to_string(),
+            })
+    }
+
+    /// Applies `ops` in one durable transaction. Blocking (fsync): call from a blocking thread.
+    pub fn apply(&self, ops: &[Op]) -> Result<(), StateError> {
+        if ops.is_empty() {
+            return Ok(());
+        }
+        let txn = self.db.begin_write()?;
+        {
+            let mut uploaded = txn.open_table(UPLOADED)?;
+            for op in ops {
+                match op {
+                    Op::Record(p, r) => {
+                        uploaded.insert(p.as_str(), r.encode().as_slice())?;
+                    }
+                    Op::Forget(p) => {
+                        uploaded.remove(p.as_str())?;
+                    }
+                }
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Number of recorded files.
+    pub fn record_count(&self) -> Result<u64, StateError> {
+        use redb::ReadableTableMetadata;
+        let txn = self.db.begin_read()?;
+        Ok(txn.open_table(UPLOADED)?.len()?)
+    }
+}
+
+/// Group commit: callers hand over ops and await their durability; a dedicated thread applies
+/// everything that queued up meanwhile in one transaction (one fsync for many uploads).
+#[derive(Clone)]
+pub struct Committer {
+    tx: tokio::sync::mpsc::Sender<(Vec<Op>, tokio::sync::oneshot::Sender<Result<(), String>>)>,
+}
+
+/// Ops per transaction at most; bounds the latency of the first caller in a burst.
+const MAX_BATCH: usize = 1024;
+
+impl Committer {
+    /// Starts the commit thread. It ends when the last `Committer` clone is dropped, after
+    /// committing what was handed to it.
+    pub fn start(state: State) -> (Committer, std::thread::JoinHandle<()>) {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<(
+            Vec<Op>,
+            tokio::sync::oneshot::Sender<Result<(), String>>,
+        )>(MAX_BATCH);
+        let handle = std::thread::Builder::new()
+            .name("state-commit".into())
+            .spawn(move || {
+                while let Some(first) = rx.blocking_recv() {
+                    let mut batch = vec![first];
+                    while batch.len() < MAX_BATCH {
+                        match rx.try_recv() {
+                            Ok(item) => batch.push(item),
+                            Err(_) => break,
+                        }
+                    }
+                    let ops: Vec<Op> = batch
+                        .iter()
+                        .flat_map(|(ops, _)| ops.iter().cloned())
+                        .collect();
+                    let result = state.apply(&ops).map_err(|e| e.to_string());
+                    for (_, done) in batch {
+                        let _ = done.send(result.clone());
+                    }
+                }
+            })
+            .expect("spawning the state commit thread");
+        (Committer { tx }, handle)
+    }
+
+    /// Applies `ops` durably; returns once they are committed.
+    pub async fn apply(&self, ops: Vec<Op>) -> Result<(), StateError> {
+        let (done, wait) = tokio::sync::oneshot::channel();
+        self.tx
+            .send((ops, done))
+            .await
+            .map_err(|_| StateError::Commit("the commit thread has stopped".into()))?;
+        wait.await
+            .map_err(|_| StateError::Commit("the commit thread has stopped".into()))?
+            .map_err(StateError::Commit)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn record_roundtrip_and_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = MediaPath::parse("local_content/ab/cd/ef").unwrap();
+        let r = Record::new(42, 1_700_000_000_123_456_789, [7; 16]);
+        {
+            let s = State::open(dir.path()).unwrap();
+            assert_eq!(s.record(&p).unwrap(), None);
+            s.apply(&[Op::Record(p.clone(), r)]).unwrap();
+            assert_eq!(s.record(&p).unwrap(), Some(r));
+        }
+        let s = State::open(dir.path()).unwrap();
+        assert_eq!(s.record(&p).unwrap(), Some(r));
+        assert_eq!(s.record_count().unwrap(), 1);
+        s.apply(&[Op::Forget(p.clone())]).unwrap();
+        assert_eq!(s.record(&p).unwrap(), None);
+    }
+
+    #[test]
+    fn second_open_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let _s = State::open(dir.path()).unwrap();
+        let err = State::open(dir.path()).err().unwrap();
+        assert!(matches!(err, StateError::Locked { .. }), "{err}");
+    }
+
+    #[test]
+    fn decode_rejects_garbage() {
+        assert_eq!(Record::decode(&[1, 2, 3]), None);
+        let mut b = Record::new(1, 2, [3; 16]).encode();
+        b[0] = 9;
+        assert_eq!(Record::decode(&b), None);
+    }
+}

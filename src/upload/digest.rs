@@ -1,0 +1,251 @@
+//! Reading a media file once: a snapshot of its identity (size, mtime) and its MD5, plus either the
+//! whole body (small files, sent from memory: what we hashed is exactly what we send) or the MD5 of
+//! each multipart part (large files, streamed from disk afterwards; `Content-MD5` on every part makes
+//! the server reject a part that changed between hashing and sending).
+//!
+//! Blocking: call from `spawn_blocking`.
+
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::Path;
+
+use bytes::Bytes;
+use md5::{Digest, Md5};
+
+/// Files up to this size are read into memory and sent from there.
+pub const INLINE_MAX: u64 = 4 << 20;
+const READ_BUF: usize = 256 * 1024;
+
+/// The identity of a file's content as far as the filesystem tells: size and mtime.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Snapshot {
+    pub size: u64,
+    pub mtime_ns: i64,
+}
+
+impl Snapshot {
+    pub fn of(meta: &std::fs::Metadata) -> Self {
+        Snapshot {
+            size: meta.len(),
+            mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
+        }
+    }
+}
+
+/// What a file looks like right now, without following symlinks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stat {
+    File(Snapshot),
+    /// Gone (deleted or renamed away).
+    Vanished,
+    /// A symlink, FIFO, socket, device or directory: never uploaded.
+    NotRegular,
+}
+
+pub fn stat(path: &Path) -> io::Result<Stat> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_file() => Ok(Stat::File(Snapshot::of(&m))),
+        Ok(_) => Ok(Stat::NotRegular),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Stat::Vanished),
+        Err(e) => Err(e),
+    }
+}
+
+#[derive(Debug)]
+pub enum Content {
+    /// The whole body, for files up to `inline_max`.
+    Inline(Bytes),
+    /// Too large to keep in memory: sent in one PUT streamed from disk.
+    File,
+    /// MD5 of each part of `part_size` bytes (the last one shorter).
+    Parts(Vec<[u8; 16]>),
+}
+
+#[derive(Debug)]
+pub struct Hashed {
+    pub snapshot: Snapshot,
+    pub md5: [u8; 16],
+    pub content: Content,
+}
+
+#[derive(Debug)]
+pub enum ReadOutcome {
+    Hashed(Hashed),
+    Vanished,
+    NotRegular,
+    /// The file's size changed while we read it: still being written.
+    Changed,
+}
+
+/// Opens `path` without following a symlink, snapshots it, and hashes it in one pass. With a
+/// `part_size` (multipart upload) the MD5 of every part is computed too.
+pub fn read_and_hash(
+    path: &Path,
+    inline_max: u64,
+    part_size: Option<u64>,
+) -> io::Result<ReadOutcome> {
+    let file = match std::fs::OpenOptions::new()
+        .read(true)
+        // O_NOFOLLOW: a symlink swapped in after the scan is refused, never followed out of the
+        // store. O_NONBLOCK: opening a FIFO must not hang (it is rejected just below).
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(ReadOutcome::Vanished),
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => return Ok(ReadOutcome::NotRegular),
+        Err(e) => return Err(e),
+    };
+    let meta = file.metadata()?;
+    if !meta.file_type().is_file() {
+        return Ok(ReadOutcome::NotRegular);
+    }
+    let snapshot = Snapshot::of(&meta);
+    if part_size.is_none() && snapshot.size <= inline_max {
+        let mut body = Vec::with_capacity(snapshot.size as usize + 1);
+        // Read one byte past the expected size so a file that grew is noticed.
+        (&file).take(snapshot.size + 1).read_to_end(&mut body)?;
+        if body.len() as u64 != snapshot.size {
+            return Ok(ReadOutcome::Changed);
+        }
+        let md5 = Md5::digest(&body).into();
+        return Ok(ReadOutcome::Hashed(Hashed {
+            snapshot,
+            md5,
+            content: Content::Inline(Bytes::from(body)),
+        }));
+    }
+    hash_parts(file, snapshot, part_size)
+}
+
+fn hash_parts(
+    mut file: File,
+    snapshot: Snapshot,
+    part_size: Option<u64>,
+) -> io::Result<ReadOutcome> {
+    let multipart = part_size.is_some();
+    let part_size = part_size.unwrap_or(u64::MAX);
+    let mut whole = Md5::new();
+    let mut part = Md5::new();
+    let mut in_part = 0u64;
+    let mut total = 0u64;
+    let mut parts = Vec::with_capacity(snapshot.size.div_ceil(part_size) as usize);
+    let mut buf = vec![0u8; READ_BUF];
+    loop {
+        // Never read across a part boundary, so each chunk belongs to exactly one part.
+        let want = (part_size - in_part).min(READ_BUF as u64) as usize;
+        let n = match file.read(&mut buf[..want]) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        whole.update(&buf[..n]);
+        part.update(&buf[..n]);
+        in_part += n as u64;
+        total += n as u64;
+        if total > snapshot.size {
+            return Ok(ReadOutcome::Changed);
+        }
+        if in_part == part_size {
+            parts.push(std::mem::take(&mut part).finalize().into());
+            in_part = 0;
+        }
+    }
+    if in_part > 0 {
+        parts.push(part.finalize().into());
+    }
+    if total != snapshot.size {
+        return Ok(ReadOutcome::Changed);
+    }
+    Ok(ReadOutcome::Hashed(Hashed {
+        snapshot,
+        md5: whole.finalize().into(),
+        content: if multipart {
+            Content::Parts(parts)
+        } else {
+            Content::File
+        },
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn write(dir: &Path, name: &str, data: &[u8]) -> std::path::PathBuf {
+        let p = dir.join(name);
+        std::fs::File::create(&p).unwrap().write_all(data).unwrap();
+        p
+    }
+
+    #[test]
+    fn inline_and_parts_agree_on_the_whole_digest() {
+        let dir = tempfile::tempdir().unwrap();
+        let data: Vec<u8> = (0..(11u32 << 10)).map(|i| (i * 7 % 251) as u8).collect();
+        let p = write(dir.path(), "f", &data);
+        let ReadOutcome::Hashed(inline) = read_and_hash(&p, u64::MAX, None).unwrap() else {
+            panic!()
+        };
+        let ReadOutcome::Hashed(parts) = read_and_hash(&p, 0, Some(4096)).unwrap() else {
+            panic!()
+        };
+        assert_eq!(inline.md5, parts.md5);
+        assert_eq!(inline.md5, <[u8; 16]>::from(Md5::digest(&data)));
+        let Content::Parts(p) = parts.content else {
+            panic!()
+        };
+        assert_eq!(p.len(), 3);
+        assert_eq!(p[2], <[u8; 16]>::from(Md5::digest(&data[8192..])));
+        let ReadOutcome::Hashed(streamed) = read_and_hash(&p_path(&dir), 0, None).unwrap() else {
+            panic!()
+        };
+        assert_eq!(streamed.md5, inline.md5);
+        assert!(matches!(streamed.content, Content::File));
+    }
+
+    fn p_path(dir: &tempfile::TempDir) -> std::path::PathBuf {
+        dir.path().join("f")
+    }
+
+    #[test]
+    fn exact_multiple_of_part_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(dir.path(), "f", &[1u8; 8192]);
+        let ReadOutcome::Hashed(h) = read_and_hash(&p, 0, Some(4096)).unwrap() else {
+            panic!()
+        };
+        let Content::Parts(parts) = h.content else {
+            panic!()
+        };
+        assert_eq!(parts.len(), 2);
+    }
+
+    #[test]
+    fn symlinks_fifos_and_missing_files_are_not_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = write(dir.path(), "target", b"secret");
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        assert!(matches!(
+            read_and_hash(&link, 1024, None).unwrap(),
+            ReadOutcome::NotRegular
+        ));
+        assert_eq!(stat(&link).unwrap(), Stat::NotRegular);
+        let fifo = dir.path().join("fifo");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        assert!(matches!(
+            read_and_hash(&fifo, 1024, None).unwrap(),
+            ReadOutcome::NotRegular
+        ));
+        let gone = dir.path().join("gone");
+        assert!(matches!(
+            read_and_hash(&gone, 1024, None).unwrap(),
+            ReadOutcome::Vanished
+        ));
+        assert_eq!(stat(&gone).unwrap(), Stat::Vanished);
+    }
+}

@@ -1,0 +1,237 @@
+//! Getting one file into the bucket, verified, and recording it.
+//!
+//! For each file, in this order:
+//! 1. stat it (no symlink following); a vanished or non-regular file is not an error.
+//! 2. a record with the same size and mtime means it is already verified: done, no request.
+//! 3. read it once: snapshot (size, mtime) from the open descriptor, MD5, and the body or per-part MD5s.
+//! 4. HEAD the key: an object with the same size and digest (uploaded by us before a crash, by
+//!    `s3_media_upload`, or an identical rewrite by Synapse) is recorded without a PUT.
+//! 5. PUT with `Content-MD5` (multipart with per-part `Content-MD5` above the threshold, then a HEAD
+//!    to confirm size and digest). The provider rejects a body that differs from the digest.
+//! 6. stat again: if size or mtime moved, the file changed during the upload: go back to 1.
+//! 7. commit the record (size and mtime from step 3, digest). Only now does it count as uploaded.
+//!
+//! A crash anywhere before 7 leaves no record, so the file is looked at again; step 4 then avoids a
+//! second PUT. Nothing here retries a failed request: the SDK retries a request (`s3.max_attempts`),
+//! and whoever called us decides what to do with the error (`UploadError::kind`).
+
+pub mod digest;
+pub mod s3;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use self::digest::{Content, ReadOutcome, Stat};
+use self::s3::{ErrorKind, ObjectStore, S3Error};
+use crate::layout::MediaPath;
+use crate::state::{Committer, Op, Record, State, StateError};
+
+/// How many times a file that keeps changing under us is re-read before giving up for now.
+const MAX_ROUNDS: usize = 3;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// PUT and recorded.
+    Uploaded { bytes: u64 },
+    /// Already in the bucket with the same size and digest: recorded without a PUT.
+    Adopted,
+    /// Recorded before with the same size and mtime: nothing to do.
+    Unchanged,
+    /// The file disappeared (e.g. Synapse's spam checker deleted it): nothing to do.
+    Vanished,
+    /// Not a regular file (symlink, FIFO, …): never uploaded.
+    NotRegular,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UploadError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    S3(#[from] S3Error),
+    #[error(
+        "{path} kept changing during {MAX_ROUNDS} upload attempts; it will be uploaded once it settles"
+    )]
+    Unstable { path: MediaPath },
+    #[error("the upload of {path} could not be verified: {detail}")]
+    Unverified { path: MediaPath, detail: String },
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("the blocking reader task failed: {0}")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+impl UploadError {
+    /// Transient errors are worth retrying soon; permanent ones need the operator.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            UploadError::S3(e) => e.kind,
+            UploadError::Unstable { .. } | UploadError::Unverified { .. } => ErrorKind::Transient,
+            UploadError::Join(_) => ErrorKind::Transient,
+            // EACCES and friends need an operator; the state database failing is serious too.
+            UploadError::Read { .. } | UploadError::State(_) => ErrorKind::Permanent,
+        }
+    }
+
+    /// Errors that will fail every other file the same way (credentials, bucket, storage class).
+    pub fn is_fatal_for_run(&self) -> bool {
+        match self {
+            UploadError::S3(e) => {
+                e.status == Some(403)
+                    || matches!(
+                        e.code.as_deref(),
+                        Some(
+                            "NoSuchBucket"
+                                | "InvalidAccessKeyId"
+                                | "SignatureDoesNotMatch"
+                                | "InvalidStorageClass"
+                        )
+                    )
+            }
+            UploadError::State(_) => true,
+            _ => false,
+        }
+    }
+}
+
+pub struct Uploader {
+    root: PathBuf,
+    store: Arc<ObjectStore>,
+    state: State,
+    committer: Committer,
+    multipart_threshold: u64,
+    part_size: u64,
+}
+
+impl Uploader {
+    pub fn new(
+        root: PathBuf,
+        store: Arc<ObjectStore>,
+        state: State,
+        committer: Committer,
+        multipart_threshold: u64,
+        part_size: u64,
+    ) -> Self {
+        Uploader {
+            root,
+            store,
+            state,
+            committer,
+            multipart_threshold,
+            part_size,
+        }
+    }
+
+    pub fn store(&self) -> &ObjectStore {
+        &self.store
+    }
+
+    /// Uploads `path` if it is not verified in the bucket yet (see the module docs for the steps).
+    pub async fn upload(&self, path: &MediaPath) -> Result<Outcome, UploadError> {
+        let abs = path.to_path(&self.root);
+        let key = path.key(self.store.prefix());
+        let read_err = |source| UploadError::Read {
+            path: abs.clone(),
+            source,
+        };
+        for _round in 0..MAX_ROUNDS {
+            let snap = match blocking({
+                let abs = abs.clone();
+                move || digest::stat(&abs)
+            })
+            .await?
+            .map_err(read_err)?
+            {
+                Stat::File(s) => s,
+                Stat::Vanished => return Ok(Outcome::Vanished),
+                Stat::NotRegular => return Ok(Outcome::NotRegular),
+            };
+            let state = self.state.clone();
+            let p = path.clone();
+            if let Some(rec) = blocking(move || state.record(&p)).await?? {
+                if rec.matches(snap.size, snap.mtime_ns) {
+                    return Ok(Outcome::Unchanged);
+                }
+            }
+            // Files below the multipart threshold are sent in one PUT; the smaller ones from memory.
+            let part_size = (snap.size >= self.multipart_threshold).then_some(self.part_size);
+            let hashed = match blocking({
+                let abs = abs.clone();
+                move || digest::read_and_hash(&abs, digest::INLINE_MAX, part_size)
+            })
+            .await?
+            .map_err(read_err)?
+            {
+                ReadOutcome::Hashed(h) => h,
+                ReadOutcome::Vanished => return Ok(Outcome::Vanished),
+                ReadOutcome::NotRegular => return Ok(Outcome::NotRegular),
+                ReadOutcome::Changed => continue,
+            };
+            let size = hashed.snapshot.size;
+            let record = Record::new(size, hashed.snapshot.mtime_ns, hashed.md5);
+
+            if let Some(info) = self.store.head(&key).await? {
+                if info.confirms(size, &hashed.md5) {
+                    self.committer
+                        .apply(vec![Op::Record(path.clone(), record)])
+                        .await?;
+                    return Ok(Outcome::Adopted);
+                }
+            }
+            match hashed.content {
+                Content::Inline(body) => self.store.put_bytes(&key, body, &hashed.md5).await?,
+                Content::File => self.store.put_file(&key, &abs, size, &hashed.md5).await?,
+                Content::Parts(parts) => {
+                    self.store
+                        .put_multipart(&key, &abs, size, &hashed.md5, &parts)
+                        .await?;
+                    // A multipart object's ETag is not its MD5 and Complete does not check the whole:
+                    // confirm size and our digest metadata before trusting it.
+                    match self.store.head(&key).await? {
+                        Some(info) if info.confirms(size, &hashed.md5) => {}
+                        other => {
+                            return Err(UploadError::Unverified {
+                                path: path.clone(),
+                                detail: format!(
+                                    "after CompleteMultipartUpload, HEAD shows {other:?}"
+                                ),
+                            });
+                        }
+                    }
+                }
+            }
+            let after = blocking({
+                let abs = abs.clone();
+                move || digest::stat(&abs)
+            })
+            .await?
+            .map_err(read_err)?;
+            match after {
+                Stat::File(s) if s == hashed.snapshot => {
+                    self.committer
+                        .apply(vec![Op::Record(path.clone(), record)])
+                        .await?;
+                    return Ok(Outcome::Uploaded { bytes: size });
+                }
+                // Deleted right after its upload: the object is harmless, and there is nothing
+                // left to record against.
+                Stat::Vanished | Stat::NotRegular => return Ok(Outcome::Vanished),
+                Stat::File(_) => {
+                    tracing::debug!(path = %path, "File changed during upload; uploading again.");
+                    continue;
+                }
+            }
+        }
+        Err(UploadError::Unstable { path: path.clone() })
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, tokio::task::JoinError> {
+    tokio::task::spawn_blocking(f).await
+}

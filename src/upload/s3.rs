@@ -1,0 +1,608 @@
+//! The bucket: an `aws-sdk-s3` client configured for S3-compatible providers, and the few calls we
+//! make (HEAD, PUT, multipart), with every SDK error classified once, here.
+//!
+//! Retries: the SDK's standard retry layer is the only one for a single request
+//! (`s3.max_attempts`, default 3 attempts with the SDK's jittered exponential backoff). Nothing in
+//! this module loops around it. Every request has `s3.connect_timeout` and an attempt timeout of
+//! `s3.request_timeout`.
+//!
+//! Checksums: by default (`when_required`) no `x-amz-checksum-*` headers and no aws-chunked bodies
+//! are sent, which B2, R2, OVH and older MinIO reject. Integrity comes from `Content-MD5` instead,
+//! which every S3 implementation checks, and the digest is also stored as `x-amz-meta-md5`, because
+//! the ETag is not an MD5 for multipart or SSE-C objects.
+
+use std::path::Path;
+use std::time::Duration;
+
+use aws_sdk_s3::Client;
+use aws_sdk_s3::config::retry::RetryConfig;
+use aws_sdk_s3::config::timeout::TimeoutConfig;
+use aws_sdk_s3::config::{
+    BehaviorVersion, Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
+};
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::primitives::{ByteStream, Length};
+use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart, StorageClass};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
+use md5::{Digest, Md5};
+
+use crate::config::{ChecksumMode, S3Config};
+
+/// User-metadata key holding the hex MD5 of the whole file (`x-amz-meta-md5`).
+pub const META_MD5: &str = "md5";
+/// Parts uploaded at once for one multipart upload.
+const PART_CONCURRENCY: usize = 4;
+
+/// How a failed request should be treated by whoever decides about retries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// Worth retrying later: 5xx, 429/SlowDown, timeouts, connection failures, a changed body.
+    Transient,
+    /// Retrying will not help until the operator fixes something (403, NoSuchBucket, bad config).
+    Permanent,
+    /// The object (or bucket, for HEAD) does not exist.
+    NotFound,
+}
+
+/// A failed S3 call, classified. Its message names the step, the key, the provider's answer and a
+/// likely fix; it never contains a secret.
+#[derive(Debug, thiserror::Error)]
+#[error("{op} {target} failed: {detail}{hint}")]
+pub struct S3Error {
+    pub op: &'static str,
+    pub target: String,
+    pub kind: ErrorKind,
+    pub status: Option<u16>,
+    pub code: Option<String>,
+    detail: String,
+    hint: String,
+}
+
+impl S3Error {
+    pub fn is_transient(&self) -> bool {
+        self.kind == ErrorKind::Transient
+    }
+}
+
+/// Classifies an SDK error. The single place that looks inside SDK error types.
+fn classify<E>(
+    op: &'static str,
+    target: &str,
+    endpoint: &str,
+    err: SdkError<E, aws_sdk_s3::config::http::HttpResponse>,
+) -> S3Error
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+{
+    let status = err.raw_response().map(|r| r.status().as_u16());
+    let code = err.code().map(str::to_owned);
+    let (kind, detail) = match &err {
+        SdkError::TimeoutError(_) => (ErrorKind::Transient, "timed out".to_owned()),
+        SdkError::DispatchFailure(f) => {
+            let what = if f.is_timeout() {
+                "connection timed out"
+            } else {
+                "cannot connect"
+            };
+            (
+                ErrorKind::Transient,
+                format!("{what} to {endpoint}: {}", source_chain(&err)),
+            )
+        }
+        SdkError::ResponseError(_) => (
+            ErrorKind::Transient,
+            format!(
+                "unreadable response (HTTP {}): {}",
+                status.unwrap_or(0),
+                source_chain(&err)
+            ),
+        ),
+        SdkError::ConstructionFailure(_) => (ErrorKind::Permanent, source_chain(&err)),
+        _ => {
+            let kind = match (status, code.as_deref()) {
+                (
+                    _,
+                    Some(
+                        "SlowDown" | "RequestTimeout" | "InternalError" | "ServiceUnavailable"
+                        | "BadDigest",
+                    ),
+                ) => ErrorKind::Transient,
+                (Some(s), _) if s >= 500 || s == 429 || s == 408 => ErrorKind::Transient,
+                (_, Some("NoSuchKey" | "NotFound")) => ErrorKind::NotFound,
+                (Some(404), None) => ErrorKind::NotFound,
+                _ => ErrorKind::Permanent,
+            };
+            let msg = err.message().unwrap_or("");
+            let detail = format!(
+                "HTTP {} {}{}{}",
+                status.map_or("?".into(), |s| s.to_string()),
+                code.as_deref().unwrap_or(""),
+                if msg.is_empty() { "" } else { ": " },
+                msg
+            );
+            (kind, detail.trim_end().to_owned())
+        }
+    };
+    let hint = hint(op, status, code.as_deref())
+        .map(|h| format!(" — {h}"))
+        .unwrap_or_default();
+    S3Error {
+        op,
+        target: target.to_owned(),
+        kind,
+        status,
+        code,
+        detail,
+        hint,
+    }
+}
+
+fn source_chain(err: &dyn std::error::Error) -> String {
+    let mut parts = Vec::new();
+    let mut cur = err.source();
+    while let Some(e) = cur {
+        parts.push(e.to_string());
+        cur = e.source();
+    }
+    if parts.is_empty() {
+        err.to_string()
+    } else {
+        parts.join(": ")
+    }
+}
+
+fn hint(op: &str, status: Option<u16>, code: Option<&str>) -> Option<&'static str> {
+    Some(match (status, code) {
+        (_, Some("InvalidAccessKeyId")) => {
+            "the access key is unknown to the provider: check s3.access_key_id (or AWS_ACCESS_KEY_ID)"
+        }
+        (_, Some("SignatureDoesNotMatch")) => {
+            "check s3.secret_access_key; if it is right, check s3.region_name and s3.force_path_style"
+        }
+        (_, Some("RequestTimeTooSkewed")) => {
+            "this machine's clock is off; sync it (e.g. systemd-timesyncd or chrony)"
+        }
+        (_, Some("AccessDenied")) => {
+            "the credentials lack permission on this bucket/prefix (need s3:PutObject, s3:GetObject, s3:ListBucket, s3:DeleteObject)"
+        }
+        (_, Some("NoSuchBucket")) => {
+            "the bucket does not exist at this endpoint: check s3.bucket, s3.endpoint_url and s3.region_name"
+        }
+        (
+            _,
+            Some(
+                "PermanentRedirect"
+                | "AuthorizationHeaderMalformed"
+                | "IllegalLocationConstraintException",
+            ),
+        ) => "the bucket is in another region: set s3.region_name",
+        (_, Some("InvalidStorageClass")) => {
+            "this provider does not accept s3.storage_class; remove it or pick one it supports"
+        }
+        (_, Some("BadDigest")) => {
+            "the file changed while it was being sent; it will be uploaded again"
+        }
+        (_, Some("XAmzContentSHA256Mismatch" | "InvalidDigest")) => {
+            "the provider rejects checksum headers: set s3.request_checksum_calculation: when_required"
+        }
+        (Some(403), None) => {
+            "access denied: check s3.access_key_id / s3.secret_access_key and the bucket policy"
+        }
+        (Some(404), None) if op == "HEAD bucket" => {
+            "the bucket does not exist at this endpoint: check s3.bucket, s3.endpoint_url and s3.region_name"
+        }
+        (Some(301), _) => "the bucket is in another region: set s3.region_name",
+        (Some(400), None) if op == "HEAD bucket" => {
+            "the provider refused the request: check s3.region_name and s3.force_path_style"
+        }
+        _ => return None,
+    })
+}
+
+/// The file could not be opened for streaming (gone or unreadable): transient, the caller re-stats.
+fn read_error(op: &'static str, key: &str, e: impl std::fmt::Display) -> S3Error {
+    S3Error {
+        op,
+        target: key.to_owned(),
+        kind: ErrorKind::Transient,
+        status: None,
+        code: None,
+        detail: format!("cannot read the local file: {e}"),
+        hint: String::new(),
+    }
+}
+
+/// What a HEAD says about an object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectInfo {
+    pub size: u64,
+    /// Digest from our `x-amz-meta-md5`, when the object carries it.
+    pub meta_md5: Option<[u8; 16]>,
+    /// The ETag without quotes; equals the hex MD5 only for single-part, non-SSE-C uploads.
+    pub etag: Option<String>,
+}
+
+impl ObjectInfo {
+    /// Whether this object is certainly the file with this size and MD5: same size, and the digest
+    /// matches our metadata or (for objects other tools uploaded in one part) the ETag. An ETag that
+    /// is not an MD5 (multipart, SSE-C) never equals one, so it cannot confirm a wrong object.
+    pub fn confirms(&self, size: u64, md5: &[u8; 16]) -> bool {
+        if self.size != size {
+            return false;
+        }
+        match self.meta_md5 {
+            Some(m) => &m == md5,
+            None => self
+                .etag
+                .as_deref()
+                .is_some_and(|e| e.eq_ignore_ascii_case(&hex::encode(md5))),
+        }
+    }
+}
+
+/// Adds the SSE-C headers to any request builder that takes them (PUT, HEAD, parts).
+macro_rules! with_sse {
+    ($req:ident, $sse:expr) => {
+        if let Some(s) = &$sse {
+            $req = $req
+                .sse_customer_algorithm(&s.algo)
+                .sse_customer_key(&s.key_b64)
+                .sse_customer_key_md5(&s.key_md5_b64);
+        }
+    };
+}
+
+/// SSE-C headers, precomputed. The key never reaches a log: no Debug/Display.
+struct SseC {
+    algo: String,
+    key_b64: String,
+    key_md5_b64: String,
+}
+
+/// The configured bucket.
+pub struct ObjectStore {
+    client: Client,
+    bucket: String,
+    prefix: String,
+    endpoint: String,
+    storage_class: Option<StorageClass>,
+    sse: Option<SseC>,
+    part_size: u64,
+}
+
+impl ObjectStore {
+    /// Builds the client. Does not contact the provider (see [`ObjectStore::check_bucket`]).
+    pub async fn new(cfg: &S3Config, part_size: u64) -> Self {
+        let mut loader = aws_config::defaults(BehaviorVersion::latest());
+        let region = cfg.region_name.clone().or_else(|| {
+            // Custom endpoints rarely care about the region; don't make the SDK probe IMDS for one.
+            std::env::var("AWS_REGION")
+                .or_else(|_| std::env::var("AWS_DEFAULT_REGION"))
+                .ok()
+                .or_else(|| cfg.endpoint_url.as_ref().map(|_| "us-east-1".to_owned()))
+        });
+        if let Some(r) = region {
+            loader = loader.region(Region::new(r));
+        }
+        if let (Some(ak), Some(sk)) = (&cfg.access_key_id, &cfg.secret_access_key) {
+            let token = cfg.session_token.as_ref().map(|t| t.expose().to_owned());
+            loader = loader.credentials_provider(Credentials::new(
+                ak,
+                sk.expose(),
+                token,
+                None,
+                "config",
+            ));
+        }
+        let sdk = loader.load().await;
+        let checksum = |m| matches!(m, ChecksumMode::WhenSupported);
+        let mut b = aws_sdk_s3::config::Builder::from(&sdk)
+            .force_path_style(cfg.force_path_style)
+            .request_checksum_calculation(if checksum(cfg.request_checksum_calculation) {
+                RequestChecksumCalculation::WhenSupported
+            } else {
+                RequestChecksumCalculation::WhenRequired
+            })
+            .response_checksum_validation(if checksum(cfg.response_checksum_validation) {
+                ResponseChecksumValidation::WhenSupported
+            } else {
+                ResponseChecksumValidation::WhenRequired
+            })
+            .retry_config(RetryConfig::standard().with_max_attempts(cfg.max_attempts))
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .connect_timeout(cfg.connect_timeout)
+                    .read_timeout(cfg.request_timeout)
+                    .operation_attempt_timeout(cfg.request_timeout)
+                    .build(),
+            );
+        if let Some(ep) = &cfg.endpoint_url {
+            b = b.endpoint_url(ep);
+        }
+        let sse = cfg.sse_customer_key.as_ref().map(|k| SseC {
+            algo: cfg.sse_customer_algo.clone(),
+            key_b64: B64.encode(k.expose().as_bytes()),
+            key_md5_b64: B64.encode(Md5::digest(k.expose().as_bytes())),
+        });
+        ObjectStore {
+            client: Client::from_conf(b.build()),
+            bucket: cfg.bucket.clone(),
+            prefix: cfg.prefix.clone(),
+            endpoint: cfg.endpoint_url.clone().unwrap_or_else(|| "AWS S3".into()),
+            storage_class: cfg.storage_class.as_deref().map(StorageClass::from),
+            sse,
+            part_size,
+        }
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    pub fn bucket(&self) -> &str {
+        &self.bucket
+    }
+
+    fn err<E>(
+        &self,
+        op: &'static str,
+        target: &str,
+        e: SdkError<E, aws_sdk_s3::config::http::HttpResponse>,
+    ) -> S3Error
+    where
+        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    {
+        classify(op, target, &self.endpoint, e)
+    }
+
+    /// HEAD bucket: fails fast on a wrong bucket, bad credentials or an unreachable endpoint.
+    pub async fn check_bucket(&self) -> Result<(), S3Error> {
+        self.client
+            .head_bucket()
+            .bucket(&self.bucket)
+            .send()
+            .await
+            .map_err(|e| self.err("HEAD bucket", &self.bucket, e))?;
+        Ok(())
+    }
+
+    /// HEAD of `key`: `None` when there is no such object.
+    pub async fn head(&self, key: &str) -> Result<Option<ObjectInfo>, S3Error> {
+        let mut req = self.client.head_object().bucket(&self.bucket).key(key);
+        with_sse!(req, self.sse);
+        match req.send().await {
+            Ok(out) => Ok(Some(ObjectInfo {
+                size: out.content_length().unwrap_or(0).max(0) as u64,
+                meta_md5: out
+                    .metadata()
+                    .and_then(|m| m.get(META_MD5))
+                    .and_then(|h| hex::decode(h).ok())
+                    .and_then(|v| v.try_into().ok()),
+                etag: out.e_tag().map(|e| e.trim_matches('"').to_owned()),
+            })),
+            Err(e) => {
+                let e = self.err("HEAD", key, e);
+                if e.kind == ErrorKind::NotFound {
+                    Ok(None)
+                } else {
+                    Err(e)
+                }
+            }
+        }
+    }
+
+    /// One PUT of an in-memory body. The server checks `Content-MD5` against what it received.
+    pub async fn put_bytes(&self, key: &str, body: Bytes, md5: &[u8; 16]) -> Result<(), S3Error> {
+        let len = body.len() as u64;
+        self.put(key, ByteStream::from(body), len, md5).await
+    }
+
+    /// One PUT streamed from the file at `path` (too large to hold in memory, below the multipart
+    /// threshold). `Content-MD5` makes the provider reject the body if the file changed since hashing.
+    pub async fn put_file(
+        &self,
+        key: &str,
+        path: &Path,
+        size: u64,
+        md5: &[u8; 16],
+    ) -> Result<(), S3Error> {
+        let body = ByteStream::read_from()
+            .path(path)
+            .length(Length::Exact(size))
+            .buffer_size(256 * 1024)
+            .build()
+            .await
+            .map_err(|e| read_error("PUT", key, e))?;
+        self.put(key, body, size, md5).await
+    }
+
+    async fn put(
+        &self,
+        key: &str,
+        body: ByteStream,
+        size: u64,
+        md5: &[u8; 16],
+    ) -> Result<(), S3Error> {
+        let mut req = self
+            .client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .content_length(size as i64)
+            .content_md5(B64.encode(md5))
+            .metadata(META_MD5, hex::encode(md5))
+            .set_storage_class(self.storage_class.clone())
+            .body(body);
+        with_sse!(req, self.sse);
+        req.send().await.map_err(|e| self.err("PUT", key, e))?;
+        Ok(())
+    }
+
+    /// Multipart upload of the file at `path`, streamed part by part from disk with each part's
+    /// `Content-MD5` (computed beforehand by [`crate::upload::digest`]). Aborted on any failure so no
+    /// half-upload lingers (a crash can still leave one: a bucket lifecycle rule for incomplete
+    /// multipart uploads cleans those).
+    pub async fn put_multipart(
+        &self,
+        key: &str,
+        path: &Path,
+        size: u64,
+        md5: &[u8; 16],
+        part_md5s: &[[u8; 16]],
+    ) -> Result<(), S3Error> {
+        let mut req = self
+            .client
+            .create_multipart_upload()
+            .bucket(&self.bucket)
+            .key(key)
+            .metadata(META_MD5, hex::encode(md5))
+            .set_storage_class(self.storage_class.clone());
+        with_sse!(req, self.sse);
+        let created = req
+            .send()
+            .await
+            .map_err(|e| self.err("CreateMultipartUpload", key, e))?;
+        let Some(upload_id) = created.upload_id().map(str::to_owned) else {
+            return Err(S3Error {
+                op: "CreateMultipartUpload",
+                target: key.to_owned(),
+                kind: ErrorKind::Transient,
+                status: None,
+                code: None,
+                detail: "the provider returned no upload id".into(),
+                hint: String::new(),
+            });
+        };
+        let result = self
+            .upload_parts(key, &upload_id, path, size, part_md5s)
+            .await;
+        let result = match result {
+            Ok(parts) => self
+                .client
+                .complete_multipart_upload()
+                .bucket(&self.bucket)
+                .key(key)
+                .upload_id(&upload_id)
+                .multipart_upload(
+                    CompletedMultipartUpload::builder()
+                        .set_parts(Some(parts))
+                        .build(),
+                )
+                .send()
+                .await
+                .map(|_| ())
+                .map_err(|e| self.err("CompleteMultipartUpload", key, e)),
+            Err(e) => Err(e),
+        };
+        if result.is_err() {
+            // Best effort: the error that matters is the one we return.
+            let abort = self
+                .client
+                .abort_multipart_upload()
+                .bucket(&self.bucket)
+                .key(key)
+                .upload_id(&upload_id)
+                .send();
+            if let Err(e) = tokio::time::timeout(Duration::from_secs(30), abort)
+                .await
+                .map_err(|_| "timed out".to_owned())
+                .and_then(|r| r.map_err(|e| e.to_string()))
+            {
+                tracing::warn!(key, error = %e, "Could not abort the failed multipart upload; a lifecycle rule will clean it.");
+            }
+        }
+        result
+    }
+
+    async fn upload_parts(
+        &self,
+        key: &str,
+        upload_id: &str,
+        path: &Path,
+        size: u64,
+        part_md5s: &[[u8; 16]],
+    ) -> Result<Vec<CompletedPart>, S3Error> {
+        let mut parts: Vec<CompletedPart> = futures::stream::iter(part_md5s.iter().enumerate())
+            .map(|(i, part_md5)| async move {
+                let offset = i as u64 * self.part_size;
+                let len = self.part_size.min(size - offset);
+                let number = i as i32 + 1;
+                let body = ByteStream::read_from()
+                    .path(path)
+                    .offset(offset)
+                    .length(Length::Exact(len))
+                    .buffer_size(256 * 1024)
+                    .build()
+                    .await
+                    .map_err(|e| read_error("UploadPart", key, e))?;
+                let mut req = self
+                    .client
+                    .upload_part()
+                    .bucket(&self.bucket)
+                    .key(key)
+                    .upload_id(upload_id)
+                    .part_number(number)
+                    .content_length(len as i64)
+                    .content_md5(B64.encode(part_md5))
+                    .body(body);
+                with_sse!(req, self.sse);
+                let out = req
+                    .send()
+                    .await
+                    .map_err(|e| self.err("UploadPart", key, e))?;
+                Ok::<_, S3Error>(
+                    CompletedPart::builder()
+                        .part_number(number)
+                        .set_e_tag(out.e_tag().map(str::to_owned))
+                        .build(),
+                )
+            })
+            .buffer_unordered(PART_CONCURRENCY)
+            .try_collect()
+            .await?;
+        parts.sort_by_key(|p| p.part_number());
+        Ok(parts)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn confirms_needs_size_and_digest() {
+        let md5 = [0xab; 16];
+        let info = |size, meta, etag: Option<&str>| ObjectInfo {
+            size,
+            meta_md5: meta,
+            etag: etag.map(str::to_owned),
+        };
+        assert!(info(10, Some(md5), None).confirms(10, &md5));
+        assert!(!info(11, Some(md5), None).confirms(10, &md5));
+        assert!(
+            !info(10, Some([0; 16]), Some(&hex::encode(md5))).confirms(10, &md5),
+            "metadata wins over ETag"
+        );
+        assert!(info(10, None, Some(&hex::encode(md5).to_uppercase())).confirms(10, &md5));
+        assert!(!info(10, None, Some("abababab-2")).confirms(10, &md5));
+        assert!(!info(10, None, None).confirms(10, &md5));
+    }
+
+    #[test]
+    fn hints_name_the_key_to_fix() {
+        assert!(
+            hint("PUT", Some(403), Some("InvalidAccessKeyId"))
+                .unwrap()
+                .contains("s3.access_key_id")
+        );
+        assert!(
+            hint("HEAD bucket", Some(404), None)
+                .unwrap()
+                .contains("s3.bucket")
+        );
+        assert!(hint("PUT", Some(500), Some("InternalError")).is_none());
+    }
+}
