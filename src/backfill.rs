@@ -25,9 +25,9 @@ use crate::upload::{Outcome, UploadError, Uploader};
 pub enum BackfillError {
     #[error(transparent)]
     State(#[from] StateError),
-    #[error("the bucket is not usable: {0}")]
+    #[error("the bucket is not usable")]
     Bucket(#[source] S3Error),
-    #[error("stopped after {done} files: {source}")]
+    #[error("stopped after {done} files")]
     Fatal {
         done: u64,
         #[source]
@@ -114,13 +114,13 @@ pub async fn run(
                 match item {
                     Item::File(found) => {
                         // Skip what is recorded with the same size and mtime without any request.
-                        if let Ok(Some(rec)) = state.record(&found.path) {
-                            if rec.matches(found.snapshot.size, found.snapshot.mtime_ns) {
-                                unchanged += 1;
-                                bar.found(1, 0);
-                                bar.done(0);
-                                return true;
-                            }
+                        if let Ok(Some(rec)) = state.record(&found.path)
+                            && rec.matches(found.snapshot.size, found.snapshot.mtime_ns)
+                        {
+                            unchanged += 1;
+                            bar.found(1, 0);
+                            bar.done(0);
+                            return true;
                         }
                         bar.found(1, found.snapshot.size);
                         tx.blocking_send(found).is_ok()

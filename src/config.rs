@@ -43,13 +43,13 @@ impl fmt::Display for Secret {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
+    #[error("cannot read config file {path}")]
     Read {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("config file {path} is invalid: {source}")]
+    #[error("config file {path} is invalid")]
     Parse {
         path: PathBuf,
         #[source]
@@ -578,7 +578,8 @@ mod tests {
     #[test]
     fn bad_values_name_their_key() {
         let dir = tempfile::tempdir().unwrap();
-        let cases: Vec<(fn(&mut RawConfig), &str)> = vec![
+        type Case = (fn(&mut RawConfig), &'static str);
+        let cases: Vec<Case> = vec![
             (|r| r.s3.bucket = Some("my bucket/x".into()), "s3.bucket"),
             (
                 |r| r.s3.endpoint_url = Some("s3.example.com".into()),

@@ -29,9 +29,7 @@ pub const STATE_FILE: &str = "state.redb";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
-    #[error(
-        "cannot create state_dir {path}: {source}; create it and make it writable by this user"
-    )]
+    #[error("cannot create state_dir {path} (create it and make it writable by this user)")]
     CreateDir {
         path: PathBuf,
         #[source]
@@ -42,7 +40,7 @@ pub enum StateError {
     )]
     Locked { path: PathBuf },
     #[error(
-        "cannot open state database {path}: {source}; if it is corrupted, move it aside and run `upload` to rebuild the records from the bucket (objects are recognised, not re-uploaded)"
+        "cannot open state database {path} (if it is corrupted, move it aside and run `upload` to rebuild the records from the bucket: objects already there are recognised, not re-uploaded)"
     )]
     Open {
         path: PathBuf,
@@ -53,7 +51,7 @@ pub enum StateError {
         "state database {path} has schema version {found}, this build knows {SCHEMA_VERSION}; use a matching synapse-s3-offload"
     )]
     Schema { path: PathBuf, found: u64 },
-    #[error("state database operation failed: {0}")]
+    #[error("state database operation failed")]
     Db(#[from] redb::Error),
     #[error("committing to the state database failed: {0}")]
     Commit(String),
@@ -253,8 +251,11 @@ impl State {
 /// everything that queued up meanwhile in one transaction (one fsync for many uploads).
 #[derive(Clone)]
 pub struct Committer {
-    tx: tokio::sync::mpsc::Sender<(Vec<Op>, tokio::sync::oneshot::Sender<Result<(), String>>)>,
+    tx: tokio::sync::mpsc::Sender<CommitRequest>,
 }
+
+/// Ops to commit, and where to say whether they were.
+type CommitRequest = (Vec<Op>, tokio::sync::oneshot::Sender<Result<(), String>>);
 
 /// Ops per transaction at most; bounds the latency of the first caller in a burst.
 const MAX_BATCH: usize = 1024;
@@ -263,10 +264,7 @@ impl Committer {
     /// Starts the commit thread. It ends when the last `Committer` clone is dropped, after
     /// committing what was handed to it.
     pub fn start(state: State) -> (Committer, std::thread::JoinHandle<()>) {
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<(
-            Vec<Op>,
-            tokio::sync::oneshot::Sender<Result<(), String>>,
-        )>(MAX_BATCH);
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<CommitRequest>(MAX_BATCH);
         let handle = std::thread::Builder::new()
             .name("state-commit".into())
             .spawn(move || {

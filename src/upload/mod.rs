@@ -45,7 +45,7 @@ pub enum Outcome {
 
 #[derive(Debug, thiserror::Error)]
 pub enum UploadError {
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}")]
     Read {
         path: PathBuf,
         #[source]
@@ -61,7 +61,7 @@ pub enum UploadError {
     Unverified { path: MediaPath, detail: String },
     #[error(transparent)]
     State(#[from] StateError),
-    #[error("the blocking reader task failed: {0}")]
+    #[error("the blocking reader task failed")]
     Join(#[from] tokio::task::JoinError),
 }
 
@@ -152,10 +152,10 @@ impl Uploader {
             };
             let state = self.state.clone();
             let p = path.clone();
-            if let Some(rec) = blocking(move || state.record(&p)).await?? {
-                if rec.matches(snap.size, snap.mtime_ns) {
-                    return Ok(Outcome::Unchanged);
-                }
+            if let Some(rec) = blocking(move || state.record(&p)).await??
+                && rec.matches(snap.size, snap.mtime_ns)
+            {
+                return Ok(Outcome::Unchanged);
             }
             // Files below the multipart threshold are sent in one PUT; the smaller ones from memory.
             let part_size = (snap.size >= self.multipart_threshold).then_some(self.part_size);
@@ -174,13 +174,13 @@ impl Uploader {
             let size = hashed.snapshot.size;
             let record = Record::new(size, hashed.snapshot.mtime_ns, hashed.md5);
 
-            if let Some(info) = self.store.head(&key).await? {
-                if info.confirms(size, &hashed.md5) {
-                    self.committer
-                        .apply(vec![Op::Record(path.clone(), record)])
-                        .await?;
-                    return Ok(Outcome::Adopted);
-                }
+            if let Some(info) = self.store.head(&key).await?
+                && info.confirms(size, &hashed.md5)
+            {
+                self.committer
+                    .apply(vec![Op::Record(path.clone(), record)])
+                    .await?;
+                return Ok(Outcome::Adopted);
             }
             match hashed.content {
                 Content::Inline(body) => self.store.put_bytes(&key, body, &hashed.md5).await?,

@@ -126,9 +126,13 @@ where
             (kind, detail.trim_end().to_owned())
         }
     };
-    let hint = hint(op, status, code.as_deref())
-        .map(|h| format!(" — {h}"))
-        .unwrap_or_default();
+    let hint = match &err {
+        SdkError::DispatchFailure(_) | SdkError::TimeoutError(_) => {
+            Some("check s3.endpoint_url and that the server is up and reachable")
+        }
+        _ => hint(op, status, code.as_deref()),
+    };
+    let hint = hint.map(|h| format!(" — {h}")).unwrap_or_default();
     S3Error {
         op,
         target: target.to_owned(),
@@ -191,11 +195,11 @@ fn hint(op: &str, status: Option<u16>, code: Option<&str>) -> Option<&'static st
         (Some(403), None) => {
             "access denied: check s3.access_key_id / s3.secret_access_key and the bucket policy"
         }
-        (Some(404), None) if op == "HEAD bucket" => {
+        (Some(404), _) if op == "HEAD bucket" => {
             "the bucket does not exist at this endpoint: check s3.bucket, s3.endpoint_url and s3.region_name"
         }
         (Some(301), _) => "the bucket is in another region: set s3.region_name",
-        (Some(400), None) if op == "HEAD bucket" => {
+        (Some(400), _) if op == "HEAD bucket" => {
             "the provider refused the request: check s3.region_name and s3.force_path_style"
         }
         _ => return None,
@@ -525,44 +529,45 @@ impl ObjectStore {
         size: u64,
         part_md5s: &[[u8; 16]],
     ) -> Result<Vec<CompletedPart>, S3Error> {
-        let mut parts: Vec<CompletedPart> = futures::stream::iter(part_md5s.iter().enumerate())
-            .map(|(i, part_md5)| async move {
-                let offset = i as u64 * self.part_size;
-                let len = self.part_size.min(size - offset);
-                let number = i as i32 + 1;
-                let body = ByteStream::read_from()
-                    .path(path)
-                    .offset(offset)
-                    .length(Length::Exact(len))
-                    .buffer_size(256 * 1024)
-                    .build()
-                    .await
-                    .map_err(|e| read_error("UploadPart", key, e))?;
-                let mut req = self
-                    .client
-                    .upload_part()
-                    .bucket(&self.bucket)
-                    .key(key)
-                    .upload_id(upload_id)
-                    .part_number(number)
-                    .content_length(len as i64)
-                    .content_md5(B64.encode(part_md5))
-                    .body(body);
-                with_sse!(req, self.sse);
-                let out = req
-                    .send()
-                    .await
-                    .map_err(|e| self.err("UploadPart", key, e))?;
-                Ok::<_, S3Error>(
-                    CompletedPart::builder()
+        let mut parts: Vec<CompletedPart> =
+            futures::stream::iter(part_md5s.iter().copied().enumerate())
+                .map(|(i, part_md5)| async move {
+                    let offset = i as u64 * self.part_size;
+                    let len = self.part_size.min(size - offset);
+                    let number = i as i32 + 1;
+                    let body = ByteStream::read_from()
+                        .path(path)
+                        .offset(offset)
+                        .length(Length::Exact(len))
+                        .buffer_size(256 * 1024)
+                        .build()
+                        .await
+                        .map_err(|e| read_error("UploadPart", key, e))?;
+                    let mut req = self
+                        .client
+                        .upload_part()
+                        .bucket(&self.bucket)
+                        .key(key)
+                        .upload_id(upload_id)
                         .part_number(number)
-                        .set_e_tag(out.e_tag().map(str::to_owned))
-                        .build(),
-                )
-            })
-            .buffer_unordered(PART_CONCURRENCY)
-            .try_collect()
-            .await?;
+                        .content_length(len as i64)
+                        .content_md5(B64.encode(part_md5))
+                        .body(body);
+                    with_sse!(req, self.sse);
+                    let out = req
+                        .send()
+                        .await
+                        .map_err(|e| self.err("UploadPart", key, e))?;
+                    Ok::<_, S3Error>(
+                        CompletedPart::builder()
+                            .part_number(number)
+                            .set_e_tag(out.e_tag().map(str::to_owned))
+                            .build(),
+                    )
+                })
+                .buffer_unordered(PART_CONCURRENCY)
+                .try_collect()
+                .await?;
         parts.sort_by_key(|p| p.part_number());
         Ok(parts)
     }

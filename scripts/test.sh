@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# The test command (README, CI): makes sure every service the tests need is installed and running,
+# then runs fmt, clippy and the whole test suite against them.
+#
+# - S3: s3s-fs 0.14.1 (crates.io) on a free loopback port with SigV4 credentials, data in a temp dir.
+# - PostgreSQL: the machine's cluster on 127.0.0.1:5432 (started with pg_ctlcluster if it is down).
+#
+# Env: SSO_SKIP_LINT=1 skips fmt/clippy; extra arguments go to `cargo test`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '==> %s\n' "$*" >&2; }
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+wait_port() { # host port seconds
+  local deadline=$((SECONDS + $3))
+  until (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; do
+    if ((SECONDS > deadline)); then return 1; fi
+    sleep 0.1
+  done
+}
+
+# --- S3 test server -------------------------------------------------------------------------
+S3S_FS=${SSO_S3S_FS:-$(command -v s3s-fs || true)}
+if [[ -z "$S3S_FS" && -x "$HOME/.cargo/bin/s3s-fs" ]]; then S3S_FS="$HOME/.cargo/bin/s3s-fs"; fi
+if [[ -z "$S3S_FS" ]]; then
+  log "Installing s3s-fs 0.14.1 (the S3 test server; ~5 min, once)"
+  cargo install s3s-fs --version 0.14.1 --features binary --locked
+  S3S_FS="$HOME/.cargo/bin/s3s-fs"
+fi
+export SSO_TEST_S3FS_BIN="$S3S_FS"
+export SSO_TEST_S3_ACCESS_KEY=sso-test-key
+export SSO_TEST_S3_SECRET_KEY=sso-test-secret
+s3_root=$(mktemp -d /tmp/sso-s3.XXXXXX)
+s3_port=$(free_port)
+"$S3S_FS" --host 127.0.0.1 --port "$s3_port" \
+  --access-key "$SSO_TEST_S3_ACCESS_KEY" --secret-key "$SSO_TEST_S3_SECRET_KEY" "$s3_root" \
+  >"$s3_root.log" 2>&1 &
+s3_pid=$!
+cleanup() {
+  kill "$s3_pid" 2>/dev/null || true
+  wait "$s3_pid" 2>/dev/null || true
+  rm -rf "$s3_root" "$s3_root.log"
+}
+trap cleanup EXIT
+if ! wait_port 127.0.0.1 "$s3_port" 30; then
+  log "s3s-fs did not start:"; cat "$s3_root.log" >&2; exit 1
+fi
+export SSO_TEST_S3_ENDPOINT="http://127.0.0.1:$s3_port"
+log "s3s-fs listening on $SSO_TEST_S3_ENDPOINT"
+
+# --- PostgreSQL -------------------------------------------------------------------------------
+if command -v pg_isready >/dev/null; then
+  if ! pg_isready -q -h 127.0.0.1 -p 5432; then
+    log "Starting PostgreSQL"
+    pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -n1)" main start || true
+    for _ in $(seq 1 50); do pg_isready -q -h 127.0.0.1 -p 5432 && break; sleep 0.2; done
+  fi
+  pg_isready -h 127.0.0.1 -p 5432 >&2 || log "PostgreSQL is not running (tests that need it will fail)"
+fi
+
+# --- Lint and test -------------------------------------------------------------------------------
+if [[ "${SSO_SKIP_LINT:-0}" != 1 ]]; then
+  log "cargo fmt --check"
+  cargo fmt --all -- --check
+  log "cargo clippy"
+  cargo clippy --all-targets --locked -- -D warnings
+fi
+log "cargo test"
+cargo test --locked "$@"

@@ -1,0 +1,161 @@
+//! The binary as an admin runs it: exit status and one clear line for each bad input, never a
+//! secret in the output.
+
+use std::process::Command;
+
+use crate::support::*;
+
+const SECRET: &str = "sso-test-secret";
+
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+fn run(config: &std::path::Path, env: &[(&str, &str)]) -> Run {
+    let out = Command::new(env!("CARGO_BIN_EXE_synapse-s3-offload"))
+        .arg("--config")
+        .arg(config)
+        .arg("upload")
+        .envs(env.iter().copied())
+        // Never let the SDK look for credentials or a region on an instance-metadata endpoint.
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .output()
+        .unwrap();
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+fn yaml(store: &Store, endpoint: &str, bucket: &str, secret: &str) -> String {
+    format!(
+        "media_store_path: {}\nstate_dir: {}\ns3:\n  bucket: {bucket}\n  endpoint_url: {endpoint}\n  region_name: us-east-1\n  access_key_id: sso-test-key\n  secret_access_key: {secret}\n  max_attempts: 1\n",
+        store.root.display(),
+        store.state.display()
+    )
+}
+
+/// Fails with exit 1 and a single `error:` line containing each of `needles`, and no secret.
+fn assert_clear_error(r: &Run, needles: &[&str]) {
+    assert_eq!(r.code, 1, "stdout: {}\nstderr: {}", r.stdout, r.stderr);
+    let errors: Vec<_> = r
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("error:"))
+        .collect();
+    assert_eq!(errors.len(), 1, "{}", r.stderr);
+    for n in needles {
+        assert!(errors[0].contains(n), "{:?} lacks {n:?}", errors[0]);
+    }
+    for secret in [SECRET, "wrong-secret-value"] {
+        assert!(
+            !r.stderr.contains(secret) && !r.stdout.contains(secret),
+            "secret leaked: {}",
+            r.stderr
+        );
+    }
+    assert!(!r.stderr.contains("panicked"), "{}", r.stderr);
+}
+
+#[tokio::test]
+async fn a_good_config_uploads_and_exits_zero() {
+    let env = s3_env();
+    let bucket = create_bucket(&env, "cliok").await;
+    let store = Store::new();
+    store.write("local_content/ab/cd/ef", b"hello");
+    let cfg = store.dir.path().join("config.yaml");
+    write_yaml(&cfg, &yaml(&store, &env.endpoint, &bucket, &env.secret_key));
+    let r = run(&cfg, &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stdout.contains("uploaded 1"), "{}", r.stdout);
+    // Env overrides reach nested snake_case keys.
+    let other = create_bucket(&env, "clienv").await;
+    let r = run(
+        &cfg,
+        &[
+            ("SYNAPSE_S3_OFFLOAD__S3__BUCKET", &other),
+            (
+                "SYNAPSE_S3_OFFLOAD__STATE_DIR",
+                "/tmp/sso-test-env-state-ignored",
+            ),
+        ],
+    );
+    let _ = std::fs::remove_dir_all("/tmp/sso-test-env-state-ignored");
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        objects(&env, &other)
+            .await
+            .contains_key("local_content/ab/cd/ef")
+    );
+}
+
+#[tokio::test]
+async fn bad_inputs_each_give_one_clear_line() {
+    let env = s3_env();
+    let bucket = create_bucket(&env, "clibad").await;
+    let store = Store::new();
+    store.write("local_content/ab/cd/ef", b"hello");
+    let cfg = store.dir.path().join("config.yaml");
+    let good = yaml(&store, &env.endpoint, &bucket, SECRET);
+
+    write_yaml(
+        &cfg,
+        &yaml(&store, &env.endpoint, &bucket, "wrong-secret-value"),
+    );
+    assert_clear_error(&run(&cfg, &[]), &["403", "s3.secret_access_key"]);
+
+    write_yaml(
+        &cfg,
+        &yaml(&store, &env.endpoint, "no-such-bucket-here", SECRET),
+    );
+    assert_clear_error(&run(&cfg, &[]), &["no-such-bucket-here", "s3.bucket"]);
+
+    write_yaml(&cfg, &yaml(&store, "http://127.0.0.1:9", &bucket, SECRET));
+    assert_clear_error(&run(&cfg, &[]), &["cannot connect", "s3.endpoint_url"]);
+
+    write_yaml(
+        &cfg,
+        &good.replace(&store.root.display().to_string(), "/nonexistent/media"),
+    );
+    assert_clear_error(&run(&cfg, &[]), &["media_store_path", "/nonexistent/media"]);
+
+    write_yaml(&cfg, &format!("{good}  bukket: x\n"));
+    assert_clear_error(&run(&cfg, &[]), &["unknown field `bukket`", "s3"]);
+
+    write_yaml(&cfg, "media_store_path: [unclosed\n");
+    assert_clear_error(&run(&cfg, &[]), &["config.yaml is invalid"]);
+
+    write_yaml(&cfg, &format!("{good}upload:\n  concurrency: many\n"));
+    assert_clear_error(&run(&cfg, &[]), &["upload.concurrency"]);
+
+    write_yaml(
+        &cfg,
+        &format!("{good}upload:\n  multipart_threshold: huge\n"),
+    );
+    assert_clear_error(&run(&cfg, &[]), &["upload.multipart_threshold", "16MiB"]);
+
+    write_yaml(
+        &cfg,
+        &good
+            .replace("us-east-1", "us-east-1\n  endpoint_url: not a url")
+            .replacen(&format!("  endpoint_url: {}\n", env.endpoint), "", 1),
+    );
+    assert_clear_error(&run(&cfg, &[]), &["s3.endpoint_url"]);
+
+    write_yaml(
+        &cfg,
+        &good.replace(&format!("bucket: {bucket}"), "bucket: my/bucket"),
+    );
+    assert_clear_error(&run(&cfg, &[]), &["s3.bucket", "s3.prefix"]);
+
+    assert_clear_error(
+        &run(&store.dir.path().join("missing.yaml"), &[]),
+        &["cannot read config file", "missing.yaml"],
+    );
+
+    // Nothing was uploaded or recorded by any of these.
+    assert!(objects(&env, &bucket).await.is_empty());
+}

@@ -1,0 +1,155 @@
+//! A recording (and delaying) HTTP/1.1 proxy between the code under test and the real S3 server.
+//! It forwards bytes unchanged; it parses each request head so tests can see exactly which
+//! requests and headers reached the server (PUT counts, checksum headers, SSE-C, storage class).
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub method: String,
+    pub path: String,
+    pub headers: Vec<(String, String)>,
+}
+
+impl Request {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+    /// Whether this is a request for an object (not the bucket itself).
+    pub fn is_object(&self) -> bool {
+        let path = self.path.split('?').next().unwrap_or("");
+        path.trim_matches('/').contains('/')
+    }
+}
+
+#[derive(Default)]
+struct Shared {
+    log: Mutex<Vec<Request>>,
+    put_delay: Mutex<Duration>,
+}
+
+pub struct Proxy {
+    pub addr: SocketAddr,
+    shared: Arc<Shared>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Proxy {
+    pub async fn start(upstream: SocketAddr) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shared = Arc::new(Shared::default());
+        let s = shared.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let s = s.clone();
+                tokio::spawn(async move {
+                    if let Ok(server) = TcpStream::connect(upstream).await {
+                        let _ = relay(client, server, s).await;
+                    }
+                });
+            }
+        });
+        Proxy { addr, shared, task }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn requests(&self) -> Vec<Request> {
+        self.shared.log.lock().unwrap().clone()
+    }
+
+    pub fn clear(&self) {
+        self.shared.log.lock().unwrap().clear();
+    }
+
+    /// Requests with this method on objects (e.g. "PUT", "HEAD").
+    pub fn object_requests(&self, method: &str) -> Vec<Request> {
+        self.requests()
+            .into_iter()
+            .filter(|r| r.method == method && r.is_object())
+            .collect()
+    }
+
+    /// Holds every PUT this long before forwarding it.
+    pub fn set_put_delay(&self, d: Duration) {
+        *self.shared.put_delay.lock().unwrap() = d;
+    }
+}
+
+async fn relay(client: TcpStream, server: TcpStream, shared: Arc<Shared>) -> std::io::Result<()> {
+    let (client_r, mut client_w) = client.into_split();
+    let (mut server_r, mut server_w) = server.into_split();
+    let back = tokio::spawn(async move {
+        let _ = tokio::io::copy(&mut server_r, &mut client_w).await;
+        let _ = client_w.shutdown().await;
+    });
+    let mut reader = BufReader::new(client_r);
+    loop {
+        let mut head = Vec::new();
+        loop {
+            let before = head.len();
+            if reader.read_until(b'\n', &mut head).await? == 0 {
+                back.abort();
+                return Ok(());
+            }
+            if &head[before..] == b"\r\n" {
+                break;
+            }
+        }
+        let text = String::from_utf8_lossy(&head).into_owned();
+        let mut lines = text.split("\r\n");
+        let mut first = lines.next().unwrap_or("").split(' ');
+        let method = first.next().unwrap_or("").to_owned();
+        let path = first.next().unwrap_or("").to_owned();
+        let headers: Vec<(String, String)> = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+            .collect();
+        let req = Request {
+            method,
+            path,
+            headers,
+        };
+        let len: u64 = req
+            .header("content-length")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let chunked = req
+            .header("transfer-encoding")
+            .is_some_and(|v| v.contains("chunked"));
+        let delay = if req.method == "PUT" {
+            *shared.put_delay.lock().unwrap()
+        } else {
+            Duration::ZERO
+        };
+        shared.log.lock().unwrap().push(req);
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        server_w.write_all(&head).await?;
+        if chunked {
+            // Not parsed: forward the rest of the connection as it comes.
+            tokio::io::copy(&mut reader, &mut server_w).await?;
+            return Ok(());
+        }
+        let mut body = (&mut reader).take(len);
+        tokio::io::copy(&mut body, &mut server_w).await?;
+    }
+}

@@ -1,0 +1,321 @@
+//! The one-shot `upload` (backfill): verified, byte-identical, idempotent, and honest about what it
+//! sends.
+
+use std::time::Duration;
+
+use synapse_s3_offload::backfill::{self, Progress, Summary};
+use synapse_s3_offload::config::{Config, SizeValue};
+use tokio_util::sync::CancellationToken;
+
+use crate::proxy::Proxy;
+use crate::support::*;
+
+async fn backfill(config: &Config) -> Summary {
+    backfill::run(config, Progress::Log, CancellationToken::new())
+        .await
+        .expect("backfill")
+}
+
+/// A store with every kind of Synapse media, a URL-preview file and one file above the multipart
+/// threshold (5 MiB here, so the multipart path runs with two parts).
+fn synapse_store(store: &Store) {
+    store.write("local_content/ab/cd/efghijklmnop", &bytes(1, 150_000));
+    store.write(
+        "local_thumbnails/ab/cd/efghijklmnop/32-32-image-png-crop",
+        &bytes(2, 3_000),
+    );
+    store.write(
+        "local_thumbnails/ab/cd/efghijklmnop/800-600-image-jpeg-scale",
+        &bytes(3, 40_000),
+    );
+    store.write(
+        "remote_content/matrix.org/xy/zw/remotefileid",
+        &bytes(4, 70_000),
+    );
+    store.write(
+        "remote_thumbnail/matrix.org/xy/zw/remotefileid/96-96-image-jpeg-crop",
+        &bytes(5, 5_000),
+    );
+    store.write("local_content/qq/rr/emptyfile", b"");
+    store.write(
+        "local_content/vv/ww/bigvideo",
+        &bytes(6, 7 * 1024 * 1024 + 123),
+    );
+    store.write("url_cache/2024-01-01/preview", &bytes(7, 1_000));
+    store.write(
+        "url_cache_thumbnails/2024-01-01/preview/32-32-image-png-crop",
+        &bytes(8, 100),
+    );
+}
+
+fn small_multipart(raw: &mut synapse_s3_offload::config::RawConfig) {
+    raw.upload.multipart_threshold = Some(SizeValue::Text("5MiB".into()));
+    raw.upload.multipart_part_size = Some(SizeValue::Text("5MiB".into()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_a_synapse_store_byte_identical_at_the_right_keys() {
+    let env = s3_env();
+    let bucket = create_bucket(&env, "layout").await;
+    let store = Store::new();
+    synapse_store(&store);
+    let mut raw = raw_config(&env, &env.endpoint, &bucket, &store);
+    raw.s3.prefix = Some("synapse/".into());
+    small_multipart(&mut raw);
+    let s = backfill(&validated(raw)).await;
+    assert_eq!((s.uploaded, s.failed, s.adopted), (7, 0, 0), "{s}");
+
+    let objects = objects(&env, &bucket).await;
+    let mut expected: Vec<_> = store
+        .read_all("")
+        .into_iter()
+        .filter(|(rel, _)| !rel.starts_with("url_cache"))
+        .map(|(rel, data)| (format!("synapse/{rel}"), data))
+        .collect();
+    expected.sort();
+    let got: Vec<_> = objects.into_iter().collect();
+    assert_eq!(got.len(), expected.len());
+    for ((gk, gv), (ek, ev)) in got.iter().zip(&expected) {
+        assert_eq!(gk, ek);
+        assert!(gv == ev, "object {gk} differs from the file");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn url_cache_is_uploaded_only_when_asked() {
+    let env = s3_env();
+    let bucket = create_bucket(&env, "urlcache").await;
+    let store = Store::new();
+    store.write("url_cache/2024-01-01/preview", &bytes(7, 1_000));
+    store.write("local_content/ab/cd/x", &bytes(8, 10));
+    let mut raw = raw_config(&env, &env.endpoint, &bucket, &store);
+    raw.upload.include_url_cache = Some(true);
+    let s = backfill(&validated(raw)).await;
+    assert_eq!(s.uploaded, 2, "{s}");
+    assert!(
+        objects(&env, &bucket)
+            .await
+            .contains_key("url_cache/2024-01-01/preview")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_run_makes_no_object_requests_at_all() {
+    let env = s3_env();
+    let proxy = Proxy::start(env.addr).await;
+    let bucket = create_bucket(&env, "rerun").await;
+    let store = Store::new();
+    synapse_store(&store);
+    let mut raw = raw_config(&env, &proxy.endpoint(), &bucket, &store);
+    small_multipart(&mut raw);
+    let config = validated(raw);
+    let first = backfill(&config).await;
+    assert_eq!(first.uploaded, 7);
+    assert_eq!(
+        proxy.object_requests("PUT").len(),
+        6 + 2,
+        "6 PUTs and 2 parts, no more"
+    );
+
+    proxy.clear();
+    let second = backfill(&config).await;
+    assert_eq!((second.uploaded, second.unchanged), (0, 7), "{second}");
+    let reqs = proxy.requests();
+    assert!(
+        reqs.iter().all(|r| !r.is_object()),
+        "the records answer everything: {reqs:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn objects_already_in_the_bucket_are_recorded_without_a_put() {
+    let env = s3_env();
+    let proxy = Proxy::start(env.addr).await;
+    let bucket = create_bucket(&env, "adopt").await;
+    let store = Store::new();
+    synapse_store(&store);
+    let mut raw = raw_config(&env, &proxy.endpoint(), &bucket, &store);
+    small_multipart(&mut raw);
+    let config = validated(raw);
+    backfill(&config).await;
+
+    // Lose the records (a new machine, or the state was moved aside) and add an object the way
+    // s3_media_upload does: a plain PUT, no digest metadata (its ETag is the MD5).
+    std::fs::remove_dir_all(&store.state).unwrap();
+    let legacy = bytes(9, 2_000);
+    store.write("local_content/le/ga/cyupload", &legacy);
+    client(&env)
+        .await
+        .put_object()
+        .bucket(&bucket)
+        .key("local_content/le/ga/cyupload")
+        .body(legacy.into())
+        .send()
+        .await
+        .unwrap();
+    // And one whose object has other content: it must be uploaded again, not adopted.
+    store.write("local_content/ot/he/rcontent", b"local version");
+    client(&env)
+        .await
+        .put_object()
+        .bucket(&bucket)
+        .key("local_content/ot/he/rcontent")
+        .body(b"bucket version!".to_vec().into())
+        .send()
+        .await
+        .unwrap();
+
+    proxy.clear();
+    let s = backfill(&config).await;
+    assert_eq!((s.adopted, s.uploaded, s.failed), (8, 1, 0), "{s}");
+    let puts: Vec<_> = proxy
+        .object_requests("PUT")
+        .into_iter()
+        .map(|r| r.path)
+        .collect();
+    assert_eq!(puts.len(), 1, "{puts:?}");
+    assert!(puts[0].contains("rcontent"));
+    assert_eq!(
+        objects(&env, &bucket).await["local_content/ot/he/rcontent"],
+        b"local version"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_growing_during_its_upload_ends_up_with_its_final_content() {
+    let env = s3_env();
+    let proxy = Proxy::start(env.addr).await;
+    let bucket = create_bucket(&env, "growing").await;
+    let store = Store::new();
+    let path = store.write("local_content/gr/ow/ing", &bytes(10, 50_000));
+    let config = validated(raw_config(&env, &proxy.endpoint(), &bucket, &store));
+    proxy.set_put_delay(Duration::from_millis(700));
+    let run = tokio::spawn(async move { backfill(&config).await });
+    wait_until("the first PUT", Duration::from_secs(20), || {
+        !proxy.object_requests("PUT").is_empty()
+    })
+    .await;
+    // Synapse (or anyone) appends while the first PUT is in flight.
+    use std::io::Write;
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .unwrap()
+        .write_all(&bytes(11, 30_000))
+        .unwrap();
+    let s = run.await.unwrap();
+    assert_eq!((s.uploaded, s.failed), (1, 0), "{s}");
+    assert_eq!(
+        proxy.object_requests("PUT").len(),
+        2,
+        "uploaded again after the change"
+    );
+    let final_content = std::fs::read(&path).unwrap();
+    assert_eq!(final_content.len(), 80_000);
+    assert!(objects(&env, &bucket).await["local_content/gr/ow/ing"] == final_content);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_checksum_headers_or_chunked_bodies_by_default() {
+    let env = s3_env();
+    let proxy = Proxy::start(env.addr).await;
+    let bucket = create_bucket(&env, "nochecksum").await;
+    let store = Store::new();
+    synapse_store(&store);
+    let mut raw = raw_config(&env, &proxy.endpoint(), &bucket, &store);
+    small_multipart(&mut raw);
+    backfill(&validated(raw)).await;
+    let reqs = proxy.requests();
+    assert!(reqs.len() > 10);
+    for r in &reqs {
+        for (k, v) in &r.headers {
+            assert!(
+                !k.starts_with("x-amz-checksum")
+                    && k != "x-amz-sdk-checksum-algorithm"
+                    && k != "x-amz-trailer",
+                "{r:?}"
+            );
+            assert!(
+                !v.contains("aws-chunked") && !v.contains("STREAMING-"),
+                "{r:?}"
+            );
+        }
+        if r.method == "PUT" {
+            assert!(
+                r.header("content-md5").is_some(),
+                "every PUT and part carries Content-MD5: {r:?}"
+            );
+        }
+    }
+
+    // The same check sees them when they are turned on, so it can fail.
+    let proxy2 = Proxy::start(env.addr).await;
+    let bucket2 = create_bucket(&env, "withchecksum").await;
+    let store2 = Store::new();
+    store2.write("local_content/ab/cd/x", &bytes(1, 1000));
+    let mut raw = raw_config(&env, &proxy2.endpoint(), &bucket2, &store2);
+    raw.s3.request_checksum_calculation = Some("when_supported".into());
+    backfill(&validated(raw)).await;
+    let put = &proxy2.object_requests("PUT")[0];
+    assert!(
+        put.headers
+            .iter()
+            .any(|(k, _)| k.starts_with("x-amz-checksum") || k == "x-amz-trailer"),
+        "{put:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_class_and_sse_c_reach_the_server() {
+    let env = s3_env();
+    let proxy = Proxy::start(env.addr).await;
+    let bucket = create_bucket(&env, "sse").await;
+    let store = Store::new();
+    store.write("local_content/ab/cd/small", &bytes(1, 1000));
+    store.write("local_content/ab/cd/big", &bytes(2, 6 * 1024 * 1024));
+    let mut raw = raw_config(&env, &proxy.endpoint(), &bucket, &store);
+    small_multipart(&mut raw);
+    raw.s3.storage_class = Some("REDUCED_REDUNDANCY".into());
+    raw.s3.sse_customer_key = Some(synapse_s3_offload::config::Secret::new(
+        "0123456789abcdef0123456789abcdef",
+    ));
+    let s = backfill(&validated(raw)).await;
+    assert_eq!(s.failed, 0, "{s}");
+    let reqs: Vec<_> = proxy
+        .requests()
+        .into_iter()
+        .filter(|r| r.is_object())
+        .collect();
+    // base64("0123456789abcdef0123456789abcdef")
+    let key_b64 = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
+    for r in &reqs {
+        let creating =
+            r.method == "PUT" && !r.path.contains("partNumber") || r.path.contains("?uploads");
+        if creating {
+            assert_eq!(
+                r.header("x-amz-storage-class"),
+                Some("REDUCED_REDUNDANCY"),
+                "{r:?}"
+            );
+        }
+        if r.method == "PUT" || r.method == "HEAD" || r.path.contains("?uploads") {
+            assert_eq!(
+                r.header("x-amz-server-side-encryption-customer-algorithm"),
+                Some("AES256"),
+                "{r:?}"
+            );
+            assert_eq!(
+                r.header("x-amz-server-side-encryption-customer-key"),
+                Some(key_b64),
+                "{r:?}"
+            );
+            assert!(
+                r.header("x-amz-server-side-encryption-customer-key-md5")
+                    .is_some(),
+                "{r:?}"
+            );
+        }
+    }
+    assert!(reqs.iter().any(|r| r.method == "HEAD"));
+    assert!(reqs.iter().any(|r| r.path.contains("partNumber")));
+}
