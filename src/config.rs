@@ -524,6 +524,29 @@ mod tests {
     }
 
     #[test]
+    fn example_config_lists_only_real_keys() {
+        let example = concat!(env!("CARGO_MANIFEST_DIR"), "/config/example.yaml");
+        let text = std::fs::read_to_string(example).unwrap();
+        // Uncomment every commented-out `key: value` line: each must still be a known key.
+        let all: String = text
+            .lines()
+            .map(|l| match l.trim_start().strip_prefix("# ") {
+                Some(rest) if rest.contains(": ") && !rest.starts_with(char::is_uppercase) => {
+                    let indent = l.len() - l.trim_start().len();
+                    format!("{}{}\n", " ".repeat(indent), rest.split(" # ").next().unwrap())
+                }
+                _ => format!("{l}\n"),
+            })
+            .collect();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("example.yaml");
+        std::fs::write(&path, &all).unwrap();
+        let raw = load_raw(&path).unwrap();
+        assert_eq!(raw.s3.max_attempts, Some(3));
+        assert_eq!(raw.upload.include_url_cache, Some(false));
+    }
+
+    #[test]
     fn defaults() {
         let dir = tempfile::tempdir().unwrap();
         let c = validate(raw_with(dir.path())).unwrap();
