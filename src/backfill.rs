@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::scan::{self, Item};
-use crate::state::{Committer, State, StateError};
+use crate::state::{Committer, Op, State, StateError};
 use crate::upload::s3::{ObjectStore, S3Error};
 use crate::upload::{Outcome, UploadError, Uploader};
 
@@ -90,7 +90,6 @@ pub async fn run(
         config.media_store_path.clone(),
         store,
         state.clone(),
-        committer,
         config.upload.multipart_threshold,
         config.upload.multipart_part_size,
     );
@@ -139,8 +138,16 @@ pub async fn run(
         let files = futures::stream::poll_fn(|cx| rx.poll_recv(cx));
         let mut results = files
             .map(|found| {
-                let uploader = &uploader;
-                async move { (uploader.upload(&found.path).await, found) }
+                let (uploader, committer) = (&uploader, &committer);
+                async move {
+                    let mut result = uploader.upload(&found.path).await;
+                    if let Ok(Outcome::Uploaded { record } | Outcome::Adopted { record }) = &result
+                        && let Err(e) = committer.apply(vec![Op::Record(found.path.clone(), *record)]).await
+                    {
+                        result = Err(e.into());
+                    }
+                    (result, found)
+                }
             })
             .buffer_unordered(config.upload.concurrency);
         loop {
@@ -155,12 +162,12 @@ pub async fn run(
             let Some((result, found)) = next else { break };
             done += 1;
             match result {
-                Ok(Outcome::Uploaded { bytes }) => {
+                Ok(Outcome::Uploaded { record }) => {
                     summary.uploaded += 1;
-                    summary.bytes += bytes;
-                    tracing::debug!(path = %found.path, bytes, "Uploaded.");
+                    summary.bytes += record.size;
+                    tracing::debug!(path = %found.path, bytes = record.size, "Uploaded.");
                 }
-                Ok(Outcome::Adopted) => summary.adopted += 1,
+                Ok(Outcome::Adopted { .. }) => summary.adopted += 1,
                 Ok(Outcome::Unchanged) => summary.unchanged += 1,
                 Ok(Outcome::Vanished) => summary.vanished += 1,
                 Ok(Outcome::NotRegular) => summary.skipped += 1,
@@ -185,8 +192,8 @@ pub async fn run(
     while let Ok(p) = problem_rx.try_recv() {
         report_problem(&p, &mut summary);
     }
-    // Dropping the uploader drops the last committer: the thread commits what is left and ends.
-    drop(uploader);
+    // Dropping the last committer ends the commit thread once it has committed what is left.
+    drop(committer);
     let _ = tokio::task::spawn_blocking(move || commit_thread.join()).await;
     bar.finish();
     summary.elapsed = started.elapsed();

@@ -79,6 +79,9 @@ fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
 pub struct RawConfig {
     pub media_store_path: Option<PathBuf>,
     pub state_dir: Option<PathBuf>,
+    pub scan_interval: Option<String>,
+    pub scan_interval_when_degraded: Option<String>,
+    pub shutdown_grace: Option<String>,
     #[serde(default)]
     pub s3: RawS3,
     #[serde(default)]
@@ -113,6 +116,9 @@ pub struct RawUpload {
     pub multipart_threshold: Option<SizeValue>,
     pub multipart_part_size: Option<SizeValue>,
     pub include_url_cache: Option<bool>,
+    pub max_backoff: Option<String>,
+    pub settle: Option<String>,
+    pub failed_retry_interval: Option<String>,
 }
 
 /// A size as written by a human (`16MiB`, `8 MB`) or a plain number of bytes.
@@ -132,6 +138,12 @@ pub struct Config {
     pub media_store_path: PathBuf,
     /// Where the redb state lives.
     pub state_dir: PathBuf,
+    /// Full scans of the store by the daemon (the safety net under inotify).
+    pub scan_interval: Duration,
+    /// Full scans while inotify cannot watch everything (watch limit reached).
+    pub scan_interval_when_degraded: Duration,
+    /// How long in-flight uploads may take to finish on SIGTERM.
+    pub shutdown_grace: Duration,
     pub s3: S3Config,
     pub upload: UploadConfig,
 }
@@ -170,6 +182,12 @@ pub struct UploadConfig {
     pub multipart_threshold: u64,
     pub multipart_part_size: u64,
     pub include_url_cache: bool,
+    /// Cap of the daemon's exponential backoff after transient failures.
+    pub max_backoff: Duration,
+    /// A file found by a scan is uploaded once it has not been modified for this long.
+    pub settle: Duration,
+    /// Retry interval of files whose upload failed permanently (403, unreadable, …).
+    pub failed_retry_interval: Duration,
 }
 
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/synapse-s3-offload";
@@ -245,6 +263,13 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
     Ok(Config {
         media_store_path,
         state_dir,
+        scan_interval: duration("scan_interval", raw.scan_interval, "6h")?,
+        scan_interval_when_degraded: duration(
+            "scan_interval_when_degraded",
+            raw.scan_interval_when_degraded,
+            "1m",
+        )?,
+        shutdown_grace: duration("shutdown_grace", raw.shutdown_grace, "10s")?,
         s3: validate_s3(raw.s3)?,
         upload: validate_upload(raw.upload)?,
     })
@@ -504,6 +529,13 @@ fn validate_upload(raw: RawUpload) -> Result<UploadConfig, ConfigError> {
         multipart_threshold,
         multipart_part_size,
         include_url_cache: raw.include_url_cache.unwrap_or(false),
+        max_backoff: duration("upload.max_backoff", raw.max_backoff, "5m")?,
+        settle: duration("upload.settle", raw.settle, "2s")?,
+        failed_retry_interval: duration(
+            "upload.failed_retry_interval",
+            raw.failed_retry_interval,
+            "10m",
+        )?,
     })
 }
 
@@ -515,6 +547,9 @@ mod tests {
         RawConfig {
             media_store_path: Some(dir.to_owned()),
             state_dir: Some("/var/lib/x".into()),
+            scan_interval: None,
+            scan_interval_when_degraded: None,
+            shutdown_grace: None,
             s3: RawS3 {
                 bucket: Some("media".into()),
                 ..Default::default()

@@ -5,7 +5,10 @@
 
 pub mod backfill;
 pub mod config;
+pub mod daemon;
 pub mod layout;
+pub mod queue;
 pub mod scan;
 pub mod state;
 pub mod upload;
+pub mod watch;

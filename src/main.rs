@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
-use synapse_s3_offload::{backfill, config};
+use synapse_s3_offload::{backfill, config, daemon};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -39,6 +39,8 @@ enum LogFormat {
 
 #[derive(Subcommand)]
 enum Command {
+    /// The daemon: watch the media store and upload every finished file, until SIGTERM/SIGINT.
+    Run,
     /// Upload every file of the media store that is not yet verified in the bucket, then exit.
     Upload {
         /// Plain log lines instead of a progress bar, even on a terminal.
@@ -82,6 +84,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         .context("starting the async runtime")?;
     rt.block_on(async move {
         match cli.command {
+            Command::Run => {
+                let shutdown = CancellationToken::new();
+                let on_signal = shutdown.clone();
+                tokio::spawn(async move {
+                    shutdown_signal().await;
+                    on_signal.cancel();
+                });
+                daemon::run(config, shutdown).await?;
+                Ok(ExitCode::SUCCESS)
+            }
             Command::Upload { no_progress } => {
                 let cancel = CancellationToken::new();
                 let on_signal = cancel.clone();

@@ -22,6 +22,8 @@ use crate::layout::MediaPath;
 
 /// Relative media path → encoded [`Record`].
 const UPLOADED: TableDefinition<&str, &[u8]> = TableDefinition::new("uploaded");
+/// The upload queue: relative media path → item encoded by [`crate::queue`].
+const QUEUE: TableDefinition<&str, &[u8]> = TableDefinition::new("queue");
 /// Schema metadata (`version`).
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const SCHEMA_VERSION: u64 = 1;
@@ -137,6 +139,9 @@ pub fn now_ms() -> u64 {
 pub enum Op {
     Record(MediaPath, Record),
     Forget(MediaPath),
+    /// Insert or replace a queue item.
+    QueuePut(MediaPath, Vec<u8>),
+    QueueRemove(MediaPath),
 }
 
 /// Handle to the state database; cheap to clone.
@@ -193,6 +198,7 @@ impl State {
                 }
             }
             txn.open_table(UPLOADED)?;
+            txn.open_table(QUEUE)?;
         }
         txn.commit()?;
         Ok(())
@@ -224,6 +230,7 @@ impl State {
         let txn = self.db.begin_write()?;
         {
             let mut uploaded = txn.open_table(UPLOADED)?;
+            let mut queue = txn.open_table(QUEUE)?;
             for op in ops {
                 match op {
                     Op::Record(p, r) => {
@@ -232,11 +239,29 @@ impl State {
                     Op::Forget(p) => {
                         uploaded.remove(p.as_str())?;
                     }
+                    Op::QueuePut(p, item) => {
+                        queue.insert(p.as_str(), item.as_slice())?;
+                    }
+                    Op::QueueRemove(p) => {
+                        queue.remove(p.as_str())?;
+                    }
                 }
             }
         }
         txn.commit()?;
         Ok(())
+    }
+
+    /// Every queue item, raw (loaded once at startup).
+    pub fn queue_items(&self) -> Result<Vec<(String, Vec<u8>)>, StateError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(QUEUE)?;
+        let mut out = Vec::new();
+        for entry in table.iter()? {
+            let (k, v) = entry?;
+            out.push((k.value().to_owned(), v.value().to_vec()));
+        }
+        Ok(out)
     }
 
     /// Number of recorded files.
@@ -249,9 +274,13 @@ impl State {
 
 /// Group commit: callers hand over ops and await their durability; a dedicated thread applies
 /// everything that queued up meanwhile in one transaction (one fsync for many uploads).
+///
+/// Ops are committed in the order they were submitted. [`Committer::submit`] does not block, so a
+/// caller can submit while holding a lock that orders its ops against other callers' (the queue
+/// relies on this: an enqueue can never be overtaken by an earlier removal of the same item).
 #[derive(Clone)]
 pub struct Committer {
-    tx: tokio::sync::mpsc::Sender<CommitRequest>,
+    tx: tokio::sync::mpsc::UnboundedSender<CommitRequest>,
 }
 
 /// Ops to commit, and where to say whether they were.
@@ -260,11 +289,23 @@ type CommitRequest = (Vec<Op>, tokio::sync::oneshot::Sender<Result<(), String>>)
 /// Ops per transaction at most; bounds the latency of the first caller in a burst.
 const MAX_BATCH: usize = 1024;
 
+/// A submitted batch; `wait` returns once it is durable (or failed).
+pub struct Pending(tokio::sync::oneshot::Receiver<Result<(), String>>);
+
+impl Pending {
+    pub async fn wait(self) -> Result<(), StateError> {
+        self.0
+            .await
+            .map_err(|_| StateError::Commit("the commit thread has stopped".into()))?
+            .map_err(StateError::Commit)
+    }
+}
+
 impl Committer {
     /// Starts the commit thread. It ends when the last `Committer` clone is dropped, after
     /// committing what was handed to it.
     pub fn start(state: State) -> (Committer, std::thread::JoinHandle<()>) {
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<CommitRequest>(MAX_BATCH);
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<CommitRequest>();
         let handle = std::thread::Builder::new()
             .name("state-commit".into())
             .spawn(move || {
@@ -290,16 +331,20 @@ impl Committer {
         (Committer { tx }, handle)
     }
 
+    /// Queues `ops` for the next transaction, in submission order. Never blocks.
+    pub fn submit(&self, ops: Vec<Op>) -> Pending {
+        let (done, wait) = tokio::sync::oneshot::channel();
+        if let Err(e) = self.tx.send((ops, done)) {
+            // The thread is gone: report it through the Pending.
+            let (_, done) = e.0;
+            let _ = done.send(Err("the commit thread has stopped".into()));
+        }
+        Pending(wait)
+    }
+
     /// Applies `ops` durably; returns once they are committed.
     pub async fn apply(&self, ops: Vec<Op>) -> Result<(), StateError> {
-        let (done, wait) = tokio::sync::oneshot::channel();
-        self.tx
-            .send((ops, done))
-            .await
-            .map_err(|_| StateError::Commit("the commit thread has stopped".into()))?;
-        wait.await
-            .map_err(|_| StateError::Commit("the commit thread has stopped".into()))?
-            .map_err(StateError::Commit)
+        self.submit(ops).wait().await
     }
 }
 

@@ -9,9 +9,10 @@
 //! 5. PUT with `Content-MD5` (multipart with per-part `Content-MD5` above the threshold, then a HEAD
 //!    to confirm size and digest). The provider rejects a body that differs from the digest.
 //! 6. stat again: if size or mtime moved, the file changed during the upload: go back to 1.
-//! 7. commit the record (size and mtime from step 3, digest). Only now does it count as uploaded.
+//! 7. return the record (size and mtime from step 3, digest); the caller commits it (with its queue
+//!    change, in one transaction). Only then does the file count as uploaded.
 //!
-//! A crash anywhere before 7 leaves no record, so the file is looked at again; step 4 then avoids a
+//! A crash anywhere before the commit leaves no record, so the file is looked at again; step 4 then avoids a
 //! second PUT. Nothing here retries a failed request: the SDK retries a request (`s3.max_attempts`),
 //! and whoever called us decides what to do with the error (`UploadError::kind`).
 
@@ -24,17 +25,17 @@ use std::sync::Arc;
 use self::digest::{Content, ReadOutcome, Stat};
 use self::s3::{ErrorKind, ObjectStore, S3Error};
 use crate::layout::MediaPath;
-use crate::state::{Committer, Op, Record, State, StateError};
+use crate::state::{Record, State, StateError};
 
 /// How many times a file that keeps changing under us is re-read before giving up for now.
 const MAX_ROUNDS: usize = 3;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
-    /// PUT and recorded.
-    Uploaded { bytes: u64 },
-    /// Already in the bucket with the same size and digest: recorded without a PUT.
-    Adopted,
+    /// PUT and verified; `record` is to be committed.
+    Uploaded { record: Record },
+    /// Already in the bucket with the same size and digest; `record` is to be committed.
+    Adopted { record: Record },
     /// Recorded before with the same size and mtime: nothing to do.
     Unchanged,
     /// The file disappeared (e.g. Synapse's spam checker deleted it): nothing to do.
@@ -102,7 +103,6 @@ pub struct Uploader {
     root: PathBuf,
     store: Arc<ObjectStore>,
     state: State,
-    committer: Committer,
     multipart_threshold: u64,
     part_size: u64,
 }
@@ -112,7 +112,6 @@ impl Uploader {
         root: PathBuf,
         store: Arc<ObjectStore>,
         state: State,
-        committer: Committer,
         multipart_threshold: u64,
         part_size: u64,
     ) -> Self {
@@ -120,7 +119,6 @@ impl Uploader {
             root,
             store,
             state,
-            committer,
             multipart_threshold,
             part_size,
         }
@@ -177,10 +175,7 @@ impl Uploader {
             if let Some(info) = self.store.head(&key).await?
                 && info.confirms(size, &hashed.md5)
             {
-                self.committer
-                    .apply(vec![Op::Record(path.clone(), record)])
-                    .await?;
-                return Ok(Outcome::Adopted);
+                return Ok(Outcome::Adopted { record });
             }
             match hashed.content {
                 Content::Inline(body) => self.store.put_bytes(&key, body, &hashed.md5).await?,
@@ -212,10 +207,7 @@ impl Uploader {
             .map_err(read_err)?;
             match after {
                 Stat::File(s) if s == hashed.snapshot => {
-                    self.committer
-                        .apply(vec![Op::Record(path.clone(), record)])
-                        .await?;
-                    return Ok(Outcome::Uploaded { bytes: size });
+                    return Ok(Outcome::Uploaded { record });
                 }
                 // Deleted right after its upload: the object is harmless, and there is nothing
                 // left to record against.

@@ -184,6 +184,9 @@ pub fn raw_config(env: &S3Env, endpoint: &str, bucket: &str, store: &Store) -> R
     RawConfig {
         media_store_path: Some(store.root.clone()),
         state_dir: Some(store.state.clone()),
+        scan_interval: None,
+        scan_interval_when_degraded: None,
+        shutdown_grace: None,
         s3: RawS3 {
             bucket: Some(bucket.into()),
             endpoint_url: Some(endpoint.into()),

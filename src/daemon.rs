@@ -1,0 +1,393 @@
+//! `run`: watch → durable queue → upload workers, with scans as the safety net.
+//!
+//! Tasks (all stopped by one `CancellationToken`, none detached):
+//! - the watcher thread (notify) feeds a bounded channel; the event task turns events into queue
+//!   entries and directory scans;
+//! - the scan task runs a full scan at startup (beside the watcher, so startup is not blocked),
+//!   every `scan_interval` (`scan_interval_when_degraded` without full inotify coverage) and
+//!   whenever events were lost;
+//! - the dispatcher claims due items and runs up to `upload.concurrency` uploads.
+//!
+//! Shutdown: intake stops at once; uploads in flight get `shutdown_grace` to finish; whatever is
+//! left stays in the durable queue for the next start.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::layout::MediaPath;
+use crate::queue::Queue;
+use crate::scan::{self, Item};
+use crate::state::{Committer, State, StateError, now_ms};
+use crate::upload::s3::{ObjectStore, S3Error};
+use crate::upload::{Outcome, Uploader};
+use crate::watch::{self, Action, Msg};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("the bucket is not usable")]
+    Bucket(#[source] S3Error),
+}
+
+/// Knobs that are not configuration (tests use them to provoke overflows).
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Capacity of the channel between notify's thread and the event task.
+    pub event_buffer: usize,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options { event_buffer: 8192 }
+    }
+}
+
+#[derive(Default)]
+struct Stats {
+    uploaded: AtomicU64,
+    adopted: AtomicU64,
+    bytes: AtomicU64,
+    failures: AtomicU64,
+}
+
+struct Shared {
+    config: Config,
+    queue: Queue,
+    uploader: Uploader,
+    state: State,
+    stats: Stats,
+    /// Set when events were lost; the scan task then runs a full scan.
+    rescan: Arc<AtomicBool>,
+    wake_scan: Arc<tokio::sync::Notify>,
+    /// inotify does not cover the whole store (watch limit, watch error).
+    degraded: AtomicBool,
+}
+
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), DaemonError> {
+    run_with(config, shutdown, Options::default()).await
+}
+
+pub async fn run_with(config: Config, shutdown: CancellationToken, opts: Options) -> Result<(), DaemonError> {
+    let state = State::open(&config.state_dir)?;
+    let (committer, commit_thread) = Committer::start(state.clone());
+    let queue = Queue::load(&state, committer.clone(), config.upload.max_backoff, config.upload.failed_retry_interval)?;
+    // The queue is the only retry layer of the daemon: one attempt per S3 request.
+    let mut s3 = config.s3.clone();
+    s3.max_attempts = 1;
+    let store = Arc::new(ObjectStore::new(&s3, config.upload.multipart_part_size).await);
+    match store.check_bucket().await {
+        Ok(()) => {}
+        Err(e) if e.is_transient() => tracing::warn!(error = %e, "S3 is not reachable yet; files are queued and retried."),
+        Err(e) => return Err(DaemonError::Bucket(e)),
+    }
+    let uploader = Uploader::new(config.media_store_path.clone(), store, state.clone(), config.upload.multipart_threshold, config.upload.multipart_part_size);
+    let shared = Arc::new(Shared {
+        config,
+        queue,
+        uploader,
+        state,
+        stats: Stats::default(),
+        rescan: Arc::new(AtomicBool::new(true)),
+        wake_scan: Arc::new(tokio::sync::Notify::new()),
+        degraded: AtomicBool::new(false),
+    });
+    let depth = shared.queue.depth();
+    tracing::info!(queued = depth.queued, failed = depth.failed, root = %shared.config.media_store_path.display(), "Starting.");
+
+    let intake = shutdown.child_token();
+    let mut tasks = JoinSet::new();
+    let (tx, rx) = tokio::sync::mpsc::channel(opts.event_buffer);
+    // Adding the watches walks the whole tree: do it beside the startup scan, not before it.
+    let watcher = {
+        let s = shared.clone();
+        tokio::task::spawn_blocking(move || {
+            let w = watch::start(&s.config.media_store_path, tx, s.rescan.clone(), s.wake_scan.clone());
+            if let Err(e) = &w {
+                watch_failed(&s, e);
+            }
+            w.ok()
+        })
+    };
+    tasks.spawn(events(shared.clone(), rx, intake.clone()));
+    tasks.spawn(scans(shared.clone(), intake.clone()));
+    tasks.spawn(summaries(shared.clone(), intake.clone()));
+    let dispatcher = tokio::spawn(dispatch(shared.clone(), intake.clone()));
+
+    shutdown.cancelled().await;
+    tracing::info!(grace = ?shared.config.shutdown_grace, "Shutting down: finishing uploads in flight.");
+    intake.cancel();
+    let watch = watcher.await.ok().flatten();
+    drop(watch);
+    while tasks.join_next().await.is_some() {}
+    let _ = dispatcher.await;
+    let depth = shared.queue.depth();
+    drop(shared);
+    drop(committer);
+    // The uploader's last committer clone went with `shared`: the thread flushes and ends.
+    let _ = tokio::task::spawn_blocking(move || commit_thread.join()).await;
+    tracing::info!(queued = depth.queued, "Stopped.");
+    Ok(())
+}
+
+fn watch_failed(s: &Shared, e: &notify::Error) {
+    if !s.degraded.swap(true, Ordering::SeqCst) {
+        if watch::is_watch_limit(e) {
+            tracing::error!("{}", watch::WATCH_LIMIT_ADVICE);
+        } else {
+            tracing::error!(error = %e, "Cannot watch the media store; relying on periodic scans (scan_interval_when_degraded).");
+        }
+    }
+    s.rescan.store(true, Ordering::SeqCst);
+    s.wake_scan.notify_one();
+}
+
+/// Turns notify's events into queue entries and directory scans.
+async fn events(s: Arc<Shared>, mut rx: tokio::sync::mpsc::Receiver<Msg>, intake: CancellationToken) {
+    let root = s.config.media_store_path.clone();
+    loop {
+        let first = tokio::select! {
+            _ = intake.cancelled() => return,
+            m = rx.recv() => match m { Some(m) => m, None => return },
+        };
+        // Batch what is already waiting: one transaction for a burst of events.
+        let mut batch = vec![first];
+        while batch.len() < 1024 {
+            match rx.try_recv() {
+                Ok(m) => batch.push(m),
+                Err(_) => break,
+            }
+        }
+        let mut files = Vec::new();
+        for msg in batch {
+            match msg {
+                Msg::Error(e) if watch::is_watch_limit(&e) => watch_failed(&s, &e),
+                Msg::Error(e) => {
+                    tracing::warn!(error = %e, "Watch error; scanning the store.");
+                    s.rescan.store(true, Ordering::SeqCst);
+                    s.wake_scan.notify_one();
+                }
+                Msg::Event(ev) => {
+                    for action in watch::classify(&ev) {
+                        match action {
+                            Action::Rescan => {
+                                tracing::warn!("inotify queue overflowed; scanning the store.");
+                                s.rescan.store(true, Ordering::SeqCst);
+                                s.wake_scan.notify_one();
+                            }
+                            Action::Dir(dir) => scan_dir(&s, dir).await,
+                            Action::File(p) => {
+                                if std::fs::symlink_metadata(&p).is_ok_and(|m| m.is_dir()) {
+                                    scan_dir(&s, p).await;
+                                } else if let Some(mp) = media_path(&root, &p, s.config.upload.include_url_cache) {
+                                    files.push((mp, now_ms()));
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        if !files.is_empty() {
+            enqueue(&s, files).await;
+        }
+    }
+}
+
+fn media_path(root: &Path, p: &Path, include_url_cache: bool) -> Option<MediaPath> {
+    MediaPath::from_absolute(root, p).ok().filter(|m| m.is_uploadable(include_url_cache))
+}
+
+async fn enqueue(s: &Shared, files: Vec<(MediaPath, u64)>) {
+    if let Err(e) = s.queue.enqueue(files).await {
+        // Cannot make it durable: the next full scan finds these files again.
+        tracing::error!(error = %e, "Cannot enqueue; will rescan.");
+        s.rescan.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Scans one new directory (its files may have produced no events).
+async fn scan_dir(s: &Arc<Shared>, dir: std::path::PathBuf) {
+    let s2 = s.clone();
+    let found = tokio::task::spawn_blocking(move || {
+        let root = &s2.config.media_store_path;
+        if MediaPath::from_absolute(root, &dir).is_err() {
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        scan::walk_dir(root, &dir, &mut |item| {
+            if let Some(x) = to_enqueue(&s2, item) {
+                out.push(x);
+            }
+            true
+        });
+        out
+    })
+    .await
+    .unwrap_or_default();
+    if !found.is_empty() {
+        enqueue(s, found).await;
+    }
+}
+
+/// A scanned file that needs an upload, with the time it may be uploaded (after it settled).
+fn to_enqueue(s: &Shared, item: Item) -> Option<(MediaPath, u64)> {
+    match item {
+        Item::File(f) if f.path.is_uploadable(s.config.upload.include_url_cache) => {
+            if let Ok(Some(rec)) = s.state.record(&f.path)
+                && rec.matches(f.snapshot.size, f.snapshot.mtime_ns)
+            {
+                return None;
+            }
+            let mtime_ms = (f.snapshot.mtime_ns / 1_000_000).max(0) as u64;
+            Some((f.path, (mtime_ms + s.config.upload.settle.as_millis() as u64).max(now_ms())))
+        }
+        Item::File(_) => None,
+        Item::Problem(p) => {
+            tracing::warn!(problem = %p, "Scan problem.");
+            None
+        }
+    }
+}
+
+/// Full scans: at startup, on lost events, and periodically.
+async fn scans(s: Arc<Shared>, intake: CancellationToken) {
+    loop {
+        if s.rescan.swap(false, Ordering::SeqCst) {
+            let started = std::time::Instant::now();
+            let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<(MediaPath, u64)>>(4);
+            let s2 = s.clone();
+            let stop = intake.clone();
+            let walker = tokio::task::spawn_blocking(move || {
+                let mut chunk = Vec::new();
+                let mut files = 0u64;
+                scan::walk(&s2.config.media_store_path, s2.config.upload.include_url_cache, |item| {
+                    files += matches!(item, Item::File(_)) as u64;
+                    if let Some(x) = to_enqueue(&s2, item) {
+                        chunk.push(x);
+                        if chunk.len() >= 1000 && tx.blocking_send(std::mem::take(&mut chunk)).is_err() {
+                            return false;
+                        }
+                    }
+                    !stop.is_cancelled()
+                });
+                if !chunk.is_empty() {
+                    let _ = tx.blocking_send(chunk);
+                }
+                files
+            });
+            let mut queued = 0;
+            while let Some(chunk) = rx.recv().await {
+                queued += chunk.len();
+                enqueue(&s, chunk).await;
+            }
+            let files = walker.await.unwrap_or(0);
+            tracing::info!(files, queued, secs = started.elapsed().as_secs_f64(), "Scan finished.");
+        }
+        let every = if s.degraded.load(Ordering::SeqCst) { s.config.scan_interval_when_degraded } else { s.config.scan_interval };
+        tokio::select! {
+            _ = intake.cancelled() => return,
+            _ = s.wake_scan.notified() => {}
+            _ = tokio::time::sleep(every) => s.rescan.store(true, Ordering::SeqCst),
+        }
+    }
+}
+
+/// Claims due items and runs up to `upload.concurrency` uploads at once.
+async fn dispatch(s: Arc<Shared>, intake: CancellationToken) {
+    let mut running = JoinSet::new();
+    let limit = s.config.upload.concurrency;
+    loop {
+        while running.len() < limit && !intake.is_cancelled() {
+            let Some((path, _attempts)) = s.queue.claim() else { break };
+            running.spawn(process(s.clone(), path));
+        }
+        // Wake on a new item, a finished upload, the next due time (at most 1 s: the fallback).
+        let wait = s.queue.next_due().map_or(Duration::from_secs(1), |due| Duration::from_millis(due.saturating_sub(now_ms())).min(Duration::from_secs(1)));
+        tokio::select! {
+            _ = intake.cancelled() => break,
+            _ = s.queue.notified() => {}
+            Some(_) = running.join_next(), if !running.is_empty() => {}
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+    // Shutdown: let uploads in flight finish within the grace period; the rest stays queued.
+    let grace = tokio::time::sleep(s.config.shutdown_grace);
+    tokio::pin!(grace);
+    while !running.is_empty() {
+        tokio::select! {
+            _ = &mut grace => {
+                tracing::warn!(left = running.len(), "Grace period over; unfinished uploads stay queued.");
+                running.abort_all();
+                while running.join_next().await.is_some() {}
+                break;
+            }
+            _ = running.join_next() => {}
+        }
+    }
+}
+
+async fn process(s: Arc<Shared>, path: MediaPath) {
+    let started = std::time::Instant::now();
+    let result = s.uploader.upload(&path).await;
+    let done = match result {
+        Ok(Outcome::Uploaded { record }) => {
+            s.stats.uploaded.fetch_add(1, Ordering::Relaxed);
+            s.stats.bytes.fetch_add(record.size, Ordering::Relaxed);
+            tracing::debug!(path = %path, bytes = record.size, ms = started.elapsed().as_millis() as u64, "Uploaded.");
+            s.queue.finish(&path, Some(record)).await
+        }
+        Ok(Outcome::Adopted { record }) => {
+            s.stats.adopted.fetch_add(1, Ordering::Relaxed);
+            s.queue.finish(&path, Some(record)).await
+        }
+        Ok(Outcome::Unchanged | Outcome::Vanished | Outcome::NotRegular) => s.queue.finish(&path, None).await,
+        Err(e) => {
+            s.stats.failures.fetch_add(1, Ordering::Relaxed);
+            let kind = e.kind();
+            match s.queue.retry_later(&path, kind, e.to_string()).await {
+                Ok(delay) if kind == crate::upload::s3::ErrorKind::Permanent => {
+                    tracing::error!(path = %path, error = %e, retry_in = ?delay, "Upload failed; the operator must act.");
+                    Ok(())
+                }
+                Ok(delay) => {
+                    tracing::warn!(path = %path, error = %e, retry_in = ?delay, "Upload failed; will retry.");
+                    Ok(())
+                }
+                Err(se) => Err(se),
+            }
+        }
+    };
+    if let Err(e) = done {
+        tracing::error!(path = %path, error = %e, "Cannot update the queue; the file stays queued.");
+    }
+}
+
+/// An info line every minute.
+async fn summaries(s: Arc<Shared>, intake: CancellationToken) {
+    let mut every = tokio::time::interval(Duration::from_secs(60));
+    every.tick().await;
+    loop {
+        tokio::select! {
+            _ = intake.cancelled() => return,
+            _ = every.tick() => {}
+        }
+        let d = s.queue.depth();
+        tracing::info!(
+            queued = d.queued,
+            in_flight = d.in_flight,
+            retrying = d.retrying,
+            failed = d.failed,
+            uploaded = s.stats.uploaded.load(Ordering::Relaxed),
+            already_in_bucket = s.stats.adopted.load(Ordering::Relaxed),
+            mb = s.stats.bytes.load(Ordering::Relaxed) as f64 / 1e6,
+            "Status."
+        );
+    }
+}

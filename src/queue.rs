@@ -1,0 +1,382 @@
+//! The durable upload queue: every file the daemon has heard of stays here until its upload is
+//! verified and recorded.
+//!
+//! Durability and crash ordering:
+//! - The `queue` table in `state.redb` is the truth; this module keeps an in-memory mirror (all
+//!   items, plus a schedule of the ready ones) because the state is single-process.
+//! - `enqueue` returns only after the items are committed. An event is handled once enqueued; a
+//!   crash after that point loses nothing, a crash before it is covered by the startup scan.
+//! - An item leaves the queue only in the same transaction that records its verified upload
+//!   (insert-before-remove, atomically), or when its file is gone. A crash between upload and
+//!   commit leaves the item queued: the next attempt finds the object by HEAD (no second PUT).
+//! - A file enqueued again while its upload is in flight is marked `dirty`; the finishing upload
+//!   then keeps the item queued, so a write that lands after the upload's final stat is uploaded
+//!   too (invariant 4).
+//! - Memory changes and the submission of their ops happen under one lock, and the committer keeps
+//!   submission order, so the durable table always replays the same history as the memory.
+//!
+//! Retries: this queue is the daemon's only retry layer (the S3 client makes one attempt per
+//! request). Transient failures back off exponentially with full jitter up to `max_backoff`;
+//! permanent ones wait `failed_retry_interval` and are reported as failed.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use crate::layout::MediaPath;
+use crate::state::{Committer, Op, Record, State, StateError, now_ms};
+use crate::upload::s3::ErrorKind;
+
+/// A queue item as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Item {
+    pub enqueued_ms: u64,
+    pub attempts: u32,
+    pub next_attempt_ms: u64,
+    /// Set while the last failure was permanent (needs the operator).
+    pub failed: bool,
+    pub last_error: String,
+}
+
+const ITEM_V1: u8 = 1;
+
+impl Item {
+    fn new(due_ms: u64) -> Self {
+        Item {
+            enqueued_ms: now_ms(),
+            attempts: 0,
+            next_attempt_ms: due_ms,
+            failed: false,
+            last_error: String::new(),
+        }
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(30 + self.last_error.len());
+        b.push(ITEM_V1);
+        b.extend_from_slice(&self.enqueued_ms.to_le_bytes());
+        b.extend_from_slice(&self.attempts.to_le_bytes());
+        b.extend_from_slice(&self.next_attempt_ms.to_le_bytes());
+        b.push(self.failed as u8);
+        b.extend_from_slice(self.last_error.as_bytes());
+        b
+    }
+
+    fn decode(b: &[u8]) -> Option<Self> {
+        if b.len() < 22 || b[0] != ITEM_V1 {
+            return None;
+        }
+        Some(Item {
+            enqueued_ms: u64::from_le_bytes(b[1..9].try_into().ok()?),
+            attempts: u32::from_le_bytes(b[9..13].try_into().ok()?),
+            next_attempt_ms: u64::from_le_bytes(b[13..21].try_into().ok()?),
+            failed: b[21] != 0,
+            last_error: String::from_utf8_lossy(&b[22..]).into_owned(),
+        })
+    }
+}
+
+/// Delay before attempt `attempts + 1` after a transient failure: capped exponential backoff
+/// (1 s, 2 s, 4 s, … up to `max`) with full jitter, so a fleet of items retrying after an outage
+/// spreads out instead of stampeding. `unit` is a uniform random number in [0, 1).
+pub fn backoff(attempts: u32, max: Duration, unit: f64) -> Duration {
+    let exp = Duration::from_secs(1).saturating_mul(1u32 << attempts.min(20));
+    exp.min(max).mul_f64(unit.clamp(0.0, 1.0))
+}
+
+struct Entry {
+    item: Item,
+    in_flight: bool,
+    dirty: bool,
+    /// Key in `ready` while not in flight.
+    slot: Option<(u64, u64)>,
+}
+
+#[derive(Default)]
+struct Inner {
+    items: HashMap<MediaPath, Entry>,
+    /// (due ms, sequence) → path: FIFO among items due at the same time.
+    ready: BTreeSet<(u64, u64, MediaPath)>,
+    seq: u64,
+}
+
+impl Inner {
+    fn schedule(&mut self, path: &MediaPath, due_ms: u64) {
+        self.seq += 1;
+        let seq = self.seq;
+        if let Some(e) = self.items.get_mut(path) {
+            if let Some((d, s)) = e.slot.take() {
+                self.ready.remove(&(d, s, path.clone()));
+            }
+            e.slot = Some((due_ms, seq));
+            self.ready.insert((due_ms, seq, path.clone()));
+        }
+    }
+}
+
+/// Counts for status and logs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Depth {
+    pub queued: usize,
+    pub in_flight: usize,
+    pub failed: usize,
+    pub retrying: usize,
+}
+
+pub struct Queue {
+    inner: Mutex<Inner>,
+    committer: Committer,
+    notify: tokio::sync::Notify,
+    max_backoff: Duration,
+    failed_retry: Duration,
+}
+
+impl Queue {
+    /// Loads the durable queue. Items left in flight by a crash are simply queued again.
+    pub fn load(state: &State, committer: Committer, max_backoff: Duration, failed_retry: Duration) -> Result<Queue, StateError> {
+        let mut inner = Inner::default();
+        for (key, raw) in state.queue_items()? {
+            let (Ok(path), Some(item)) = (MediaPath::parse(&key), Item::decode(&raw)) else {
+                // Unreadable item: the startup scan finds its file anyway. Leave it for forensics.
+                tracing::warn!(key, "Ignoring an unreadable queue item.");
+                continue;
+            };
+            let due = item.next_attempt_ms;
+            inner.items.insert(path.clone(), Entry { item, in_flight: false, dirty: false, slot: None });
+            inner.schedule(&path, due);
+        }
+        Ok(Queue { inner: Mutex::new(inner), committer, notify: tokio::sync::Notify::new(), max_backoff, failed_retry })
+    }
+
+    /// Durably adds `paths` (each due at its time). Already queued paths keep their schedule (a
+    /// retrying item is not hammered), except that an item in flight is marked dirty.
+    pub async fn enqueue(&self, paths: Vec<(MediaPath, u64)>) -> Result<(), StateError> {
+        let mut fresh = Vec::new();
+        let pending = {
+            let mut inner = self.inner.lock().expect("queue lock");
+            let mut ops = Vec::new();
+            for (path, due) in paths {
+                match inner.items.get_mut(&path) {
+                    Some(e) if e.in_flight => e.dirty = true,
+                    Some(e) => {
+                        // A fresh event for a never-failed item moves it earlier, never later.
+                        if e.item.attempts == 0 && due < e.item.next_attempt_ms {
+                            e.item.next_attempt_ms = due;
+                            fresh.push((path, due));
+                        }
+                    }
+                    None => {
+                        let item = Item::new(due);
+                        ops.push(Op::QueuePut(path.clone(), item.encode()));
+                        // Visible to claim only once durable (below): slot stays empty until then.
+                        inner.items.insert(path.clone(), Entry { item, in_flight: false, dirty: false, slot: None });
+                        fresh.push((path, due));
+                    }
+                }
+            }
+            (!ops.is_empty()).then(|| self.committer.submit(ops))
+        };
+        if let Some(p) = pending {
+            p.wait().await?;
+        }
+        if !fresh.is_empty() {
+            let mut inner = self.inner.lock().expect("queue lock");
+            for (path, due) in fresh {
+                if inner.items.get(&path).is_some_and(|e| !e.in_flight) {
+                    inner.schedule(&path, due);
+                }
+            }
+            drop(inner);
+            self.notify.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Takes the next due item, if any, marking it in flight.
+    pub fn claim(&self) -> Option<(MediaPath, u32)> {
+        let now = now_ms();
+        let mut inner = self.inner.lock().expect("queue lock");
+        let first = inner.ready.first()?.clone();
+        if first.0 > now {
+            return None;
+        }
+        inner.ready.remove(&first);
+        let e = inner.items.get_mut(&first.2).expect("ready items are queued");
+        e.slot = None;
+        e.in_flight = true;
+        e.dirty = false;
+        Some((first.2, e.item.attempts))
+    }
+
+    /// When the next item becomes due (None: nothing is waiting).
+    pub fn next_due(&self) -> Option<u64> {
+        self.inner.lock().expect("queue lock").ready.first().map(|r| r.0)
+    }
+
+    /// Wakes when something was enqueued.
+    pub async fn notified(&self) {
+        self.notify.notified().await
+    }
+
+    /// The upload of `path` is verified (`record`) or its file is gone (`None`): commit the record
+    /// and remove the item in one transaction, unless the file was enqueued again meanwhile.
+    pub async fn finish(&self, path: &MediaPath, record: Option<Record>) -> Result<(), StateError> {
+        let pending = {
+            let mut inner = self.inner.lock().expect("queue lock");
+            let mut ops: Vec<Op> = record.map(|r| Op::Record(path.clone(), r)).into_iter().collect();
+            let dirty = inner.items.get(path).is_some_and(|e| e.dirty);
+            if dirty {
+                let e = inner.items.get_mut(path).expect("checked");
+                e.in_flight = false;
+                e.dirty = false;
+                e.item.attempts = 0;
+                e.item.failed = false;
+                inner.schedule(path, now_ms());
+            } else {
+                inner.items.remove(path);
+                ops.push(Op::QueueRemove(path.clone()));
+            }
+            self.committer.submit(ops)
+        };
+        self.notify.notify_one();
+        pending.wait().await
+    }
+
+    /// The upload failed: schedule the next attempt and keep the error for `status`.
+    pub async fn retry_later(&self, path: &MediaPath, kind: ErrorKind, error: String) -> Result<Duration, StateError> {
+        let (pending, delay) = {
+            let mut inner = self.inner.lock().expect("queue lock");
+            let Some(e) = inner.items.get_mut(path) else { return Ok(Duration::ZERO) };
+            let delay = match kind {
+                ErrorKind::Permanent => self.failed_retry,
+                _ => backoff(e.item.attempts, self.max_backoff, rand::random::<f64>()),
+            };
+            e.in_flight = false;
+            e.dirty = false;
+            e.item.attempts = e.item.attempts.saturating_add(1);
+            e.item.failed = kind == ErrorKind::Permanent;
+            e.item.last_error = error;
+            e.item.next_attempt_ms = now_ms() + delay.as_millis() as u64;
+            let op = Op::QueuePut(path.clone(), e.item.encode());
+            let due = e.item.next_attempt_ms;
+            inner.schedule(path, due);
+            (self.committer.submit(vec![op]), delay)
+        };
+        pending.wait().await?;
+        Ok(delay)
+    }
+
+    /// Puts an in-flight item back as it was (shutdown interrupted its upload).
+    pub fn release(&self, path: &MediaPath) {
+        let mut inner = self.inner.lock().expect("queue lock");
+        if let Some(e) = inner.items.get_mut(path) {
+            e.in_flight = false;
+            let due = e.item.next_attempt_ms;
+            inner.schedule(path, due);
+        }
+    }
+
+    pub fn depth(&self) -> Depth {
+        let inner = self.inner.lock().expect("queue lock");
+        let mut d = Depth { queued: inner.items.len(), ..Depth::default() };
+        for e in inner.items.values() {
+            d.in_flight += e.in_flight as usize;
+            d.failed += e.item.failed as usize;
+            d.retrying += (e.item.attempts > 0 && !e.item.failed) as usize;
+        }
+        d
+    }
+
+    /// Items whose last attempt failed permanently, with their error (for status and logs).
+    pub fn failures(&self, limit: usize) -> Vec<(MediaPath, Item)> {
+        let inner = self.inner.lock().expect("queue lock");
+        let mut v: Vec<_> = inner.items.iter().filter(|(_, e)| e.item.failed).map(|(p, e)| (p.clone(), e.item.clone())).collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v.truncate(limit);
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(s: &str) -> MediaPath {
+        MediaPath::parse(s).unwrap()
+    }
+
+    fn open(dir: &std::path::Path) -> (State, Queue, std::thread::JoinHandle<()>) {
+        let state = State::open(dir).unwrap();
+        let (committer, thread) = Committer::start(state.clone());
+        let q = Queue::load(&state, committer, Duration::from_secs(300), Duration::from_secs(600)).unwrap();
+        (state, q, thread)
+    }
+
+    #[test]
+    fn backoff_is_capped_exponential_with_full_jitter() {
+        let max = Duration::from_secs(300);
+        assert_eq!(backoff(0, max, 0.999_999).as_secs(), 0); // < 1 s
+        assert_eq!(backoff(3, max, 0.5), Duration::from_secs(4));
+        assert_eq!(backoff(30, max, 0.5), Duration::from_secs(150));
+        assert_eq!(backoff(30, max, 0.0), Duration::ZERO);
+        assert!(backoff(u32::MAX, max, 0.999) <= max);
+    }
+
+    #[test]
+    fn item_roundtrip() {
+        let item = Item { enqueued_ms: 1, attempts: 2, next_attempt_ms: 3, failed: true, last_error: "403 é".into() };
+        assert_eq!(Item::decode(&item.encode()), Some(item));
+        assert_eq!(Item::decode(&[1, 2]), None);
+    }
+
+    #[tokio::test]
+    async fn items_survive_reopen_until_finished() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (_s, q, _t) = open(dir.path());
+            q.enqueue(vec![(p("local_content/a/b/c"), 0), (p("local_content/a/b/d"), 0)]).await.unwrap();
+            let (claimed, _) = q.claim().unwrap();
+            assert_eq!(claimed, p("local_content/a/b/c"));
+            // "Crash" with c in flight and d queued: drop everything without finishing.
+        }
+        let (state, q, _t) = open(dir.path());
+        assert_eq!(q.depth().queued, 2);
+        let (a, _) = q.claim().unwrap();
+        let (b, _) = q.claim().unwrap();
+        assert!(q.claim().is_none());
+        let rec = Record::new(1, 2, [3; 16]);
+        q.finish(&a, Some(rec)).await.unwrap();
+        q.finish(&b, None).await.unwrap();
+        assert_eq!(q.depth().queued, 0);
+        assert_eq!(state.record(&a).unwrap(), Some(rec));
+        assert!(state.queue_items().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_item_enqueued_while_in_flight_stays_queued() {
+        let dir = tempfile::tempdir().unwrap();
+        let (state, q, _t) = open(dir.path());
+        let x = p("local_content/x/y/z");
+        q.enqueue(vec![(x.clone(), 0)]).await.unwrap();
+        let (claimed, _) = q.claim().unwrap();
+        q.enqueue(vec![(x.clone(), 0)]).await.unwrap(); // written again during the upload
+        q.finish(&claimed, Some(Record::new(1, 2, [3; 16]))).await.unwrap();
+        assert_eq!(q.depth().queued, 1);
+        assert_eq!(state.queue_items().unwrap().len(), 1, "still durable");
+        assert_eq!(q.claim().map(|c| c.0), Some(x));
+    }
+
+    #[tokio::test]
+    async fn failures_back_off_and_are_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_s, q, _t) = open(dir.path());
+        let x = p("local_content/x/y/z");
+        q.enqueue(vec![(x.clone(), 0)]).await.unwrap();
+        q.claim().unwrap();
+        let d = q.retry_later(&x, ErrorKind::Permanent, "HTTP 403".into()).await.unwrap();
+        assert_eq!(d, Duration::from_secs(600));
+        assert!(q.claim().is_none(), "not due yet");
+        assert_eq!(q.depth(), Depth { queued: 1, in_flight: 0, failed: 1, retrying: 0 });
+        assert_eq!(q.failures(10)[0].1.last_error, "HTTP 403");
+    }
+}

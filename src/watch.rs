@@ -1,0 +1,124 @@
+//! inotify (through `notify`'s raw watcher) turned into hints for the queue.
+//!
+//! inotify is a hint, the scan is the truth: events can be lost (queue overflow, a file written into
+//! a directory before its watch was added, the watch limit). Each gap turns into a scan:
+//! - `Create(Folder)` / a directory moved in → that directory is scanned right away (measured: 2–10 %
+//!   of files written straight into a brand-new directory produce no event at all);
+//! - a `Rescan` event (kernel queue overflow), our own bridge channel being full, or a watch error
+//!   → a full scan;
+//! - `MaxFilesWatch` → degraded mode: logged once with the sysctl to raise, full scans every
+//!   `scan_interval_when_degraded`.
+//!
+//! A file is ready on `Access(Close(Write))` or when moved in (`Modify(Name(To|Both))`). `Create`,
+//! `Modify(Data)` and `Access(Open)` are ignored: they come before the file is complete, and every
+//! download Synapse serves opens files.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use notify::event::{AccessKind, AccessMode, CreateKind, ModifyKind, RenameMode};
+use notify::{Event, EventKind, RecursiveMode, Watcher};
+
+/// What an event asks of the daemon.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// A file was closed after writing, or moved in: enqueue it.
+    File(PathBuf),
+    /// A directory appeared (created or moved in): scan it, its files may have no events.
+    Dir(PathBuf),
+    /// Events were lost: scan everything.
+    Rescan,
+}
+
+/// Maps one event to actions (a table-driven unit test pins this down).
+pub fn classify(event: &Event) -> Vec<Action> {
+    if event.need_rescan() {
+        return vec![Action::Rescan];
+    }
+    match &event.kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => {
+            event.paths.iter().cloned().map(Action::File).collect()
+        }
+        EventKind::Create(CreateKind::Folder) => event.paths.iter().cloned().map(Action::Dir).collect(),
+        // Moved in: may be a file or a whole directory; the handler checks which.
+        EventKind::Modify(ModifyKind::Name(RenameMode::To)) => {
+            event.paths.iter().cloned().map(Action::File).collect()
+        }
+        EventKind::Modify(ModifyKind::Name(RenameMode::Both)) => {
+            event.paths.get(1).cloned().map(Action::File).into_iter().collect()
+        }
+        _ => Vec::new(),
+    }
+}
+
+/// What reaches the daemon from the watcher thread.
+pub enum Msg {
+    Event(Event),
+    Error(notify::Error),
+}
+
+/// The live watcher. Dropping it stops the watch.
+pub struct Watch {
+    _watcher: notify::RecommendedWatcher,
+}
+
+/// Starts watching `root` recursively; events go to `tx`. When `tx` is full the event is dropped
+/// and `overflowed` is set instead: the daemon then rescans (never blocks notify's thread, never
+/// loses a file silently). Blocking: adding the watches walks the whole tree.
+pub fn start(root: &Path, tx: tokio::sync::mpsc::Sender<Msg>, overflowed: Arc<AtomicBool>, wake: Arc<tokio::sync::Notify>) -> Result<Watch, notify::Error> {
+    let handler = move |res: notify::Result<Event>| {
+        let msg = match res {
+            Ok(ev) => Msg::Event(ev),
+            Err(e) => Msg::Error(e),
+        };
+        if let Err(tokio::sync::mpsc::error::TrySendError::Full(_)) = tx.try_send(msg) {
+            overflowed.store(true, Ordering::SeqCst);
+            wake.notify_one();
+        }
+    };
+    let mut watcher = notify::RecommendedWatcher::new(handler, notify::Config::default())?;
+    watcher.watch(root, RecursiveMode::Recursive)?;
+    Ok(Watch { _watcher: watcher })
+}
+
+pub fn is_watch_limit(e: &notify::Error) -> bool {
+    matches!(e.kind, notify::ErrorKind::MaxFilesWatch)
+}
+
+/// The advice logged once when inotify's watch limit is reached.
+pub const WATCH_LIMIT_ADVICE: &str = "inotify watch limit reached (fs.inotify.max_user_watches): new files are still uploaded, but found by periodic scans (scan_interval_when_degraded) instead of instantly. Raise it: `sysctl fs.inotify.max_user_watches=1048576` and persist it in /etc/sysctl.d/, then restart";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use notify::event::{DataChange, Flag, RemoveKind};
+
+    #[test]
+    fn event_table() {
+        let p = |s: &str| PathBuf::from(s);
+        let ev = |kind, paths: &[&str]| {
+            let mut e = Event::new(kind);
+            for x in paths {
+                e = e.add_path(p(x));
+            }
+            e
+        };
+        let cases: Vec<(Event, Vec<Action>)> = vec![
+            (ev(EventKind::Access(AccessKind::Close(AccessMode::Write)), &["/m/a"]), vec![Action::File(p("/m/a"))]),
+            (ev(EventKind::Access(AccessKind::Close(AccessMode::Read)), &["/m/a"]), vec![]),
+            (ev(EventKind::Access(AccessKind::Open(AccessMode::Any)), &["/m/a"]), vec![]),
+            (ev(EventKind::Create(CreateKind::File), &["/m/a"]), vec![]),
+            (ev(EventKind::Create(CreateKind::Folder), &["/m/d"]), vec![Action::Dir(p("/m/d"))]),
+            (ev(EventKind::Modify(ModifyKind::Data(DataChange::Any)), &["/m/a"]), vec![]),
+            (ev(EventKind::Modify(ModifyKind::Name(RenameMode::From)), &["/m/a"]), vec![]),
+            (ev(EventKind::Modify(ModifyKind::Name(RenameMode::To)), &["/m/b"]), vec![Action::File(p("/m/b"))]),
+            (ev(EventKind::Modify(ModifyKind::Name(RenameMode::Both)), &["/m/a", "/m/b"]), vec![Action::File(p("/m/b"))]),
+            (ev(EventKind::Remove(RemoveKind::File), &["/m/a"]), vec![]),
+            (Event::new(EventKind::Other).set_flag(Flag::Rescan), vec![Action::Rescan]),
+        ];
+        for (event, want) in cases {
+            assert_eq!(classify(&event), want, "{event:?}");
+        }
+    }
+}
