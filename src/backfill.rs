@@ -142,7 +142,9 @@ pub async fn run(
                 async move {
                     let mut result = uploader.upload(&found.path).await;
                     if let Ok(Outcome::Uploaded { record } | Outcome::Adopted { record }) = &result
-                        && let Err(e) = committer.apply(vec![Op::Record(found.path.clone(), *record)]).await
+                        && let Err(e) = committer
+                            .apply(vec![Op::Record(found.path.clone(), *record)])
+                            .await
                     {
                         result = Err(e.into());
                     }

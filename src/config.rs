@@ -568,7 +568,11 @@ mod tests {
             .map(|l| match l.trim_start().strip_prefix("# ") {
                 Some(rest) if rest.contains(": ") && !rest.starts_with(char::is_uppercase) => {
                     let indent = l.len() - l.trim_start().len();
-                    format!("{}{}\n", " ".repeat(indent), rest.split(" # ").next().unwrap())
+                    format!(
+                        "{}{}\n",
+                        " ".repeat(indent),
+                        rest.split(" # ").next().unwrap()
+                    )
                 }
                 _ => format!("{l}\n"),
             })

@@ -24,6 +24,7 @@ use crate::layout::MediaPath;
 use crate::queue::Queue;
 use crate::scan::{self, Item};
 use crate::state::{Committer, State, StateError, now_ms};
+use crate::upload::digest::{self, Stat};
 use crate::upload::s3::{ObjectStore, S3Error};
 use crate::upload::{Outcome, Uploader};
 use crate::watch::{self, Action, Msg};
@@ -74,20 +75,37 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
     run_with(config, shutdown, Options::default()).await
 }
 
-pub async fn run_with(config: Config, shutdown: CancellationToken, opts: Options) -> Result<(), DaemonError> {
+pub async fn run_with(
+    config: Config,
+    shutdown: CancellationToken,
+    opts: Options,
+) -> Result<(), DaemonError> {
     let state = State::open(&config.state_dir)?;
     let (committer, commit_thread) = Committer::start(state.clone());
-    let queue = Queue::load(&state, committer.clone(), config.upload.max_backoff, config.upload.failed_retry_interval)?;
+    let queue = Queue::load(
+        &state,
+        committer.clone(),
+        config.upload.max_backoff,
+        config.upload.failed_retry_interval,
+    )?;
     // The queue is the only retry layer of the daemon: one attempt per S3 request.
     let mut s3 = config.s3.clone();
     s3.max_attempts = 1;
     let store = Arc::new(ObjectStore::new(&s3, config.upload.multipart_part_size).await);
     match store.check_bucket().await {
         Ok(()) => {}
-        Err(e) if e.is_transient() => tracing::warn!(error = %e, "S3 is not reachable yet; files are queued and retried."),
+        Err(e) if e.is_transient() => {
+            tracing::warn!(error = %e, "S3 is not reachable yet; files are queued and retried.")
+        }
         Err(e) => return Err(DaemonError::Bucket(e)),
     }
-    let uploader = Uploader::new(config.media_store_path.clone(), store, state.clone(), config.upload.multipart_threshold, config.upload.multipart_part_size);
+    let uploader = Uploader::new(
+        config.media_store_path.clone(),
+        store,
+        state.clone(),
+        config.upload.multipart_threshold,
+        config.upload.multipart_part_size,
+    );
     let shared = Arc::new(Shared {
         config,
         queue,
@@ -108,9 +126,22 @@ pub async fn run_with(config: Config, shutdown: CancellationToken, opts: Options
     let watcher = {
         let s = shared.clone();
         tokio::task::spawn_blocking(move || {
-            let w = watch::start(&s.config.media_store_path, tx, s.rescan.clone(), s.wake_scan.clone());
-            if let Err(e) = &w {
-                watch_failed(&s, e);
+            let w = watch::start(
+                &s.config.media_store_path,
+                tx,
+                s.rescan.clone(),
+                s.wake_scan.clone(),
+            );
+            match &w {
+                // Files written while the watches were being added have no events: one more scan,
+                // now that the watch is in place, finds them (it costs only stats: recorded and
+                // queued files are skipped).
+                Ok(_) => {
+                    tracing::info!("Watching the media store.");
+                    s.rescan.store(true, Ordering::SeqCst);
+                    s.wake_scan.notify_one();
+                }
+                Err(e) => watch_failed(&s, e),
             }
             w.ok()
         })
@@ -149,11 +180,29 @@ fn watch_failed(s: &Shared, e: &notify::Error) {
 }
 
 /// Turns notify's events into queue entries and directory scans.
-async fn events(s: Arc<Shared>, mut rx: tokio::sync::mpsc::Receiver<Msg>, intake: CancellationToken) {
+async fn events(
+    s: Arc<Shared>,
+    mut rx: tokio::sync::mpsc::Receiver<Msg>,
+    intake: CancellationToken,
+) {
     let root = s.config.media_store_path.clone();
+    // New directories are scanned again a little later: notify adds the watch of a new directory
+    // only after delivering its Create event, so a file written and closed in between has no
+    // event, and an immediate scan may run before it exists. A scan after the watch is in place
+    // closes that gap (the file is then either seen by the scan or has its own events).
+    let mut rescans: std::collections::BTreeMap<tokio::time::Instant, Vec<std::path::PathBuf>> =
+        Default::default();
     loop {
+        let next_rescan = rescans.keys().next().copied();
         let first = tokio::select! {
             _ = intake.cancelled() => return,
+            _ = async { tokio::time::sleep_until(next_rescan.expect("guarded")).await }, if next_rescan.is_some() => {
+                let (_, dirs) = rescans.pop_first().expect("guarded");
+                for dir in dirs {
+                    scan_dir(&s, dir).await;
+                }
+                continue;
+            }
             m = rx.recv() => match m { Some(m) => m, None => return },
         };
         // Batch what is already waiting: one transaction for a burst of events.
@@ -181,12 +230,20 @@ async fn events(s: Arc<Shared>, mut rx: tokio::sync::mpsc::Receiver<Msg>, intake
                                 s.rescan.store(true, Ordering::SeqCst);
                                 s.wake_scan.notify_one();
                             }
-                            Action::Dir(dir) => scan_dir(&s, dir).await,
+                            Action::Dir(dir) => {
+                                let now = tokio::time::Instant::now();
+                                for later in NEW_DIR_RESCANS {
+                                    rescans.entry(now + later).or_default().push(dir.clone());
+                                }
+                                scan_dir(&s, dir).await;
+                            }
                             Action::File(p) => {
                                 if std::fs::symlink_metadata(&p).is_ok_and(|m| m.is_dir()) {
                                     scan_dir(&s, p).await;
-                                } else if let Some(mp) = media_path(&root, &p, s.config.upload.include_url_cache) {
-                                    files.push((mp, now_ms()));
+                                } else if let Some(mp) =
+                                    media_path(&root, &p, s.config.upload.include_url_cache)
+                                {
+                                    files.push((mp, now_ms(), false));
                                 }
                             }
                         }
@@ -200,11 +257,16 @@ async fn events(s: Arc<Shared>, mut rx: tokio::sync::mpsc::Receiver<Msg>, intake
     }
 }
 
+/// When a new directory is scanned again after its immediate scan.
+const NEW_DIR_RESCANS: [Duration; 2] = [Duration::from_millis(500), Duration::from_secs(3)];
+
 fn media_path(root: &Path, p: &Path, include_url_cache: bool) -> Option<MediaPath> {
-    MediaPath::from_absolute(root, p).ok().filter(|m| m.is_uploadable(include_url_cache))
+    MediaPath::from_absolute(root, p)
+        .ok()
+        .filter(|m| m.is_uploadable(include_url_cache))
 }
 
-async fn enqueue(s: &Shared, files: Vec<(MediaPath, u64)>) {
+async fn enqueue(s: &Shared, files: Vec<(MediaPath, u64, bool)>) {
     if let Err(e) = s.queue.enqueue(files).await {
         // Cannot make it durable: the next full scan finds these files again.
         tracing::error!(error = %e, "Cannot enqueue; will rescan.");
@@ -237,7 +299,7 @@ async fn scan_dir(s: &Arc<Shared>, dir: std::path::PathBuf) {
 }
 
 /// A scanned file that needs an upload, with the time it may be uploaded (after it settled).
-fn to_enqueue(s: &Shared, item: Item) -> Option<(MediaPath, u64)> {
+fn to_enqueue(s: &Shared, item: Item) -> Option<(MediaPath, u64, bool)> {
     match item {
         Item::File(f) if f.path.is_uploadable(s.config.upload.include_url_cache) => {
             if let Ok(Some(rec)) = s.state.record(&f.path)
@@ -246,7 +308,11 @@ fn to_enqueue(s: &Shared, item: Item) -> Option<(MediaPath, u64)> {
                 return None;
             }
             let mtime_ms = (f.snapshot.mtime_ns / 1_000_000).max(0) as u64;
-            Some((f.path, (mtime_ms + s.config.upload.settle.as_millis() as u64).max(now_ms())))
+            Some((
+                f.path,
+                (mtime_ms + s.config.upload.settle.as_millis() as u64).max(now_ms()),
+                true,
+            ))
         }
         Item::File(_) => None,
         Item::Problem(p) => {
@@ -261,22 +327,28 @@ async fn scans(s: Arc<Shared>, intake: CancellationToken) {
     loop {
         if s.rescan.swap(false, Ordering::SeqCst) {
             let started = std::time::Instant::now();
-            let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<(MediaPath, u64)>>(4);
+            let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<(MediaPath, u64, bool)>>(4);
             let s2 = s.clone();
             let stop = intake.clone();
             let walker = tokio::task::spawn_blocking(move || {
                 let mut chunk = Vec::new();
                 let mut files = 0u64;
-                scan::walk(&s2.config.media_store_path, s2.config.upload.include_url_cache, |item| {
-                    files += matches!(item, Item::File(_)) as u64;
-                    if let Some(x) = to_enqueue(&s2, item) {
-                        chunk.push(x);
-                        if chunk.len() >= 1000 && tx.blocking_send(std::mem::take(&mut chunk)).is_err() {
-                            return false;
+                scan::walk(
+                    &s2.config.media_store_path,
+                    s2.config.upload.include_url_cache,
+                    |item| {
+                        files += matches!(item, Item::File(_)) as u64;
+                        if let Some(x) = to_enqueue(&s2, item) {
+                            chunk.push(x);
+                            if chunk.len() >= 1000
+                                && tx.blocking_send(std::mem::take(&mut chunk)).is_err()
+                            {
+                                return false;
+                            }
                         }
-                    }
-                    !stop.is_cancelled()
-                });
+                        !stop.is_cancelled()
+                    },
+                );
                 if !chunk.is_empty() {
                     let _ = tx.blocking_send(chunk);
                 }
@@ -288,9 +360,18 @@ async fn scans(s: Arc<Shared>, intake: CancellationToken) {
                 enqueue(&s, chunk).await;
             }
             let files = walker.await.unwrap_or(0);
-            tracing::info!(files, queued, secs = started.elapsed().as_secs_f64(), "Scan finished.");
+            tracing::info!(
+                files,
+                queued,
+                secs = started.elapsed().as_secs_f64(),
+                "Scan finished."
+            );
         }
-        let every = if s.degraded.load(Ordering::SeqCst) { s.config.scan_interval_when_degraded } else { s.config.scan_interval };
+        let every = if s.degraded.load(Ordering::SeqCst) {
+            s.config.scan_interval_when_degraded
+        } else {
+            s.config.scan_interval
+        };
         tokio::select! {
             _ = intake.cancelled() => return,
             _ = s.wake_scan.notified() => {}
@@ -305,11 +386,15 @@ async fn dispatch(s: Arc<Shared>, intake: CancellationToken) {
     let limit = s.config.upload.concurrency;
     loop {
         while running.len() < limit && !intake.is_cancelled() {
-            let Some((path, _attempts)) = s.queue.claim() else { break };
-            running.spawn(process(s.clone(), path));
+            let Some((path, settle)) = s.queue.claim() else {
+                break;
+            };
+            running.spawn(process(s.clone(), path, settle));
         }
         // Wake on a new item, a finished upload, the next due time (at most 1 s: the fallback).
-        let wait = s.queue.next_due().map_or(Duration::from_secs(1), |due| Duration::from_millis(due.saturating_sub(now_ms())).min(Duration::from_secs(1)));
+        let wait = s.queue.next_due().map_or(Duration::from_secs(1), |due| {
+            Duration::from_millis(due.saturating_sub(now_ms())).min(Duration::from_secs(1))
+        });
         tokio::select! {
             _ = intake.cancelled() => break,
             _ = s.queue.notified() => {}
@@ -333,7 +418,21 @@ async fn dispatch(s: Arc<Shared>, intake: CancellationToken) {
     }
 }
 
-async fn process(s: Arc<Shared>, path: MediaPath) {
+async fn process(s: Arc<Shared>, path: MediaPath, settle: bool) {
+    if settle {
+        // Found by a scan: a file modified less than `settle` ago may still be being written.
+        let abs = path.to_path(&s.config.media_store_path);
+        if let Ok(Ok(Stat::File(snap))) =
+            tokio::task::spawn_blocking(move || digest::stat(&abs)).await
+        {
+            let settled_at = (snap.mtime_ns / 1_000_000).max(0) as u64
+                + s.config.upload.settle.as_millis() as u64;
+            if settled_at > now_ms() {
+                s.queue.defer(&path, settled_at);
+                return;
+            }
+        }
+    }
     let started = std::time::Instant::now();
     let result = s.uploader.upload(&path).await;
     let done = match result {
@@ -347,7 +446,9 @@ async fn process(s: Arc<Shared>, path: MediaPath) {
             s.stats.adopted.fetch_add(1, Ordering::Relaxed);
             s.queue.finish(&path, Some(record)).await
         }
-        Ok(Outcome::Unchanged | Outcome::Vanished | Outcome::NotRegular) => s.queue.finish(&path, None).await,
+        Ok(Outcome::Unchanged | Outcome::Vanished | Outcome::NotRegular) => {
+            s.queue.finish(&path, None).await
+        }
         Err(e) => {
             s.stats.failures.fetch_add(1, Ordering::Relaxed);
             let kind = e.kind();

@@ -88,6 +88,8 @@ struct Entry {
     item: Item,
     in_flight: bool,
     dirty: bool,
+    /// Found by a scan (no close event seen): upload only once its mtime is `settle` old.
+    settle: bool,
     /// Key in `ready` while not in flight.
     slot: Option<(u64, u64)>,
 }
@@ -133,7 +135,12 @@ pub struct Queue {
 
 impl Queue {
     /// Loads the durable queue. Items left in flight by a crash are simply queued again.
-    pub fn load(state: &State, committer: Committer, max_backoff: Duration, failed_retry: Duration) -> Result<Queue, StateError> {
+    pub fn load(
+        state: &State,
+        committer: Committer,
+        max_backoff: Duration,
+        failed_retry: Duration,
+    ) -> Result<Queue, StateError> {
         let mut inner = Inner::default();
         for (key, raw) in state.queue_items()? {
             let (Ok(path), Some(item)) = (MediaPath::parse(&key), Item::decode(&raw)) else {
@@ -142,23 +149,42 @@ impl Queue {
                 continue;
             };
             let due = item.next_attempt_ms;
-            inner.items.insert(path.clone(), Entry { item, in_flight: false, dirty: false, slot: None });
+            // After a restart we cannot tell how an item was found: let young files settle.
+            inner.items.insert(
+                path.clone(),
+                Entry {
+                    item,
+                    in_flight: false,
+                    dirty: false,
+                    settle: true,
+                    slot: None,
+                },
+            );
             inner.schedule(&path, due);
         }
-        Ok(Queue { inner: Mutex::new(inner), committer, notify: tokio::sync::Notify::new(), max_backoff, failed_retry })
+        Ok(Queue {
+            inner: Mutex::new(inner),
+            committer,
+            notify: tokio::sync::Notify::new(),
+            max_backoff,
+            failed_retry,
+        })
     }
 
-    /// Durably adds `paths` (each due at its time). Already queued paths keep their schedule (a
-    /// retrying item is not hammered), except that an item in flight is marked dirty.
-    pub async fn enqueue(&self, paths: Vec<(MediaPath, u64)>) -> Result<(), StateError> {
+    /// Durably adds `paths` (each due at its time; `settle` for files found by a scan rather than
+    /// by a close event). Already queued paths keep their schedule (a retrying item is not
+    /// hammered), except that an item in flight is marked dirty.
+    pub async fn enqueue(&self, paths: Vec<(MediaPath, u64, bool)>) -> Result<(), StateError> {
         let mut fresh = Vec::new();
         let pending = {
             let mut inner = self.inner.lock().expect("queue lock");
             let mut ops = Vec::new();
-            for (path, due) in paths {
+            for (path, due, settle) in paths {
                 match inner.items.get_mut(&path) {
                     Some(e) if e.in_flight => e.dirty = true,
                     Some(e) => {
+                        // A close event means the file is complete: no need to wait for it.
+                        e.settle &= settle;
                         // A fresh event for a never-failed item moves it earlier, never later.
                         if e.item.attempts == 0 && due < e.item.next_attempt_ms {
                             e.item.next_attempt_ms = due;
@@ -169,7 +195,16 @@ impl Queue {
                         let item = Item::new(due);
                         ops.push(Op::QueuePut(path.clone(), item.encode()));
                         // Visible to claim only once durable (below): slot stays empty until then.
-                        inner.items.insert(path.clone(), Entry { item, in_flight: false, dirty: false, slot: None });
+                        inner.items.insert(
+                            path.clone(),
+                            Entry {
+                                item,
+                                in_flight: false,
+                                dirty: false,
+                                settle,
+                                slot: None,
+                            },
+                        );
                         fresh.push((path, due));
                     }
                 }
@@ -192,8 +227,9 @@ impl Queue {
         Ok(())
     }
 
-    /// Takes the next due item, if any, marking it in flight.
-    pub fn claim(&self) -> Option<(MediaPath, u32)> {
+    /// Takes the next due item, if any, marking it in flight. Returns its path and whether it
+    /// must be checked for having settled first.
+    pub fn claim(&self) -> Option<(MediaPath, bool)> {
         let now = now_ms();
         let mut inner = self.inner.lock().expect("queue lock");
         let first = inner.ready.first()?.clone();
@@ -201,16 +237,38 @@ impl Queue {
             return None;
         }
         inner.ready.remove(&first);
-        let e = inner.items.get_mut(&first.2).expect("ready items are queued");
+        let e = inner
+            .items
+            .get_mut(&first.2)
+            .expect("ready items are queued");
         e.slot = None;
         e.in_flight = true;
         e.dirty = false;
-        Some((first.2, e.item.attempts))
+        Some((first.2, e.settle))
+    }
+
+    /// Puts a claimed item back until `due_ms` (a file that has not settled yet); it is checked
+    /// again then, unless a close event arrived meanwhile (which clears the settle check).
+    pub fn defer(&self, path: &MediaPath, due_ms: u64) {
+        let mut inner = self.inner.lock().expect("queue lock");
+        if let Some(e) = inner.items.get_mut(path) {
+            e.in_flight = false;
+            let due = if e.dirty { now_ms() } else { due_ms };
+            e.dirty = false;
+            inner.schedule(path, due);
+        }
+        drop(inner);
+        self.notify.notify_one();
     }
 
     /// When the next item becomes due (None: nothing is waiting).
     pub fn next_due(&self) -> Option<u64> {
-        self.inner.lock().expect("queue lock").ready.first().map(|r| r.0)
+        self.inner
+            .lock()
+            .expect("queue lock")
+            .ready
+            .first()
+            .map(|r| r.0)
     }
 
     /// Wakes when something was enqueued.
@@ -223,7 +281,10 @@ impl Queue {
     pub async fn finish(&self, path: &MediaPath, record: Option<Record>) -> Result<(), StateError> {
         let pending = {
             let mut inner = self.inner.lock().expect("queue lock");
-            let mut ops: Vec<Op> = record.map(|r| Op::Record(path.clone(), r)).into_iter().collect();
+            let mut ops: Vec<Op> = record
+                .map(|r| Op::Record(path.clone(), r))
+                .into_iter()
+                .collect();
             let dirty = inner.items.get(path).is_some_and(|e| e.dirty);
             if dirty {
                 let e = inner.items.get_mut(path).expect("checked");
@@ -243,10 +304,17 @@ impl Queue {
     }
 
     /// The upload failed: schedule the next attempt and keep the error for `status`.
-    pub async fn retry_later(&self, path: &MediaPath, kind: ErrorKind, error: String) -> Result<Duration, StateError> {
+    pub async fn retry_later(
+        &self,
+        path: &MediaPath,
+        kind: ErrorKind,
+        error: String,
+    ) -> Result<Duration, StateError> {
         let (pending, delay) = {
             let mut inner = self.inner.lock().expect("queue lock");
-            let Some(e) = inner.items.get_mut(path) else { return Ok(Duration::ZERO) };
+            let Some(e) = inner.items.get_mut(path) else {
+                return Ok(Duration::ZERO);
+            };
             let delay = match kind {
                 ErrorKind::Permanent => self.failed_retry,
                 _ => backoff(e.item.attempts, self.max_backoff, rand::random::<f64>()),
@@ -266,19 +334,12 @@ impl Queue {
         Ok(delay)
     }
 
-    /// Puts an in-flight item back as it was (shutdown interrupted its upload).
-    pub fn release(&self, path: &MediaPath) {
-        let mut inner = self.inner.lock().expect("queue lock");
-        if let Some(e) = inner.items.get_mut(path) {
-            e.in_flight = false;
-            let due = e.item.next_attempt_ms;
-            inner.schedule(path, due);
-        }
-    }
-
     pub fn depth(&self) -> Depth {
         let inner = self.inner.lock().expect("queue lock");
-        let mut d = Depth { queued: inner.items.len(), ..Depth::default() };
+        let mut d = Depth {
+            queued: inner.items.len(),
+            ..Depth::default()
+        };
         for e in inner.items.values() {
             d.in_flight += e.in_flight as usize;
             d.failed += e.item.failed as usize;
@@ -290,7 +351,12 @@ impl Queue {
     /// Items whose last attempt failed permanently, with their error (for status and logs).
     pub fn failures(&self, limit: usize) -> Vec<(MediaPath, Item)> {
         let inner = self.inner.lock().expect("queue lock");
-        let mut v: Vec<_> = inner.items.iter().filter(|(_, e)| e.item.failed).map(|(p, e)| (p.clone(), e.item.clone())).collect();
+        let mut v: Vec<_> = inner
+            .items
+            .iter()
+            .filter(|(_, e)| e.item.failed)
+            .map(|(p, e)| (p.clone(), e.item.clone()))
+            .collect();
         v.sort_by(|a, b| a.0.cmp(&b.0));
         v.truncate(limit);
         v
@@ -308,7 +374,13 @@ mod tests {
     fn open(dir: &std::path::Path) -> (State, Queue, std::thread::JoinHandle<()>) {
         let state = State::open(dir).unwrap();
         let (committer, thread) = Committer::start(state.clone());
-        let q = Queue::load(&state, committer, Duration::from_secs(300), Duration::from_secs(600)).unwrap();
+        let q = Queue::load(
+            &state,
+            committer,
+            Duration::from_secs(300),
+            Duration::from_secs(600),
+        )
+        .unwrap();
         (state, q, thread)
     }
 
@@ -324,7 +396,13 @@ mod tests {
 
     #[test]
     fn item_roundtrip() {
-        let item = Item { enqueued_ms: 1, attempts: 2, next_attempt_ms: 3, failed: true, last_error: "403 é".into() };
+        let item = Item {
+            enqueued_ms: 1,
+            attempts: 2,
+            next_attempt_ms: 3,
+            failed: true,
+            last_error: "403 é".into(),
+        };
         assert_eq!(Item::decode(&item.encode()), Some(item));
         assert_eq!(Item::decode(&[1, 2]), None);
     }
@@ -334,7 +412,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let (_s, q, _t) = open(dir.path());
-            q.enqueue(vec![(p("local_content/a/b/c"), 0), (p("local_content/a/b/d"), 0)]).await.unwrap();
+            q.enqueue(vec![
+                (p("local_content/a/b/c"), 0, false),
+                (p("local_content/a/b/d"), 0, false),
+            ])
+            .await
+            .unwrap();
             let (claimed, _) = q.claim().unwrap();
             assert_eq!(claimed, p("local_content/a/b/c"));
             // "Crash" with c in flight and d queued: drop everything without finishing.
@@ -357,10 +440,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (state, q, _t) = open(dir.path());
         let x = p("local_content/x/y/z");
-        q.enqueue(vec![(x.clone(), 0)]).await.unwrap();
+        q.enqueue(vec![(x.clone(), 0, false)]).await.unwrap();
         let (claimed, _) = q.claim().unwrap();
-        q.enqueue(vec![(x.clone(), 0)]).await.unwrap(); // written again during the upload
-        q.finish(&claimed, Some(Record::new(1, 2, [3; 16]))).await.unwrap();
+        q.enqueue(vec![(x.clone(), 0, false)]).await.unwrap(); // written again during the upload
+        q.finish(&claimed, Some(Record::new(1, 2, [3; 16])))
+            .await
+            .unwrap();
         assert_eq!(q.depth().queued, 1);
         assert_eq!(state.queue_items().unwrap().len(), 1, "still durable");
         assert_eq!(q.claim().map(|c| c.0), Some(x));
@@ -371,12 +456,23 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (_s, q, _t) = open(dir.path());
         let x = p("local_content/x/y/z");
-        q.enqueue(vec![(x.clone(), 0)]).await.unwrap();
+        q.enqueue(vec![(x.clone(), 0, false)]).await.unwrap();
         q.claim().unwrap();
-        let d = q.retry_later(&x, ErrorKind::Permanent, "HTTP 403".into()).await.unwrap();
+        let d = q
+            .retry_later(&x, ErrorKind::Permanent, "HTTP 403".into())
+            .await
+            .unwrap();
         assert_eq!(d, Duration::from_secs(600));
         assert!(q.claim().is_none(), "not due yet");
-        assert_eq!(q.depth(), Depth { queued: 1, in_flight: 0, failed: 1, retrying: 0 });
+        assert_eq!(
+            q.depth(),
+            Depth {
+                queued: 1,
+                in_flight: 0,
+                failed: 1,
+                retrying: 0
+            }
+        );
         assert_eq!(q.failures(10)[0].1.last_error, "HTTP 403");
     }
 }

@@ -40,14 +40,20 @@ pub fn classify(event: &Event) -> Vec<Action> {
         EventKind::Access(AccessKind::Close(AccessMode::Write)) => {
             event.paths.iter().cloned().map(Action::File).collect()
         }
-        EventKind::Create(CreateKind::Folder) => event.paths.iter().cloned().map(Action::Dir).collect(),
+        EventKind::Create(CreateKind::Folder) => {
+            event.paths.iter().cloned().map(Action::Dir).collect()
+        }
         // Moved in: may be a file or a whole directory; the handler checks which.
         EventKind::Modify(ModifyKind::Name(RenameMode::To)) => {
             event.paths.iter().cloned().map(Action::File).collect()
         }
-        EventKind::Modify(ModifyKind::Name(RenameMode::Both)) => {
-            event.paths.get(1).cloned().map(Action::File).into_iter().collect()
-        }
+        EventKind::Modify(ModifyKind::Name(RenameMode::Both)) => event
+            .paths
+            .get(1)
+            .cloned()
+            .map(Action::File)
+            .into_iter()
+            .collect(),
         _ => Vec::new(),
     }
 }
@@ -66,7 +72,12 @@ pub struct Watch {
 /// Starts watching `root` recursively; events go to `tx`. When `tx` is full the event is dropped
 /// and `overflowed` is set instead: the daemon then rescans (never blocks notify's thread, never
 /// loses a file silently). Blocking: adding the watches walks the whole tree.
-pub fn start(root: &Path, tx: tokio::sync::mpsc::Sender<Msg>, overflowed: Arc<AtomicBool>, wake: Arc<tokio::sync::Notify>) -> Result<Watch, notify::Error> {
+pub fn start(
+    root: &Path,
+    tx: tokio::sync::mpsc::Sender<Msg>,
+    overflowed: Arc<AtomicBool>,
+    wake: Arc<tokio::sync::Notify>,
+) -> Result<Watch, notify::Error> {
     let handler = move |res: notify::Result<Event>| {
         let msg = match res {
             Ok(ev) => Msg::Event(ev),
@@ -105,17 +116,65 @@ mod tests {
             e
         };
         let cases: Vec<(Event, Vec<Action>)> = vec![
-            (ev(EventKind::Access(AccessKind::Close(AccessMode::Write)), &["/m/a"]), vec![Action::File(p("/m/a"))]),
-            (ev(EventKind::Access(AccessKind::Close(AccessMode::Read)), &["/m/a"]), vec![]),
-            (ev(EventKind::Access(AccessKind::Open(AccessMode::Any)), &["/m/a"]), vec![]),
+            (
+                ev(
+                    EventKind::Access(AccessKind::Close(AccessMode::Write)),
+                    &["/m/a"],
+                ),
+                vec![Action::File(p("/m/a"))],
+            ),
+            (
+                ev(
+                    EventKind::Access(AccessKind::Close(AccessMode::Read)),
+                    &["/m/a"],
+                ),
+                vec![],
+            ),
+            (
+                ev(
+                    EventKind::Access(AccessKind::Open(AccessMode::Any)),
+                    &["/m/a"],
+                ),
+                vec![],
+            ),
             (ev(EventKind::Create(CreateKind::File), &["/m/a"]), vec![]),
-            (ev(EventKind::Create(CreateKind::Folder), &["/m/d"]), vec![Action::Dir(p("/m/d"))]),
-            (ev(EventKind::Modify(ModifyKind::Data(DataChange::Any)), &["/m/a"]), vec![]),
-            (ev(EventKind::Modify(ModifyKind::Name(RenameMode::From)), &["/m/a"]), vec![]),
-            (ev(EventKind::Modify(ModifyKind::Name(RenameMode::To)), &["/m/b"]), vec![Action::File(p("/m/b"))]),
-            (ev(EventKind::Modify(ModifyKind::Name(RenameMode::Both)), &["/m/a", "/m/b"]), vec![Action::File(p("/m/b"))]),
+            (
+                ev(EventKind::Create(CreateKind::Folder), &["/m/d"]),
+                vec![Action::Dir(p("/m/d"))],
+            ),
+            (
+                ev(
+                    EventKind::Modify(ModifyKind::Data(DataChange::Any)),
+                    &["/m/a"],
+                ),
+                vec![],
+            ),
+            (
+                ev(
+                    EventKind::Modify(ModifyKind::Name(RenameMode::From)),
+                    &["/m/a"],
+                ),
+                vec![],
+            ),
+            (
+                ev(
+                    EventKind::Modify(ModifyKind::Name(RenameMode::To)),
+                    &["/m/b"],
+                ),
+                vec![Action::File(p("/m/b"))],
+            ),
+            (
+                ev(
+                    EventKind::Modify(ModifyKind::Name(RenameMode::Both)),
+                    &["/m/a", "/m/b"],
+                ),
+                vec![Action::File(p("/m/b"))],
+            ),
             (ev(EventKind::Remove(RemoveKind::File), &["/m/a"]), vec![]),
-            (Event::new(EventKind::Other).set_flag(Flag::Rescan), vec![Action::Rescan]),
+            (
+                Event::new(EventKind::Other).set_flag(Flag::Rescan),
+                vec![Action::Rescan],
+            ),
         ];
         for (event, want) in cases {
             assert_eq!(classify(&event), want, "{event:?}");

@@ -220,3 +220,176 @@ pub async fn wait_until<F: FnMut() -> bool>(what: &str, deadline: Duration, mut 
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A private s3s-fs instance (for tests that stop the server), on its own port and data dir.
+pub struct PrivateS3 {
+    pub port: u16,
+    pub root: tempfile::TempDir,
+    child: Option<std::process::Child>,
+}
+
+#[allow(dead_code)]
+impl PrivateS3 {
+    pub fn start(env: &S3Env) -> PrivateS3 {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut s = PrivateS3 {
+            port,
+            root: tempfile::tempdir().unwrap(),
+            child: None,
+        };
+        s.resume(env);
+        s
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts (again) on the same port and data.
+    pub fn resume(&mut self, env: &S3Env) {
+        let bin = std::env::var("SSO_TEST_S3FS_BIN").unwrap_or_else(|_| "s3s-fs".into());
+        let child = std::process::Command::new(&bin)
+            .args(["--host", "127.0.0.1", "--port", &self.port.to_string()])
+            .args([
+                "--access-key",
+                &env.access_key,
+                "--secret-key",
+                &env.secret_key,
+            ])
+            .arg(self.root.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot start {bin} (set SSO_TEST_S3FS_BIN or run scripts/test.sh): {e}")
+            });
+        self.child = Some(child);
+        let addr: SocketAddr = format!("127.0.0.1:{}", self.port).parse().unwrap();
+        let end = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+            assert!(Instant::now() < end, "private s3s-fs did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn env(&self, env: &S3Env) -> S3Env {
+        S3Env {
+            endpoint: self.endpoint(),
+            addr: format!("127.0.0.1:{}", self.port).parse().unwrap(),
+            access_key: env.access_key.clone(),
+            secret_key: env.secret_key.clone(),
+        }
+    }
+}
+
+impl Drop for PrivateS3 {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Whether every (relative path, content) of the store is in `bucket` under `prefix`, identical.
+#[allow(dead_code)]
+pub async fn all_uploaded(
+    env: &S3Env,
+    bucket: &str,
+    files: &[(String, Vec<u8>)],
+) -> Result<(), String> {
+    let objects = objects(env, bucket).await;
+    let mut missing = Vec::new();
+    for (rel, data) in files {
+        match objects.get(rel) {
+            Some(o) if o == data => {}
+            Some(_) => missing.push(format!("{rel} (differs)")),
+            None => missing.push(rel.clone()),
+        }
+    }
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{} of {} not in the bucket, e.g. {:?}",
+            missing.len(),
+            files.len(),
+            &missing[..missing.len().min(5)]
+        ))
+    }
+}
+
+/// Key → size of every object (one LIST, no GETs; cheap enough to poll).
+#[allow(dead_code)]
+pub async fn list_sizes(env: &S3Env, bucket: &str) -> std::collections::BTreeMap<String, u64> {
+    let c = client(env).await;
+    let mut out = std::collections::BTreeMap::new();
+    let mut token = None;
+    loop {
+        let Ok(page) = c
+            .list_objects_v2()
+            .bucket(bucket)
+            .set_continuation_token(token)
+            .send()
+            .await
+        else {
+            return out;
+        };
+        for o in page.contents() {
+            out.insert(o.key().unwrap().to_owned(), o.size().unwrap_or(0) as u64);
+        }
+        match page.next_continuation_token() {
+            Some(t) => token = Some(t.to_owned()),
+            None => break,
+        }
+    }
+    out
+}
+
+/// Polls the async check `f` until it returns Ok or `deadline` passes (then panics with its error).
+#[allow(dead_code)]
+pub async fn eventually<F, Fut>(what: &str, deadline: Duration, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
+    let end = Instant::now() + deadline;
+    loop {
+        match f().await {
+            Ok(()) => return,
+            Err(e) if Instant::now() >= end => {
+                panic!("timed out after {deadline:?} waiting for {what}: {e}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+/// Whether the listing holds every file with its size (quick check before a byte-level one).
+#[allow(dead_code)]
+pub async fn listed(env: &S3Env, bucket: &str, files: &[(String, Vec<u8>)]) -> Result<(), String> {
+    let sizes = list_sizes(env, bucket).await;
+    let missing: Vec<_> = files
+        .iter()
+        .filter(|(k, d)| sizes.get(k) != Some(&(d.len() as u64)))
+        .map(|(k, _)| k)
+        .collect();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{} of {} missing, e.g. {:?}",
+            missing.len(),
+            files.len(),
+            &missing[..missing.len().min(3)]
+        ))
+    }
+}

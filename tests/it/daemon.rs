@@ -1,0 +1,402 @@
+//! The daemon (`run`): every closed file reaches the bucket, across kill -9, S3 outages, lost
+//! inotify events and the watch limit; clean shutdown.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use synapse_s3_offload::config::{Config, RawConfig};
+use synapse_s3_offload::daemon::{self, Options};
+use synapse_s3_offload::state::State;
+use tokio_util::sync::CancellationToken;
+
+use crate::proxy::Proxy;
+use crate::support::*;
+
+struct Daemon {
+    token: CancellationToken,
+    handle: tokio::task::JoinHandle<Result<(), daemon::DaemonError>>,
+}
+
+impl Daemon {
+    fn start(config: Config, opts: Options) -> Daemon {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(
+                "info,synapse_s3_offload=debug",
+            ))
+            .with_test_writer()
+            .try_init();
+        let token = CancellationToken::new();
+        let handle = tokio::spawn(daemon::run_with(config, token.clone(), opts));
+        Daemon { token, handle }
+    }
+
+    async fn stop(self) {
+        self.token.cancel();
+        self.handle.await.unwrap().expect("daemon ran cleanly");
+    }
+}
+
+fn fast(raw: &mut RawConfig) {
+    raw.upload.settle = Some("300ms".into());
+    raw.upload.max_backoff = Some("2s".into());
+}
+
+/// A random Synapse-like relative path (2/2/rest split); `fresh` dirs are mostly brand-new.
+fn media_name(rng: &mut impl Rng) -> String {
+    const A: &[u8] = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ";
+    let id: String = (0..24)
+        .map(|_| A[rng.random_range(0..A.len())] as char)
+        .collect();
+    format!("local_content/{}/{}/{}", &id[..2], &id[2..4], &id[4..])
+}
+
+/// Writes `n` files Synapse-style (makedirs, open/write/close) as fast as possible.
+fn write_burst(store: &Store, n: usize, seed: u64) -> Vec<(String, Vec<u8>)> {
+    write_burst_at(&store.root, n, seed)
+}
+
+fn write_burst_at(root: &std::path::Path, n: usize, seed: u64) -> Vec<(String, Vec<u8>)> {
+    let mut rng = rand::rng();
+    (0..n)
+        .map(|i| {
+            let rel = media_name(&mut rng);
+            let data = bytes(seed * 100_000 + i as u64, 500 + (i * 37) % 20_000);
+            let p = root.join(&rel);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(&p, &data).unwrap();
+            (rel, data)
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_hundred_files_written_at_full_speed_all_arrive() {
+    let env = s3_env();
+    let bucket = create_bucket(&env, "burst").await;
+    let store = Store::new();
+    let mut raw = raw_config(&env, &env.endpoint, &bucket, &store);
+    fast(&mut raw);
+    let d = Daemon::start(validated(raw), Options::default());
+    let s = &store;
+    let mut files = tokio::task::block_in_place(|| write_burst(s, 450, 1));
+    // Thumbnails written into the media's new thumbnail directory right after, like Synapse.
+    for (i, (rel, _)) in files.clone().iter().take(50).enumerate() {
+        let t = format!(
+            "{}/32-32-image-png-crop",
+            rel.replace("local_content", "local_thumbnails")
+        );
+        let data = bytes(9_000 + i as u64, 3_000);
+        store.write(&t, &data);
+        files.push((t, data));
+    }
+    eventually("500 files in the bucket", Duration::from_secs(90), || {
+        listed(&env, &bucket, &files)
+    })
+    .await;
+    all_uploaded(&env, &bucket, &files).await.unwrap();
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_events_are_recovered_by_a_rescan() {
+    let env = s3_env();
+    let bucket = create_bucket(&env, "overflow").await;
+    let store = Store::new();
+    let mut raw = raw_config(&env, &env.endpoint, &bucket, &store);
+    fast(&mut raw);
+    // A two-slot channel between notify and the daemon: most events of a burst are dropped.
+    let d = Daemon::start(validated(raw), Options { event_buffer: 2 });
+    tokio::time::sleep(Duration::from_millis(300)).await; // let the watch be set up
+    let s = &store;
+    let files = tokio::task::block_in_place(|| write_burst(s, 300, 2));
+    eventually("300 files in the bucket", Duration::from_secs(60), || {
+        listed(&env, &bucket, &files)
+    })
+    .await;
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_s3_outage_loses_nothing() {
+    let env = s3_env();
+    let mut s3 = PrivateS3::start(&env);
+    let penv = s3.env(&env);
+    let bucket = create_bucket(&penv, "outage").await;
+    let store = Store::new();
+    let mut raw = raw_config(&env, &s3.endpoint(), &bucket, &store);
+    fast(&mut raw);
+    raw.s3.connect_timeout = Some("1s".into());
+    let d = Daemon::start(validated(raw), Options::default());
+    let mut files = tokio::task::block_in_place(|| write_burst(&store, 20, 3));
+    eventually("the first files", Duration::from_secs(30), || {
+        listed(&penv, &bucket, &files)
+    })
+    .await;
+
+    s3.stop();
+    // Files keep arriving for 30 s while the server is down.
+    let until = Instant::now() + Duration::from_secs(30);
+    let mut seed = 100;
+    while Instant::now() < until {
+        files.extend(tokio::task::block_in_place(|| write_burst(&store, 3, seed)));
+        seed += 1;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    s3.resume(&env);
+    let back = Instant::now();
+    eventually(
+        "everything after the outage",
+        Duration::from_secs(30),
+        || listed(&penv, &bucket, &files),
+    )
+    .await;
+    // Backoff is capped at 2 s here: all retried promptly once the server is back.
+    assert!(
+        back.elapsed() < Duration::from_secs(15),
+        "took {:?}",
+        back.elapsed()
+    );
+    all_uploaded(&penv, &bucket, &files).await.unwrap();
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_deleted_and_rewritten_files() {
+    let env = s3_env();
+    let proxy = Proxy::start(env.addr).await;
+    let bucket = create_bucket(&env, "edge").await;
+    let store = Store::new();
+    let mut raw = raw_config(&env, &proxy.endpoint(), &bucket, &store);
+    raw.upload.settle = Some("2s".into());
+    let config = validated(raw);
+    let state_dir = config.state_dir.clone();
+    let d = Daemon::start(config, Options::default());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // Written slowly over 5 s into a brand-new directory: uploaded once, with its final content.
+    let slow = "local_content/sl/ow/slowlywrittenfile";
+    std::fs::create_dir_all(store.root.join("local_content/sl/ow")).unwrap();
+    let mut full = Vec::new();
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(store.root.join(slow)).unwrap();
+        for i in 0..10 {
+            let chunk = bytes(500 + i, 10_000);
+            f.write_all(&chunk).unwrap();
+            f.flush().unwrap();
+            full.extend(chunk);
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+    // Deleted right after close (spam checker): no error, no loop.
+    for i in 0..20 {
+        let p = store.write(&format!("local_content/de/le/ted{i}"), b"spam");
+        std::fs::remove_file(p).unwrap();
+    }
+    let files = vec![(slow.to_owned(), full.clone())];
+    eventually("the slow file", Duration::from_secs(30), || {
+        listed(&env, &bucket, &files)
+    })
+    .await;
+    all_uploaded(&env, &bucket, &files).await.unwrap();
+    let puts = proxy
+        .object_requests("PUT")
+        .into_iter()
+        .filter(|r| r.path.contains("slowlywritten"))
+        .count();
+    assert_eq!(puts, 1, "uploaded once");
+
+    // Rewritten after its upload: uploaded again.
+    let v2 = bytes(999, 12_345);
+    store.write(slow, &v2);
+    let files = vec![(slow.to_owned(), v2)];
+    eventually("the rewrite", Duration::from_secs(30), || {
+        all_uploaded(&env, &bucket, &files)
+    })
+    .await;
+    d.stop().await;
+
+    let state = State::open(&state_dir).unwrap();
+    assert!(
+        state.queue_items().unwrap().is_empty(),
+        "nothing left queued or failing"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// The binary as a child process.
+
+fn config_yaml(
+    store: &Store,
+    env: &S3Env,
+    endpoint: &str,
+    bucket: &str,
+    extra: &str,
+) -> std::path::PathBuf {
+    let path = store.dir.path().join("config.yaml");
+    let yaml = format!(
+        "media_store_path: {}\nstate_dir: {}\nscan_interval_when_degraded: 1s\ns3:\n  bucket: {bucket}\n  endpoint_url: {endpoint}\n  region_name: us-east-1\n  access_key_id: {}\n  secret_access_key: {}\nupload:\n  settle: 300ms\n  max_backoff: 2s\n{extra}",
+        store.root.display(),
+        store.state.display(),
+        env.access_key,
+        env.secret_key
+    );
+    write_yaml(&path, &yaml);
+    path
+}
+
+fn spawn_daemon(config: &std::path::Path, log: &std::path::Path, wrapper: &[&str]) -> Child {
+    let bin = env!("CARGO_BIN_EXE_synapse-s3-offload");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    let mut cmd = match wrapper.split_first() {
+        Some((first, rest)) => {
+            let mut c = Command::new(first);
+            c.args(rest).arg(bin);
+            c
+        }
+        None => Command::new(bin),
+    };
+    cmd.arg("--config")
+        .arg(config)
+        .arg("run")
+        .env("RUST_LOG", "info")
+        .env("AWS_EC2_METADATA_DISABLED", "true");
+    cmd.stdout(Stdio::null()).stderr(log).spawn().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_dash_nine_at_random_moments_loses_nothing() {
+    let env = s3_env();
+    let bucket = create_bucket(&env, "kill9").await;
+    let store = Store::new();
+    let cfg = config_yaml(&store, &env, &env.endpoint, &bucket, "");
+    let log = store.dir.path().join("daemon.log");
+    let mut files = Vec::new();
+    for round in 0..5u64 {
+        let mut child = spawn_daemon(&cfg, &log, &[]);
+        let writer = {
+            let root = store.root.clone();
+            std::thread::spawn(move || write_burst_at(&root, 400, 10 + round))
+        };
+        let pause = rand::rng().random_range(50..1500);
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        files.extend(writer.join().unwrap());
+    }
+    let mut child = spawn_daemon(&cfg, &log, &[]);
+    let check = eventually(
+        "2000 files after 5 kill -9",
+        Duration::from_secs(120),
+        || listed(&env, &bucket, &files),
+    );
+    check.await;
+    all_uploaded(&env, &bucket, &files).await.unwrap();
+    unsafe { libc_kill(child.id() as i32, 15) };
+    assert!(child.wait().unwrap().success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_uploads_in_flight_exits_zero_and_loses_nothing() {
+    let env = s3_env();
+    let proxy = Proxy::start(env.addr).await;
+    proxy.set_put_delay(Duration::from_secs(3));
+    let bucket = create_bucket(&env, "sigterm").await;
+    let store = Store::new();
+    let cfg = config_yaml(
+        &store,
+        &env,
+        &proxy.endpoint(),
+        &bucket,
+        "shutdown_grace: 5s\n",
+    );
+    let log = store.dir.path().join("daemon.log");
+    let mut child = spawn_daemon(&cfg, &log, &[]);
+    let files = tokio::task::block_in_place(|| write_burst(&store, 30, 20));
+    wait_until("a PUT in flight", Duration::from_secs(20), || {
+        !proxy.object_requests("PUT").is_empty()
+    })
+    .await;
+    let t = Instant::now();
+    unsafe { libc_kill(child.id() as i32, 15) };
+    let status = tokio::task::block_in_place(|| child.wait().unwrap());
+    assert!(
+        status.success(),
+        "{status:?}: {}",
+        std::fs::read_to_string(&log).unwrap()
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(5 + 3),
+        "exited within the grace period: {:?}",
+        t.elapsed()
+    );
+
+    proxy.set_put_delay(Duration::ZERO);
+    let mut child = spawn_daemon(&cfg, &log, &[]);
+    eventually("all files after restart", Duration::from_secs(60), || {
+        listed(&env, &bucket, &files)
+    })
+    .await;
+    unsafe { libc_kill(child.id() as i32, 15) };
+    assert!(child.wait().unwrap().success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_inotify_watch_limit_degrades_to_scans_and_loses_nothing() {
+    let env = s3_env();
+    let bucket = create_bucket(&env, "watchlimit").await;
+    let store = Store::new();
+    // More directories than the 20 watches the daemon will get.
+    for i in 0..40 {
+        store.write(&format!("local_content/w{i:02}/xx/existing"), b"old");
+    }
+    let cfg = config_yaml(&store, &env, &env.endpoint, &bucket, "");
+    let log = store.dir.path().join("daemon.log");
+    // A user namespace of its own, where inotify watches are limited to 20 (the limit is per
+    // user namespace, so other tests are not affected).
+    let mut child = spawn_daemon(
+        &cfg,
+        &log,
+        &[
+            "unshare",
+            "--user",
+            "--map-root-user",
+            "sh",
+            "-c",
+            "echo 20 > /proc/sys/user/max_inotify_watches && exec \"$0\" \"$@\"",
+        ],
+    );
+    let mut files: Vec<_> = (0..40)
+        .map(|i| {
+            (
+                format!("local_content/w{i:02}/xx/existing"),
+                b"old".to_vec(),
+            )
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    files.extend(tokio::task::block_in_place(|| write_burst(&store, 50, 30)));
+    eventually(
+        "all files with degraded watching",
+        Duration::from_secs(60),
+        || listed(&env, &bucket, &files),
+    )
+    .await;
+    unsafe { libc_kill(child.id() as i32, 15) };
+    assert!(child.wait().unwrap().success());
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        log.contains("max_user_watches"),
+        "the limit is explained: {log}"
+    );
+}
+
+unsafe extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, sig: i32) -> i32;
+}
