@@ -105,11 +105,21 @@ async fn lost_events_are_recovered_by_a_rescan() {
     let store = Store::new();
     let mut raw = raw_config(&env, &env.endpoint, &bucket, &store);
     fast(&mut raw);
+    // Existing directories: no Create(Folder) events whose directory scans would find the files.
+    for d in 0..30 {
+        std::fs::create_dir_all(store.root.join(format!("local_content/ov/{d:02}"))).unwrap();
+    }
     // A two-slot channel between notify and the daemon: most events of a burst are dropped.
     let d = Daemon::start(validated(raw), Options { event_buffer: 2 });
-    tokio::time::sleep(Duration::from_millis(300)).await; // let the watch be set up
-    let s = &store;
-    let files = tokio::task::block_in_place(|| write_burst(s, 300, 2));
+    tokio::time::sleep(Duration::from_millis(500)).await; // let the watch be set up
+    let files: Vec<_> = (0..300)
+        .map(|i| {
+            let rel = format!("local_content/ov/{:02}/file{i}", i % 30);
+            let data = bytes(2_000 + i, 1_000 + i as usize);
+            store.write(&rel, &data);
+            (rel, data)
+        })
+        .collect();
     eventually("300 files in the bucket", Duration::from_secs(60), || {
         listed(&env, &bucket, &files)
     })
