@@ -267,6 +267,9 @@ fn media_path(root: &Path, p: &Path, include_url_cache: bool) -> Option<MediaPat
 }
 
 async fn enqueue(s: &Shared, files: Vec<(MediaPath, u64, bool)>) {
+    for (p, due, settle) in &files {
+        tracing::trace!(path = %p, due, settle, "Enqueue.");
+    }
     if let Err(e) = s.queue.enqueue(files).await {
         // Cannot make it durable: the next full scan finds these files again.
         tracing::error!(error = %e, "Cannot enqueue; will rescan.");
@@ -298,7 +301,7 @@ async fn scan_dir(s: &Arc<Shared>, dir: std::path::PathBuf) {
     }
 }
 
-/// A scanned file that needs an upload, with the time it may be uploaded (after it settled).
+/// A scanned file that needs an upload (unless recorded with the same size and mtime).
 fn to_enqueue(s: &Shared, item: Item) -> Option<(MediaPath, u64, bool)> {
     match item {
         Item::File(f) if f.path.is_uploadable(s.config.upload.include_url_cache) => {
@@ -307,12 +310,8 @@ fn to_enqueue(s: &Shared, item: Item) -> Option<(MediaPath, u64, bool)> {
             {
                 return None;
             }
-            let mtime_ms = (f.snapshot.mtime_ns / 1_000_000).max(0) as u64;
-            Some((
-                f.path,
-                (mtime_ms + s.config.upload.settle.as_millis() as u64).max(now_ms()),
-                true,
-            ))
+            // Due now; the upload first checks that the file has settled (see `process`).
+            Some((f.path, now_ms(), true))
         }
         Item::File(_) => None,
         Item::Problem(p) => {
@@ -420,14 +419,28 @@ async fn dispatch(s: Arc<Shared>, intake: CancellationToken) {
 
 async fn process(s: Arc<Shared>, path: MediaPath, settle: bool) {
     if settle {
-        // Found by a scan: a file modified less than `settle` ago may still be being written.
+        // Found by a scan, not by a close event: a file modified less than `settle` ago may still
+        // be being written. If the kernel says nobody has it open for writing, it is complete
+        // (Synapse closes a file once written; some complete files never get an event at all).
         let abs = path.to_path(&s.config.media_store_path);
-        if let Ok(Ok(Stat::File(snap))) =
-            tokio::task::spawn_blocking(move || digest::stat(&abs)).await
-        {
-            let settled_at = (snap.mtime_ns / 1_000_000).max(0) as u64
-                + s.config.upload.settle.as_millis() as u64;
-            if settled_at > now_ms() {
+        let settle_ms = s.config.upload.settle.as_millis() as u64;
+        let check = tokio::task::spawn_blocking(move || match digest::stat(&abs) {
+            Ok(Stat::File(snap)) => {
+                let settled_at = (snap.mtime_ns / 1_000_000).max(0) as u64 + settle_ms;
+                (settled_at > now_ms()).then(|| (settled_at, digest::open_for_writing(&abs)))
+            }
+            _ => None,
+        });
+        match check.await.ok().flatten() {
+            None | Some((_, Some(false))) => {}
+            // Still open for writing: look again shortly (its close event may also come first).
+            Some((settled_at, Some(true))) => {
+                tracing::trace!(path = %path, "Still open for writing.");
+                s.queue.defer(&path, settled_at.min(now_ms() + 250));
+                return;
+            }
+            Some((settled_at, None)) => {
+                tracing::trace!(path = %path, "Not settled yet.");
                 s.queue.defer(&path, settled_at);
                 return;
             }

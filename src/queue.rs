@@ -411,7 +411,7 @@ mod tests {
     async fn items_survive_reopen_until_finished() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let (_s, q, _t) = open(dir.path());
+            let (s, q, t) = open(dir.path());
             q.enqueue(vec![
                 (p("local_content/a/b/c"), 0, false),
                 (p("local_content/a/b/d"), 0, false),
@@ -421,6 +421,8 @@ mod tests {
             let (claimed, _) = q.claim().unwrap();
             assert_eq!(claimed, p("local_content/a/b/c"));
             // "Crash" with c in flight and d queued: drop everything without finishing.
+            drop((s, q));
+            t.join().unwrap();
         }
         let (state, q, _t) = open(dir.path());
         assert_eq!(q.depth().queued, 2);

@@ -52,6 +52,31 @@ pub fn stat(path: &Path) -> io::Result<Stat> {
     }
 }
 
+/// Whether some process has `path` open for writing, asked the kernel through a read lease
+/// (`F_SETLEASE` fails with `EAGAIN` while the file is open for writing anywhere). The lease is
+/// dropped at once. `None` when the filesystem or our privileges do not allow leases (we must own
+/// the file or have `CAP_LEASE`): then only the settle time tells.
+pub fn open_for_writing(path: &Path) -> Option<bool> {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .ok()?;
+    let fd = file.as_raw_fd();
+    // SAFETY: fcntl on a descriptor we own, with integer arguments only.
+    let r = unsafe { libc::fcntl(fd, libc::F_SETLEASE, libc::F_RDLCK) };
+    if r == 0 {
+        // SAFETY: as above; releases the lease we just took.
+        unsafe { libc::fcntl(fd, libc::F_SETLEASE, libc::F_UNLCK) };
+        return Some(false);
+    }
+    match io::Error::last_os_error().raw_os_error() {
+        Some(libc::EAGAIN) => Some(true),
+        _ => None,
+    }
+}
+
 #[derive(Debug)]
 pub enum Content {
     /// The whole body, for files up to `inline_max`.
@@ -221,6 +246,17 @@ mod tests {
             panic!()
         };
         assert_eq!(parts.len(), 2);
+    }
+
+    #[test]
+    fn leases_tell_whether_a_writer_has_the_file_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(dir.path(), "f", b"x");
+        assert_eq!(open_for_writing(&p), Some(false));
+        let writer = std::fs::OpenOptions::new().append(true).open(&p).unwrap();
+        assert_eq!(open_for_writing(&p), Some(true));
+        drop(writer);
+        assert_eq!(open_for_writing(&p), Some(false));
     }
 
     #[test]
