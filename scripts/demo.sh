@@ -19,12 +19,10 @@ mkdir -p "$work/s3/demo-bucket" "$work/media"
 s3pid=$!
 trap 'kill $s3pid 2>/dev/null; rm -rf "$work"' EXIT
 
-echo "==> Writing a few Synapse-style media files into $work/media"
 mk() { mkdir -p "$(dirname "$work/media/$1")"; head -c "$2" /dev/urandom >"$work/media/$1"; }
+echo "==> An existing media store: two files already there"
 mk local_content/ab/cd/efghijklmnopqrstuv 200000
 mk local_thumbnails/ab/cd/efghijklmnopqrstuv/32-32-image-png-crop 3000
-mk remote_content/matrix.org/xy/zw/abcdefghijklmnop 90000
-mk url_cache/2026-11-26/preview 1000
 
 cat >"$work/config.yaml" <<YAML
 media_store_path: $work/media
@@ -36,9 +34,30 @@ s3:
   access_key_id: demo
   secret_access_key: demosecret
 YAML
-echo "==> synapse-s3-offload --config config.yaml upload"
-"$bin" --config "$work/config.yaml" upload
-echo "==> Objects in the bucket (url_cache is skipped by default):"
-(cd "$work/s3/demo-bucket" && find . -type f | sed 's|^\./|  |' | sort)
-echo "==> Running upload again: everything is already recorded, no request is made"
+show() { (cd "$work/s3/demo-bucket" && find . -type f | sed 's|^\./|  |' | sort); }
+wait_for() { # key: waits up to 10 s for the object to appear
+  for _ in $(seq 1 100); do [[ -f "$work/s3/demo-bucket/$1" ]] && return 0; sleep 0.1; done
+  echo "!! $1 did not arrive" >&2; return 1
+}
+
+echo "==> Starting the daemon: synapse-s3-offload --config config.yaml run"
+"$bin" --config "$work/config.yaml" run 2>"$work/daemon.log" &
+dpid=$!
+trap 'kill $dpid $s3pid 2>/dev/null; wait $dpid 2>/dev/null; rm -rf "$work"' EXIT
+wait_for synapse/local_content/ab/cd/efghijklmnopqrstuv
+echo "==> The startup scan uploaded the existing files:"; show
+
+echo "==> Synapse writes new media, one in a brand-new AB/CD directory, plus a URL preview"
+t0=$(date +%s%N)
+mk local_content/Qx/7z/newmediaidnewmediaid 150000
+mk remote_content/matrix.org/xy/zw/abcdefghijklmnop 90000
+mk url_cache/2026-11-26/preview 1000
+wait_for synapse/local_content/Qx/7z/newmediaidnewmediaid
+wait_for synapse/remote_content/matrix.org/xy/zw/abcdefghijklmnop
+echo "==> Arrived in $(( ($(date +%s%N) - t0) / 1000000 )) ms (url_cache is skipped by default):"; show
+
+echo "==> Stopping the daemon (SIGTERM)"
+kill -TERM $dpid; wait $dpid
+echo "==> Daemon log:"; sed 's/^/  /' "$work/daemon.log"
+echo "==> 'upload' (the one-shot backfill) now has nothing left to do:"
 "$bin" --config "$work/config.yaml" upload

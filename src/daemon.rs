@@ -353,15 +353,15 @@ async fn scans(s: Arc<Shared>, intake: CancellationToken) {
                 }
                 files
             });
-            let mut queued = 0;
+            let mut not_recorded = 0;
             while let Some(chunk) = rx.recv().await {
-                queued += chunk.len();
+                not_recorded += chunk.len();
                 enqueue(&s, chunk).await;
             }
             let files = walker.await.unwrap_or(0);
             tracing::info!(
                 files,
-                queued,
+                not_recorded,
                 secs = started.elapsed().as_secs_f64(),
                 "Scan finished."
             );
