@@ -16,18 +16,13 @@ while (($#)); do
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
-cargo build --release --locked -q
-bin="$CARGO_TARGET_DIR/release/synapse-s3-offload"
-s3s=${SSO_S3S_FS:-$(command -v s3s-fs || echo "$HOME/.cargo/bin/s3s-fs")}
-[[ -x "$s3s" ]] || cargo install s3s-fs --version 0.14.1 --features binary --locked
-
+. scripts/lib.sh
+build_release
 work=$(mktemp -d /var/tmp/sso-lat.XXXXXX)
 s3root=$(mktemp -d /dev/shm/sso-lat-s3.XXXXXX)
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-mkdir -p "$s3root/bench" "$work/media"
-"$s3s" --host 127.0.0.1 --port "$port" --access-key bench --secret-key benchsecret "$s3root" >"$work/s3s.log" 2>&1 &
-s3pid=$!
+mkdir -p "$work/media"
+trap 'kill $s3pid 2>/dev/null; rm -rf "$work" "$s3root"' EXIT
+start_s3s "$s3root" bench bench benchsecret "$work/s3s.log"
 cat >"$work/config.yaml" <<YAML
 media_store_path: $work/media
 state_dir: $work/state

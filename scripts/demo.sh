@@ -3,21 +3,13 @@
 # Nothing outside a temporary directory is touched; everything is removed on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
+. scripts/lib.sh
 echo "==> Building"
-cargo build --release --locked -q
-bin="$CARGO_TARGET_DIR/release/synapse-s3-offload"
-s3s=${SSO_S3S_FS:-$(command -v s3s-fs || echo "$HOME/.cargo/bin/s3s-fs")}
-if [[ ! -x "$s3s" ]]; then
-  echo "==> Installing the local S3 server s3s-fs (once, ~5 min)"
-  cargo install s3s-fs --version 0.14.1 --features binary --locked
-fi
+build_release
 work=$(mktemp -d /tmp/sso-demo.XXXXXX)
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-mkdir -p "$work/s3/demo-bucket" "$work/media"
-"$s3s" --host 127.0.0.1 --port "$port" --access-key demo --secret-key demosecret "$work/s3" >"$work/s3s.log" 2>&1 &
-s3pid=$!
+mkdir -p "$work/media"
 trap 'kill $s3pid 2>/dev/null; rm -rf "$work"' EXIT
+start_s3s "$work/s3" demo-bucket demo demosecret "$work/s3s.log"
 
 mk() { mkdir -p "$(dirname "$work/media/$1")"; head -c "$2" /dev/urandom >"$work/media/$1"; }
 echo "==> An existing media store: two files already there"
