@@ -10,5 +10,7 @@ pub mod layout;
 pub mod queue;
 pub mod scan;
 pub mod state;
+pub mod sweep;
+pub mod synapse;
 pub mod upload;
 pub mod watch;

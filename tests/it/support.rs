@@ -196,6 +196,9 @@ pub fn raw_config(env: &S3Env, endpoint: &str, bucket: &str, store: &Store) -> R
             ..Default::default()
         },
         upload: RawUpload::default(),
+        database: None,
+        sweep: Default::default(),
+        synapse_config: None,
     }
 }
 

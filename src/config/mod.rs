@@ -12,6 +12,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+pub use self::sweep::{DatabaseConfig, RawDatabase, RawSweep, SslMode, SweepConfig};
+
+mod sweep;
+
 pub const ENV_PREFIX: &str = "SYNAPSE_S3_OFFLOAD";
 
 /// A secret string: never printed, by `Debug` or `Display`.
@@ -86,6 +90,11 @@ pub struct RawConfig {
     pub s3: RawS3,
     #[serde(default)]
     pub upload: RawUpload,
+    pub database: Option<RawDatabase>,
+    #[serde(default)]
+    pub sweep: RawSweep,
+    /// Synapse's homeserver.yaml: checked before a sweep deletes anything (see `synapse`).
+    pub synapse_config: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -121,6 +130,24 @@ pub struct RawUpload {
     pub failed_retry_interval: Option<String>,
 }
 
+/// A duration as a number of seconds (psycopg2 style) or text (`10s`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum DurationValue {
+    Seconds(u64),
+    Text(String),
+}
+
+impl DurationValue {
+    pub fn to_duration(&self) -> Result<Duration, String> {
+        match self {
+            DurationValue::Seconds(0) => Err("must be greater than zero".into()),
+            DurationValue::Seconds(n) => Ok(Duration::from_secs(*n)),
+            DurationValue::Text(s) => parse_duration(s),
+        }
+    }
+}
+
 /// A size as written by a human (`16MiB`, `8 MB`) or a plain number of bytes.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
@@ -146,6 +173,10 @@ pub struct Config {
     pub shutdown_grace: Duration,
     pub s3: S3Config,
     pub upload: UploadConfig,
+    /// Synapse's PostgreSQL; needed by the sweep only.
+    pub database: Option<DatabaseConfig>,
+    pub sweep: SweepConfig,
+    pub synapse_config: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -272,6 +303,9 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         shutdown_grace: duration("shutdown_grace", raw.shutdown_grace, "10s")?,
         s3: validate_s3(raw.s3)?,
         upload: validate_upload(raw.upload)?,
+        database: sweep::validate_database(raw.database)?,
+        sweep: sweep::validate_sweep(raw.sweep)?,
+        synapse_config: raw.synapse_config,
     })
 }
 
@@ -420,6 +454,11 @@ fn validate_s3(raw: RawS3) -> Result<S3Config, ConfigError> {
     })
 }
 
+#[cfg(test)]
+pub(crate) fn validate_s3_for_tests(raw: RawS3) -> S3Config {
+    validate_s3(raw).expect("valid s3 section")
+}
+
 fn validate_bucket(bucket: &str) -> Result<(), ConfigError> {
     // Lenient on purpose: Ceph/B2/legacy buckets allow uppercase and underscores; we only refuse
     // what cannot be a bucket name anywhere (and what would make a broken URL).
@@ -540,158 +579,4 @@ fn validate_upload(raw: RawUpload) -> Result<UploadConfig, ConfigError> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn raw_with(dir: &Path) -> RawConfig {
-        RawConfig {
-            media_store_path: Some(dir.to_owned()),
-            state_dir: Some("/var/lib/x".into()),
-            scan_interval: None,
-            scan_interval_when_degraded: None,
-            shutdown_grace: None,
-            s3: RawS3 {
-                bucket: Some("media".into()),
-                ..Default::default()
-            },
-            upload: RawUpload::default(),
-        }
-    }
-
-    #[test]
-    fn example_config_lists_only_real_keys() {
-        let example = concat!(env!("CARGO_MANIFEST_DIR"), "/config/example.yaml");
-        let text = std::fs::read_to_string(example).unwrap();
-        // Uncomment every commented-out `key: value` line: each must still be a known key.
-        let all: String = text
-            .lines()
-            .map(|l| match l.trim_start().strip_prefix("# ") {
-                Some(rest) if rest.contains(": ") && !rest.starts_with(char::is_uppercase) => {
-                    let indent = l.len() - l.trim_start().len();
-                    format!(
-                        "{}{}\n",
-                        " ".repeat(indent),
-                        rest.split(" # ").next().unwrap()
-                    )
-                }
-                _ => format!("{l}\n"),
-            })
-            .collect();
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("example.yaml");
-        std::fs::write(&path, &all).unwrap();
-        let raw = load_raw(&path).unwrap();
-        assert_eq!(raw.s3.max_attempts, Some(3));
-        assert_eq!(raw.upload.include_url_cache, Some(false));
-    }
-
-    #[test]
-    fn defaults() {
-        let dir = tempfile::tempdir().unwrap();
-        let c = validate(raw_with(dir.path())).unwrap();
-        assert_eq!(c.upload.concurrency, 8);
-        assert_eq!(c.upload.multipart_threshold, 16 << 20);
-        assert_eq!(
-            c.s3.request_checksum_calculation,
-            ChecksumMode::WhenRequired
-        );
-        assert!(!c.s3.force_path_style);
-        assert_eq!(c.s3.max_attempts, 3);
-    }
-
-    #[test]
-    fn durations_and_sizes() {
-        assert_eq!(
-            parse_duration("30d").unwrap(),
-            Duration::from_secs(30 * 86400)
-        );
-        assert_eq!(parse_duration("1h 30m").unwrap(), Duration::from_secs(5400));
-        assert!(
-            parse_duration("0s")
-                .unwrap_err()
-                .contains("greater than zero")
-        );
-        assert!(parse_duration("-5m").is_err());
-        assert!(parse_duration("soon").is_err());
-        assert_eq!(
-            parse_size(&SizeValue::Text("16MiB".into())).unwrap(),
-            16 << 20
-        );
-        assert_eq!(
-            parse_size(&SizeValue::Text("8 MB".into())).unwrap(),
-            8_000_000
-        );
-        assert_eq!(parse_size(&SizeValue::Bytes(42)).unwrap(), 42);
-        assert!(parse_size(&SizeValue::Text("lots".into())).is_err());
-    }
-
-    #[test]
-    fn secrets_are_redacted() {
-        let s = Secret::new("hunter2");
-        assert_eq!(format!("{s:?} {s}"), "*** ***");
-        let dir = tempfile::tempdir().unwrap();
-        let mut raw = raw_with(dir.path());
-        raw.s3.access_key_id = Some("AK".into());
-        raw.s3.secret_access_key = Some(Secret::new("topsecretvalue"));
-        let c = validate(raw).unwrap();
-        assert!(!format!("{c:?}").contains("topsecretvalue"));
-    }
-
-    #[test]
-    fn bad_values_name_their_key() {
-        let dir = tempfile::tempdir().unwrap();
-        type Case = (fn(&mut RawConfig), &'static str);
-        let cases: Vec<Case> = vec![
-            (|r| r.s3.bucket = Some("my bucket/x".into()), "s3.bucket"),
-            (
-                |r| r.s3.endpoint_url = Some("s3.example.com".into()),
-                "s3.endpoint_url",
-            ),
-            (
-                |r| r.s3.endpoint_url = Some("ftp://x".into()),
-                "s3.endpoint_url",
-            ),
-            (
-                |r| r.s3.storage_class = Some("GLACIER".into()),
-                "s3.storage_class",
-            ),
-            (
-                |r| r.s3.storage_class = Some("FAST".into()),
-                "s3.storage_class",
-            ),
-            (
-                |r| r.s3.sse_customer_key = Some(Secret::new("short")),
-                "s3.sse_customer_key",
-            ),
-            (
-                |r| r.s3.access_key_id = Some("AK".into()),
-                "s3.secret_access_key",
-            ),
-            (
-                |r| r.s3.request_checksum_calculation = Some("always".into()),
-                "s3.request_checksum_calculation",
-            ),
-            (
-                |r| r.s3.request_timeout = Some("0s".into()),
-                "s3.request_timeout",
-            ),
-            (|r| r.upload.concurrency = Some(0), "upload.concurrency"),
-            (
-                |r| r.upload.multipart_part_size = Some(SizeValue::Text("1MiB".into())),
-                "upload.multipart_part_size",
-            ),
-            (|r| r.state_dir = Some("relative".into()), "state_dir"),
-            (
-                |r| r.media_store_path = Some("/nonexistent/media".into()),
-                "media_store_path",
-            ),
-            (|r| r.s3.bucket = None, "s3.bucket"),
-        ];
-        for (mutate, key) in cases {
-            let mut raw = raw_with(dir.path());
-            mutate(&mut raw);
-            let err = validate(raw).unwrap_err().to_string();
-            assert!(err.contains(key), "{err}");
-        }
-    }
-}
+mod tests;

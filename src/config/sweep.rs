@@ -1,0 +1,146 @@
+//! The `database:` and `sweep:` sections. `database:` takes Synapse's psycopg2 keys, as written in
+//! `homeserver.yaml` under `database.args`, so they can be pasted.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::{ConfigError, Secret, duration, invalid};
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDatabase {
+    /// Host name, IP address, or a directory holding the Unix socket.
+    pub host: Option<String>,
+    pub port: Option<u16>,
+    pub user: Option<String>,
+    pub password: Option<Secret>,
+    pub database: Option<String>,
+    /// psycopg2's other name for `database`.
+    pub dbname: Option<String>,
+    /// disable | allow | prefer | require | verify-ca | verify-full
+    pub sslmode: Option<String>,
+    /// Root certificates (PEM) for verify-ca / verify-full; default: the system's.
+    pub sslrootcert: Option<PathBuf>,
+    /// psycopg2 accepts it in seconds; so do we (or a duration like `10s`).
+    pub connect_timeout: Option<super::DurationValue>,
+    /// Synapse's pool settings; accepted so `database.args` can be pasted, otherwise unused.
+    pub cp_min: Option<u32>,
+    pub cp_max: Option<u32>,
+    /// Timeout of every query.
+    pub statement_timeout: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSweep {
+    pub enabled: Option<bool>,
+    pub interval: Option<String>,
+    pub keep_local_for: Option<String>,
+    pub dry_run: Option<bool>,
+    pub confirm_synapse_reads_from_bucket: Option<bool>,
+    pub max_deletions_per_run: Option<u64>,
+    pub concurrency: Option<usize>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SslMode {
+    Disable,
+    Prefer,
+    Require,
+    VerifyCa,
+    VerifyFull,
+}
+
+#[derive(Debug, Clone)]
+pub struct DatabaseConfig {
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    pub password: Option<Secret>,
+    pub dbname: String,
+    pub sslmode: SslMode,
+    pub sslrootcert: Option<PathBuf>,
+    pub connect_timeout: Duration,
+    pub statement_timeout: Duration,
+}
+
+impl DatabaseConfig {
+    /// Whether `host` is a Unix-socket directory (libpq's rule: it starts with '/').
+    pub fn is_socket(&self) -> bool {
+        self.host.starts_with('/')
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct SweepConfig {
+    pub enabled: bool,
+    pub interval: Duration,
+    pub keep_local_for: Duration,
+    pub dry_run: bool,
+    pub confirm_synapse_reads_from_bucket: bool,
+    pub max_deletions_per_run: Option<u64>,
+    /// Media confirmed at once (HEAD requests in flight ≈ this × files per media).
+    pub concurrency: usize,
+}
+
+pub(super) fn validate_database(raw: Option<RawDatabase>) -> Result<Option<DatabaseConfig>, ConfigError> {
+    let Some(raw) = raw else { return Ok(None) };
+    let dbname = match (raw.database, raw.dbname) {
+        (Some(a), Some(b)) if a != b => {
+            return Err(invalid("database.dbname", "database and dbname are both set and differ; keep one"));
+        }
+        (a, b) => a.or(b).ok_or(ConfigError::Missing {
+            key: "database.database",
+            hint: "the name of Synapse's database (database.args.database in homeserver.yaml)",
+        })?,
+    };
+    let sslmode = match raw.sslmode.as_deref().unwrap_or("prefer") {
+        "disable" | "allow" => SslMode::Disable,
+        "prefer" => SslMode::Prefer,
+        "require" => SslMode::Require,
+        "verify-ca" => SslMode::VerifyCa,
+        "verify-full" => SslMode::VerifyFull,
+        other => {
+            return Err(invalid(
+                "database.sslmode",
+                format!("{other:?} is not one of disable, allow, prefer, require, verify-ca, verify-full"),
+            ));
+        }
+    };
+    let connect_timeout = match raw.connect_timeout {
+        None => Duration::from_secs(10),
+        Some(v) => v.to_duration().map_err(|r| invalid("database.connect_timeout", r))?,
+    };
+    Ok(Some(DatabaseConfig {
+        host: raw.host.unwrap_or_else(|| "localhost".into()),
+        port: raw.port.unwrap_or(5432),
+        user: raw.user.unwrap_or_else(|| "synapse".into()),
+        password: raw.password,
+        dbname,
+        sslmode,
+        sslrootcert: raw.sslrootcert,
+        connect_timeout,
+        statement_timeout: duration("database.statement_timeout", raw.statement_timeout, "60s")?,
+    }))
+}
+
+pub(super) fn validate_sweep(raw: RawSweep) -> Result<SweepConfig, ConfigError> {
+    let concurrency = raw.concurrency.unwrap_or(16);
+    if !(1..=256).contains(&concurrency) {
+        return Err(invalid("sweep.concurrency", "must be between 1 and 256"));
+    }
+    if raw.max_deletions_per_run == Some(0) {
+        return Err(invalid("sweep.max_deletions_per_run", "0 would delete nothing; leave it out for no limit, or set sweep.enabled: false"));
+    }
+    Ok(SweepConfig {
+        enabled: raw.enabled.unwrap_or(true),
+        interval: duration("sweep.interval", raw.interval, "1h")?,
+        keep_local_for: duration("sweep.keep_local_for", raw.keep_local_for, "30d")?,
+        dry_run: raw.dry_run.unwrap_or(false),
+        confirm_synapse_reads_from_bucket: raw.confirm_synapse_reads_from_bucket.unwrap_or(false),
+        max_deletions_per_run: raw.max_deletions_per_run,
+        concurrency,
+    })
+}

@@ -1,0 +1,186 @@
+//! Synapse's PostgreSQL, read-only: which media are aged out, and the lock that keeps sweeps of
+//! every instance sharing the database from running at once.
+//!
+//! Rows are read page by page with keyset pagination (`… > last key ORDER BY key LIMIT n`): memory
+//! stays bounded at any table size, and no long transaction holds back Synapse's vacuum. Every
+//! query has a client-side timeout and a server-side `statement_timeout`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+
+use crate::config::{DatabaseConfig, SslMode};
+
+/// The advisory lock key of the sweep (`pg_try_advisory_lock(7_135_921_405_338_915_661)`): the
+/// bytes of "cS3offld" read as a big-endian i64. Fixed forever: instances of different versions
+/// must exclude each other.
+pub const SWEEP_LOCK_KEY: i64 = i64::from_be_bytes(*b"cS3offld");
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("cannot connect to PostgreSQL {target} (check the database: section: host, port, user, password, database)")]
+    Connect {
+        target: String,
+        #[source]
+        source: deadpool_postgres::PoolError,
+    },
+    #[error("PostgreSQL query `{what}` failed")]
+    Query {
+        what: &'static str,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    #[error("PostgreSQL query `{what}` timed out after {after:?}")]
+    Timeout { what: &'static str, after: Duration },
+    #[error("cannot set up TLS for PostgreSQL: {0}")]
+    Tls(String),
+}
+
+/// One aged media, as the database names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AgedMedia {
+    Local { media_id: String },
+    Remote { origin: String, media_id: String, filesystem_id: String },
+}
+
+pub struct Db {
+    pool: Pool,
+    target: String,
+    timeout: Duration,
+}
+
+/// Holds the sweep's advisory lock on its own connection; released by [`SweepLock::release`] or,
+/// if dropped, by closing that connection (the lock dies with its session).
+pub struct SweepLock {
+    client: Option<deadpool_postgres::Object>,
+}
+
+impl SweepLock {
+    pub async fn release(mut self) {
+        if let Some(c) = self.client.take() {
+            let unlock = c.execute("SELECT pg_advisory_unlock($1)", &[&SWEEP_LOCK_KEY]);
+            if !matches!(tokio::time::timeout(Duration::from_secs(10), unlock).await, Ok(Ok(_))) {
+                // Could not unlock: close the session instead of returning a locked one to the pool.
+                drop(deadpool_postgres::Object::take(c));
+            }
+        }
+    }
+}
+
+impl Drop for SweepLock {
+    fn drop(&mut self) {
+        if let Some(c) = self.client.take() {
+            drop(deadpool_postgres::Object::take(c));
+        }
+    }
+}
+
+impl Db {
+    /// Builds the pool; connects lazily.
+    pub fn new(cfg: &DatabaseConfig) -> Result<Db, DbError> {
+        let mut pg = tokio_postgres::Config::new();
+        if cfg.is_socket() {
+            pg.host_path(&cfg.host);
+        } else {
+            pg.host(&cfg.host);
+        }
+        pg.port(cfg.port)
+            .user(&cfg.user)
+            .dbname(&cfg.dbname)
+            .application_name("synapse-s3-offload")
+            .connect_timeout(cfg.connect_timeout)
+            .options(format!("-c statement_timeout={}", cfg.statement_timeout.as_millis()));
+        if let Some(p) = &cfg.password {
+            pg.password(p.expose());
+        }
+        let mgr_cfg = ManagerConfig { recycling_method: RecyclingMethod::Fast };
+        let mgr = match cfg.sslmode {
+            SslMode::Disable => {
+                pg.ssl_mode(tokio_postgres::config::SslMode::Disable);
+                Manager::from_config(pg, tokio_postgres::NoTls, mgr_cfg)
+            }
+            mode => {
+                pg.ssl_mode(match mode {
+                    SslMode::Prefer => tokio_postgres::config::SslMode::Prefer,
+                    _ => tokio_postgres::config::SslMode::Require,
+                });
+                let tls = super::tls::client_config(mode, cfg.sslrootcert.as_deref()).map_err(DbError::Tls)?;
+                Manager::from_config(pg, tokio_postgres_rustls::MakeRustlsConnect::new(tls), mgr_cfg)
+            }
+        };
+        let pool = Pool::builder(mgr)
+            .max_size(4)
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .create_timeout(Some(cfg.connect_timeout))
+            .wait_timeout(Some(cfg.connect_timeout))
+            .recycle_timeout(Some(cfg.connect_timeout))
+            .build()
+            .map_err(|e| DbError::Tls(e.to_string()))?;
+        let target = if cfg.is_socket() {
+            format!("{}/.s.PGSQL.{} (database {}, user {})", cfg.host, cfg.port, cfg.dbname, cfg.user)
+        } else {
+            format!("{}:{} (database {}, user {})", cfg.host, cfg.port, cfg.dbname, cfg.user)
+        };
+        Ok(Db { pool, target, timeout: cfg.statement_timeout + Duration::from_secs(5) })
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Object, DbError> {
+        self.pool.get().await.map_err(|source| DbError::Connect { target: self.target.clone(), source })
+    }
+
+    async fn timed<T>(&self, what: &'static str, f: impl Future<Output = Result<T, tokio_postgres::Error>>) -> Result<T, DbError> {
+        match tokio::time::timeout(self.timeout, f).await {
+            Ok(r) => r.map_err(|source| DbError::Query { what, source }),
+            Err(_) => Err(DbError::Timeout { what, after: self.timeout }),
+        }
+    }
+
+    /// Takes the sweep lock if no other instance holds it.
+    pub async fn try_lock(&self) -> Result<Option<SweepLock>, DbError> {
+        let c = self.client().await?;
+        let row = self.timed("pg_try_advisory_lock", c.query_one("SELECT pg_try_advisory_lock($1)", &[&SWEEP_LOCK_KEY])).await?;
+        Ok(row.get::<_, bool>(0).then_some(SweepLock { client: Some(c) }))
+    }
+
+    /// Up to `limit` local media older than `cutoff_ms` (by last access, else creation), after
+    /// `after` in media_id order. URL previews are excluded.
+    pub async fn aged_local(&self, cutoff_ms: i64, after: &str, limit: i64) -> Result<Vec<AgedMedia>, DbError> {
+        let c = self.client().await?;
+        let rows = self
+            .timed(
+                "aged local media",
+                c.query(
+                    "SELECT media_id FROM local_media_repository \
+                     WHERE url_cache IS NULL AND COALESCE(last_access_ts, created_ts) < $1 AND media_id > $2 \
+                     ORDER BY media_id LIMIT $3",
+                    &[&cutoff_ms, &after, &limit],
+                ),
+            )
+            .await?;
+        Ok(rows.iter().map(|r| AgedMedia::Local { media_id: r.get(0) }).collect())
+    }
+
+    /// Up to `limit` cached remote media older than `cutoff_ms`, after `(origin, media_id)`.
+    pub async fn aged_remote(&self, cutoff_ms: i64, after: (&str, &str), limit: i64) -> Result<Vec<AgedMedia>, DbError> {
+        let c = self.client().await?;
+        let rows = self
+            .timed(
+                "aged remote media",
+                c.query(
+                    "SELECT media_origin, media_id, filesystem_id FROM remote_media_cache \
+                     WHERE COALESCE(last_access_ts, created_ts) < $1 AND (media_origin, media_id) > ($2, $3) \
+                     ORDER BY media_origin, media_id LIMIT $4",
+                    &[&cutoff_ms, &after.0, &after.1, &limit],
+                ),
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| AgedMedia::Remote { origin: r.get(0), media_id: r.get(1), filesystem_id: r.get(2) })
+            .collect())
+    }
+}
+
+/// Shared handle.
+pub type SharedDb = Arc<Db>;

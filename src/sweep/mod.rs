@@ -1,0 +1,273 @@
+//! The sweep: frees local disk by deleting the local copies of media nobody accessed for
+//! `sweep.keep_local_for`, never the only copy.
+//!
+//! Invariants (DESIGN.md 1, 2, 5, 7):
+//! - A file is deleted only if, right before, the bucket holds an object at its key with the same
+//!   size and digest (HEAD; the digest from our record when the file still matches it, else from
+//!   reading the file), its media is aged out per PostgreSQL, and the file's size and mtime did not
+//!   change between that check and the unlink.
+//! - Any error while confirming a media (S3, timeout, permission) deletes nothing of that media; a
+//!   database error stops the sweep. Both are reported.
+//! - A file whose object is missing or different is not deleted: it is queued for upload.
+//! - Paths come from validated database ids through [`MediaPath`]; nothing outside the store is
+//!   touched, symlinks are never followed, and only the AB/CD levels below a top-level folder
+//!   (never the folder itself, nor a remote origin's folder) are removed when they become empty.
+//! - One sweep at a time across instances: PostgreSQL advisory lock [`db::SWEEP_LOCK_KEY`].
+
+pub mod db;
+mod files;
+mod tls;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use self::db::{AgedMedia, Db, DbError};
+use self::files::Verdict;
+use crate::config::Config;
+use crate::queue::Queue;
+use crate::state::{Committer, State, now_ms};
+use crate::upload::s3::ObjectStore;
+
+const PAGE: i64 = 1000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SweepError {
+    #[error("refusing to sweep: {0}")]
+    Unsafe(String),
+    #[error("the sweep needs the database: section (Synapse's PostgreSQL)")]
+    NoDatabase,
+    #[error(transparent)]
+    Db(#[from] DbError),
+}
+
+/// What a sweep did (or, with `dry_run`, would do).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Report {
+    pub dry_run: bool,
+    /// Another instance held the lock: nothing was done.
+    pub skipped_locked: bool,
+    pub media_examined: u64,
+    pub files_deleted: u64,
+    pub bytes_freed: u64,
+    /// Kept because no object is at their key (queued for upload).
+    pub kept_not_in_bucket: u64,
+    /// Kept because the object differs in size or digest (queued for upload).
+    pub kept_different: u64,
+    /// Kept because confirming them failed (S3 error, timeout, permission).
+    pub kept_error: u64,
+    /// Files of aged media changed during the sweep (kept).
+    pub kept_changed: u64,
+    /// Relative paths deleted (or that would be, with `dry_run`).
+    pub deleted: Vec<String>,
+    /// First errors, for the report.
+    pub errors: Vec<String>,
+    /// Set when the sweep stopped before the end (database error, deletion limit, shutdown).
+    pub stopped: Option<String>,
+    pub started_at_ms: u64,
+    pub seconds: f64,
+}
+
+impl std::fmt::Display for Report {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.skipped_locked {
+            return write!(f, "another sweep is running (PostgreSQL advisory lock held); skipped");
+        }
+        let verb = if self.dry_run { "would delete" } else { "deleted" };
+        write!(
+            f,
+            "{} media examined, {verb} {} files ({:.1} MB); kept: {} not in bucket, {} different, {} errors, {} changed; {:.1}s",
+            self.media_examined,
+            self.files_deleted,
+            self.bytes_freed as f64 / 1e6,
+            self.kept_not_in_bucket,
+            self.kept_different,
+            self.kept_error,
+            self.kept_changed,
+            self.seconds
+        )?;
+        if let Some(s) = &self.stopped {
+            write!(f, "; stopped early: {s}")?;
+        }
+        Ok(())
+    }
+}
+
+/// What a sweep needs.
+pub struct Sweeper {
+    pub config: Config,
+    pub db: Db,
+    pub store: Arc<ObjectStore>,
+    pub state: State,
+    pub committer: Committer,
+    pub queue: Arc<Queue>,
+}
+
+/// Refuses to delete anything unless Synapse can read media back from our bucket.
+pub fn check_provider(config: &Config) -> Result<(), SweepError> {
+    match &config.synapse_config {
+        Some(path) => {
+            let hs = crate::synapse::read(path).map_err(|e| SweepError::Unsafe(format!("{e:#}")))?;
+            crate::synapse::reads_from_our_bucket(&hs, &config.s3).map_err(SweepError::Unsafe)
+        }
+        None if config.sweep.confirm_synapse_reads_from_bucket => Ok(()),
+        None => Err(SweepError::Unsafe(
+            "deleting local copies makes media unavailable unless Synapse reads them back from the bucket; set synapse_config (checked automatically) or sweep.confirm_synapse_reads_from_bucket: true once s3_storage_provider is configured with the same bucket and prefix".into(),
+        )),
+    }
+}
+
+impl Sweeper {
+    /// One sweep. `dry_run` deletes nothing and lists what would be deleted.
+    pub async fn run(&self, dry_run: bool, cancel: &CancellationToken) -> Result<Report, SweepError> {
+        if !dry_run {
+            check_provider(&self.config)?;
+        }
+        let started = Instant::now();
+        let mut report = Report { dry_run, started_at_ms: now_ms(), ..Report::default() };
+        let Some(lock) = self.db.try_lock().await? else {
+            tracing::info!("Another sweep is running (advisory lock held); skipping.");
+            report.skipped_locked = true;
+            return Ok(report);
+        };
+        let cutoff = now_ms().saturating_sub(self.config.sweep.keep_local_for.as_millis() as u64) as i64;
+        let deletions = AtomicU64::new(0);
+        let result = self.sweep_all(cutoff, dry_run, &deletions, &mut report, cancel).await;
+        lock.release().await;
+        if let Err(e) = result {
+            report.stopped = Some(format!("{e:#}"));
+            tracing::error!(error = %e, "Sweep stopped: database error. Nothing unconfirmed was deleted.");
+        }
+        report.seconds = started.elapsed().as_secs_f64();
+        Ok(report)
+    }
+
+    async fn sweep_all(&self, cutoff: i64, dry_run: bool, deletions: &AtomicU64, report: &mut Report, cancel: &CancellationToken) -> Result<(), DbError> {
+        let mut after_local = String::new();
+        let mut after_remote = (String::new(), String::new());
+        for remote in [false, true] {
+            loop {
+                if let Some(why) = self.stop_reason(deletions, cancel) {
+                    report.stopped.get_or_insert(why);
+                    return Ok(());
+                }
+                let page = if remote {
+                    self.db.aged_remote(cutoff, (&after_remote.0, &after_remote.1), PAGE).await?
+                } else {
+                    self.db.aged_local(cutoff, &after_local, PAGE).await?
+                };
+                let Some(last) = page.last() else { break };
+                match last {
+                    AgedMedia::Local { media_id } => after_local = media_id.clone(),
+                    AgedMedia::Remote { origin, media_id, .. } => after_remote = (origin.clone(), media_id.clone()),
+                }
+                let full = page.len() as i64 == PAGE;
+                let outcomes: Vec<_> = futures::stream::iter(page)
+                    .map(|m| self.sweep_media(m, dry_run, deletions, cancel))
+                    .buffer_unordered(self.config.sweep.concurrency)
+                    .collect()
+                    .await;
+                for o in outcomes {
+                    report.media_examined += 1;
+                    o.add_to(report);
+                }
+                if !full {
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn stop_reason(&self, deletions: &AtomicU64, cancel: &CancellationToken) -> Option<String> {
+        if cancel.is_cancelled() {
+            return Some("shutting down".into());
+        }
+        match self.config.sweep.max_deletions_per_run {
+            Some(max) if deletions.load(Ordering::SeqCst) >= max => Some(format!("sweep.max_deletions_per_run ({max}) reached")),
+            _ => None,
+        }
+    }
+
+    /// Confirms and deletes the files of one media. Errors affect this media only.
+    async fn sweep_media(&self, media: AgedMedia, dry_run: bool, deletions: &AtomicU64, cancel: &CancellationToken) -> files::MediaOutcome {
+        let mut out = files::MediaOutcome::default();
+        let paths = match files::media_files(&self.config.media_store_path, &media).await {
+            Ok(p) => p,
+            Err(e) => {
+                out.error(format!("{media:?}: {e}"));
+                return out;
+            }
+        };
+        // Confirm every file first: an error on any of them keeps the whole media.
+        let mut verdicts = Vec::with_capacity(paths.len());
+        for path in paths {
+            let v = files::confirm(self, &path).await;
+            if let Verdict::Error(e) = &v {
+                out.error(format!("{path}: {e}"));
+                out.kept_error += 1;
+                return out;
+            }
+            verdicts.push((path, v));
+        }
+        let mut to_upload = Vec::new();
+        for (path, v) in verdicts {
+            match v {
+                Verdict::Confirmed { snapshot, record } => {
+                    if let Some(r) = record {
+                        // Remember what we just verified (a file uploaded by another tool).
+                        let _ = self.committer.apply(vec![crate::state::Op::Record(path.clone(), r)]).await;
+                    }
+                    if cancel.is_cancelled() || self.stop_reason(deletions, cancel).is_some() {
+                        break;
+                    }
+                    if dry_run {
+                        out.deleted.push((path.to_string(), snapshot.size));
+                        deletions.fetch_add(1, Ordering::SeqCst);
+                        continue;
+                    }
+                    match files::delete_if_unchanged(&self.config.media_store_path, &path, snapshot).await {
+                        Ok(true) => {
+                            deletions.fetch_add(1, Ordering::SeqCst);
+                            tracing::debug!(path = %path, bytes = snapshot.size, "Deleted local copy.");
+                            out.deleted.push((path.to_string(), snapshot.size));
+                        }
+                        Ok(false) => {
+                            out.kept_changed += 1;
+                            to_upload.push(path);
+                        }
+                        Err(e) => {
+                            out.kept_error += 1;
+                            out.error(format!("{path}: cannot delete: {e}"));
+                        }
+                    }
+                }
+                Verdict::Missing => {
+                    out.kept_not_in_bucket += 1;
+                    to_upload.push(path);
+                }
+                Verdict::Different => {
+                    out.kept_different += 1;
+                    to_upload.push(path);
+                }
+                Verdict::Gone => {}
+                Verdict::Error(_) => unreachable!("returned above"),
+            }
+        }
+        if !to_upload.is_empty() {
+            let now = now_ms();
+            let items = to_upload.into_iter().map(|p| (p, now, false)).collect();
+            if let Err(e) = self.queue.enqueue(items).await {
+                out.error(format!("cannot queue uploads: {e}"));
+            }
+        }
+        if !dry_run && !out.deleted.is_empty() {
+            files::remove_empty_dirs(&self.config.media_store_path, &media).await;
+        }
+        out
+    }
+}
