@@ -5,6 +5,7 @@
 
 pub mod backfill;
 pub mod config;
+pub mod control;
 pub mod daemon;
 pub mod layout;
 pub mod queue;

@@ -6,7 +6,8 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
-use synapse_s3_offload::{backfill, config, daemon};
+use synapse_s3_offload::control::{self, Request, Response};
+use synapse_s3_offload::{backfill, config, daemon, sweep};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -41,6 +42,19 @@ enum LogFormat {
 enum Command {
     /// The daemon: watch the media store and upload every finished file, until SIGTERM/SIGINT.
     Run,
+    /// Delete local copies of aged media that are confirmed in the bucket (asks the running daemon
+    /// if there is one), print what was deleted.
+    Sweep {
+        /// Delete nothing; list what would be deleted.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Queue depth, failed uploads with their errors, last sweep (asks the running daemon if any).
+    Status {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Upload every file of the media store that is not yet verified in the bucket, then exit.
     Upload {
         /// Plain log lines instead of a progress bar, even on a terminal.
@@ -84,6 +98,49 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         .context("starting the async runtime")?;
     rt.block_on(async move {
         match cli.command {
+            Command::Sweep { dry_run } => {
+                let cancel = CancellationToken::new();
+                let on_signal = cancel.clone();
+                tokio::spawn(async move {
+                    shutdown_signal().await;
+                    on_signal.cancel();
+                });
+                let report = match control::request(&config.state_dir, &Request::Sweep { dry_run }).await? {
+                    Some(Response::Sweep(r)) => r,
+                    Some(Response::Error(e)) => anyhow::bail!("{e}"),
+                    Some(other) => anyhow::bail!("unexpected answer from the daemon: {other:?}"),
+                    None => sweep::run_standalone(&config, dry_run, &cancel).await?,
+                };
+                let verb = if dry_run { "would delete" } else { "deleted" };
+                for path in &report.deleted {
+                    println!("{verb} {path}");
+                }
+                println!("{report}");
+                for e in &report.errors {
+                    eprintln!("kept: {e}");
+                }
+                if let Some(why) = &report.stopped {
+                    anyhow::bail!("the sweep stopped early: {why}");
+                }
+                if report.kept_error > 0 {
+                    anyhow::bail!("{} files could not be confirmed and were kept (see above); the next sweep retries them", report.kept_error);
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Status { json } => {
+                let status = match control::request(&config.state_dir, &Request::Status).await? {
+                    Some(Response::Status(s)) => s,
+                    Some(Response::Error(e)) => anyhow::bail!("{e}"),
+                    Some(other) => anyhow::bail!("unexpected answer from the daemon: {other:?}"),
+                    None => control::status_standalone(&config)?,
+                };
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&status)?);
+                } else {
+                    print!("{status}");
+                }
+                Ok(ExitCode::SUCCESS)
+            }
             Command::Run => {
                 let shutdown = CancellationToken::new();
                 let on_signal = shutdown.clone();

@@ -24,6 +24,8 @@ use crate::layout::MediaPath;
 const UPLOADED: TableDefinition<&str, &[u8]> = TableDefinition::new("uploaded");
 /// The upload queue: relative media path → item encoded by [`crate::queue`].
 const QUEUE: TableDefinition<&str, &[u8]> = TableDefinition::new("queue");
+/// Small named texts (the last sweep's report, as JSON).
+const TEXT: TableDefinition<&str, &str> = TableDefinition::new("meta_text");
 /// Schema metadata (`version`).
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const SCHEMA_VERSION: u64 = 1;
@@ -142,6 +144,7 @@ pub enum Op {
     /// Insert or replace a queue item.
     QueuePut(MediaPath, Vec<u8>),
     QueueRemove(MediaPath),
+    SetText(&'static str, String),
 }
 
 /// Handle to the state database; cheap to clone.
@@ -199,6 +202,7 @@ impl State {
             }
             txn.open_table(UPLOADED)?;
             txn.open_table(QUEUE)?;
+            txn.open_table(TEXT)?;
         }
         txn.commit()?;
         Ok(())
@@ -231,6 +235,7 @@ impl State {
         {
             let mut uploaded = txn.open_table(UPLOADED)?;
             let mut queue = txn.open_table(QUEUE)?;
+            let mut text = txn.open_table(TEXT)?;
             for op in ops {
                 match op {
                     Op::Record(p, r) => {
@@ -245,11 +250,21 @@ impl State {
                     Op::QueueRemove(p) => {
                         queue.remove(p.as_str())?;
                     }
+                    Op::SetText(k, v) => {
+                        text.insert(*k, v.as_str())?;
+                    }
                 }
             }
         }
         txn.commit()?;
         Ok(())
+    }
+
+    /// A named text set by [`Op::SetText`].
+    pub fn text(&self, key: &str) -> Result<Option<String>, StateError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(TEXT)?;
+        Ok(table.get(key)?.map(|v| v.value().to_owned()))
     }
 
     /// Every queue item, raw (loaded once at startup).

@@ -54,19 +54,28 @@ pub struct ProviderConfig {
 }
 
 pub fn read(path: &Path) -> Result<HomeserverYaml, SynapseConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| SynapseConfigError::Read { path: path.to_owned(), source })?;
-    serde_saphyr::from_str(&text).map_err(|e| SynapseConfigError::Parse { path: path.to_owned(), detail: e.to_string() })
+    let text = std::fs::read_to_string(path).map_err(|source| SynapseConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    serde_saphyr::from_str(&text).map_err(|e| SynapseConfigError::Parse {
+        path: path.to_owned(),
+        detail: e.to_string(),
+    })
 }
 
 impl HomeserverYaml {
     /// The first `s3_storage_provider` entry.
     pub fn s3_provider(&self) -> Option<&ProviderEntry> {
-        self.media_storage_providers.iter().find(|p| p.module == PROVIDER_MODULE)
+        self.media_storage_providers
+            .iter()
+            .find(|p| p.module == PROVIDER_MODULE)
     }
 }
 
 fn norm_endpoint(e: Option<&str>) -> Option<String> {
-    e.filter(|s| !s.is_empty()).map(|s| s.trim_end_matches('/').to_ascii_lowercase())
+    e.filter(|s| !s.is_empty())
+        .map(|s| s.trim_end_matches('/').to_ascii_lowercase())
 }
 
 /// Whether Synapse (per `hs`) reads back from the bucket we upload to. `Err` explains the mismatch.
@@ -81,7 +90,11 @@ pub fn reads_from_our_bucket(hs: &HomeserverYaml, s3: &S3Config) -> Result<(), S
         p.config.prefix.clone().unwrap_or_default(),
         norm_endpoint(p.config.endpoint_url.as_deref()),
     );
-    let ours = (s3.bucket.clone(), s3.prefix.clone(), norm_endpoint(s3.endpoint_url.as_deref()));
+    let ours = (
+        s3.bucket.clone(),
+        s3.prefix.clone(),
+        norm_endpoint(s3.endpoint_url.as_deref()),
+    );
     if theirs != ours {
         return Err(format!(
             "Synapse's s3_storage_provider reads bucket {:?}, prefix {:?}, endpoint {:?}, but we upload to bucket {:?}, prefix {:?}, endpoint {:?}; make them the same before sweeping",
@@ -134,8 +147,13 @@ media_storage_providers:
         let hs = read(&p).unwrap();
         assert_eq!(hs.s3_provider().unwrap().store_local, Some(false));
         reads_from_our_bucket(&hs, &s3("media", "syn/", Some("https://s3.example.com"))).unwrap();
-        let err = reads_from_our_bucket(&hs, &s3("media", "", Some("https://s3.example.com"))).unwrap_err();
+        let err = reads_from_our_bucket(&hs, &s3("media", "", Some("https://s3.example.com")))
+            .unwrap_err();
         assert!(err.contains("prefix"), "{err}");
-        assert!(reads_from_our_bucket(&HomeserverYaml::default(), &s3("media", "", None)).unwrap_err().contains("no s3_storage_provider"));
+        assert!(
+            reads_from_our_bucket(&HomeserverYaml::default(), &s3("media", "", None))
+                .unwrap_err()
+                .contains("no s3_storage_provider")
+        );
     }
 }

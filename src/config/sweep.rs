@@ -85,11 +85,16 @@ pub struct SweepConfig {
     pub concurrency: usize,
 }
 
-pub(super) fn validate_database(raw: Option<RawDatabase>) -> Result<Option<DatabaseConfig>, ConfigError> {
+pub(super) fn validate_database(
+    raw: Option<RawDatabase>,
+) -> Result<Option<DatabaseConfig>, ConfigError> {
     let Some(raw) = raw else { return Ok(None) };
     let dbname = match (raw.database, raw.dbname) {
         (Some(a), Some(b)) if a != b => {
-            return Err(invalid("database.dbname", "database and dbname are both set and differ; keep one"));
+            return Err(invalid(
+                "database.dbname",
+                "database and dbname are both set and differ; keep one",
+            ));
         }
         (a, b) => a.or(b).ok_or(ConfigError::Missing {
             key: "database.database",
@@ -105,13 +110,17 @@ pub(super) fn validate_database(raw: Option<RawDatabase>) -> Result<Option<Datab
         other => {
             return Err(invalid(
                 "database.sslmode",
-                format!("{other:?} is not one of disable, allow, prefer, require, verify-ca, verify-full"),
+                format!(
+                    "{other:?} is not one of disable, allow, prefer, require, verify-ca, verify-full"
+                ),
             ));
         }
     };
     let connect_timeout = match raw.connect_timeout {
         None => Duration::from_secs(10),
-        Some(v) => v.to_duration().map_err(|r| invalid("database.connect_timeout", r))?,
+        Some(v) => v
+            .to_duration()
+            .map_err(|r| invalid("database.connect_timeout", r))?,
     };
     Ok(Some(DatabaseConfig {
         host: raw.host.unwrap_or_else(|| "localhost".into()),
@@ -132,7 +141,10 @@ pub(super) fn validate_sweep(raw: RawSweep) -> Result<SweepConfig, ConfigError> 
         return Err(invalid("sweep.concurrency", "must be between 1 and 256"));
     }
     if raw.max_deletions_per_run == Some(0) {
-        return Err(invalid("sweep.max_deletions_per_run", "0 would delete nothing; leave it out for no limit, or set sweep.enabled: false"));
+        return Err(invalid(
+            "sweep.max_deletions_per_run",
+            "0 would delete nothing; leave it out for no limit, or set sweep.enabled: false",
+        ));
     }
     Ok(SweepConfig {
         enabled: raw.enabled.unwrap_or(true),

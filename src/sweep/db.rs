@@ -19,7 +19,9 @@ pub const SWEEP_LOCK_KEY: i64 = i64::from_be_bytes(*b"cS3offld");
 
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
-    #[error("cannot connect to PostgreSQL {target} (check the database: section: host, port, user, password, database)")]
+    #[error(
+        "cannot connect to PostgreSQL {target} (check the database: section: host, port, user, password, database)"
+    )]
     Connect {
         target: String,
         #[source]
@@ -40,8 +42,14 @@ pub enum DbError {
 /// One aged media, as the database names it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AgedMedia {
-    Local { media_id: String },
-    Remote { origin: String, media_id: String, filesystem_id: String },
+    Local {
+        media_id: String,
+    },
+    Remote {
+        origin: String,
+        media_id: String,
+        filesystem_id: String,
+    },
 }
 
 pub struct Db {
@@ -60,7 +68,10 @@ impl SweepLock {
     pub async fn release(mut self) {
         if let Some(c) = self.client.take() {
             let unlock = c.execute("SELECT pg_advisory_unlock($1)", &[&SWEEP_LOCK_KEY]);
-            if !matches!(tokio::time::timeout(Duration::from_secs(10), unlock).await, Ok(Ok(_))) {
+            if !matches!(
+                tokio::time::timeout(Duration::from_secs(10), unlock).await,
+                Ok(Ok(_))
+            ) {
                 // Could not unlock: close the session instead of returning a locked one to the pool.
                 drop(deadpool_postgres::Object::take(c));
             }
@@ -90,11 +101,16 @@ impl Db {
             .dbname(&cfg.dbname)
             .application_name("synapse-s3-offload")
             .connect_timeout(cfg.connect_timeout)
-            .options(format!("-c statement_timeout={}", cfg.statement_timeout.as_millis()));
+            .options(format!(
+                "-c statement_timeout={}",
+                cfg.statement_timeout.as_millis()
+            ));
         if let Some(p) = &cfg.password {
             pg.password(p.expose());
         }
-        let mgr_cfg = ManagerConfig { recycling_method: RecyclingMethod::Fast };
+        let mgr_cfg = ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        };
         let mgr = match cfg.sslmode {
             SslMode::Disable => {
                 pg.ssl_mode(tokio_postgres::config::SslMode::Disable);
@@ -105,8 +121,13 @@ impl Db {
                     SslMode::Prefer => tokio_postgres::config::SslMode::Prefer,
                     _ => tokio_postgres::config::SslMode::Require,
                 });
-                let tls = super::tls::client_config(mode, cfg.sslrootcert.as_deref()).map_err(DbError::Tls)?;
-                Manager::from_config(pg, tokio_postgres_rustls::MakeRustlsConnect::new(tls), mgr_cfg)
+                let tls = super::tls::client_config(mode, cfg.sslrootcert.as_deref())
+                    .map_err(DbError::Tls)?;
+                Manager::from_config(
+                    pg,
+                    tokio_postgres_rustls::MakeRustlsConnect::new(tls),
+                    mgr_cfg,
+                )
             }
         };
         let pool = Pool::builder(mgr)
@@ -118,34 +139,66 @@ impl Db {
             .build()
             .map_err(|e| DbError::Tls(e.to_string()))?;
         let target = if cfg.is_socket() {
-            format!("{}/.s.PGSQL.{} (database {}, user {})", cfg.host, cfg.port, cfg.dbname, cfg.user)
+            format!(
+                "{}/.s.PGSQL.{} (database {}, user {})",
+                cfg.host, cfg.port, cfg.dbname, cfg.user
+            )
         } else {
-            format!("{}:{} (database {}, user {})", cfg.host, cfg.port, cfg.dbname, cfg.user)
+            format!(
+                "{}:{} (database {}, user {})",
+                cfg.host, cfg.port, cfg.dbname, cfg.user
+            )
         };
-        Ok(Db { pool, target, timeout: cfg.statement_timeout + Duration::from_secs(5) })
+        Ok(Db {
+            pool,
+            target,
+            timeout: cfg.statement_timeout + Duration::from_secs(5),
+        })
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Object, DbError> {
-        self.pool.get().await.map_err(|source| DbError::Connect { target: self.target.clone(), source })
+        self.pool.get().await.map_err(|source| DbError::Connect {
+            target: self.target.clone(),
+            source,
+        })
     }
 
-    async fn timed<T>(&self, what: &'static str, f: impl Future<Output = Result<T, tokio_postgres::Error>>) -> Result<T, DbError> {
+    async fn timed<T>(
+        &self,
+        what: &'static str,
+        f: impl Future<Output = Result<T, tokio_postgres::Error>>,
+    ) -> Result<T, DbError> {
         match tokio::time::timeout(self.timeout, f).await {
             Ok(r) => r.map_err(|source| DbError::Query { what, source }),
-            Err(_) => Err(DbError::Timeout { what, after: self.timeout }),
+            Err(_) => Err(DbError::Timeout {
+                what,
+                after: self.timeout,
+            }),
         }
     }
 
     /// Takes the sweep lock if no other instance holds it.
     pub async fn try_lock(&self) -> Result<Option<SweepLock>, DbError> {
         let c = self.client().await?;
-        let row = self.timed("pg_try_advisory_lock", c.query_one("SELECT pg_try_advisory_lock($1)", &[&SWEEP_LOCK_KEY])).await?;
-        Ok(row.get::<_, bool>(0).then_some(SweepLock { client: Some(c) }))
+        let row = self
+            .timed(
+                "pg_try_advisory_lock",
+                c.query_one("SELECT pg_try_advisory_lock($1)", &[&SWEEP_LOCK_KEY]),
+            )
+            .await?;
+        Ok(row
+            .get::<_, bool>(0)
+            .then_some(SweepLock { client: Some(c) }))
     }
 
     /// Up to `limit` local media older than `cutoff_ms` (by last access, else creation), after
     /// `after` in media_id order. URL previews are excluded.
-    pub async fn aged_local(&self, cutoff_ms: i64, after: &str, limit: i64) -> Result<Vec<AgedMedia>, DbError> {
+    pub async fn aged_local(
+        &self,
+        cutoff_ms: i64,
+        after: &str,
+        limit: i64,
+    ) -> Result<Vec<AgedMedia>, DbError> {
         let c = self.client().await?;
         let rows = self
             .timed(
@@ -158,11 +211,19 @@ impl Db {
                 ),
             )
             .await?;
-        Ok(rows.iter().map(|r| AgedMedia::Local { media_id: r.get(0) }).collect())
+        Ok(rows
+            .iter()
+            .map(|r| AgedMedia::Local { media_id: r.get(0) })
+            .collect())
     }
 
     /// Up to `limit` cached remote media older than `cutoff_ms`, after `(origin, media_id)`.
-    pub async fn aged_remote(&self, cutoff_ms: i64, after: (&str, &str), limit: i64) -> Result<Vec<AgedMedia>, DbError> {
+    pub async fn aged_remote(
+        &self,
+        cutoff_ms: i64,
+        after: (&str, &str),
+        limit: i64,
+    ) -> Result<Vec<AgedMedia>, DbError> {
         let c = self.client().await?;
         let rows = self
             .timed(
@@ -177,7 +238,11 @@ impl Db {
             .await?;
         Ok(rows
             .iter()
-            .map(|r| AgedMedia::Remote { origin: r.get(0), media_id: r.get(1), filesystem_id: r.get(2) })
+            .map(|r| AgedMedia::Remote {
+                origin: r.get(0),
+                media_id: r.get(1),
+                filesystem_id: r.get(2),
+            })
             .collect())
     }
 }

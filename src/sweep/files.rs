@@ -45,7 +45,10 @@ impl MediaOutcome {
 #[derive(Debug)]
 pub enum Verdict {
     /// Same size and digest in the bucket. `record` is set when it was not recorded yet.
-    Confirmed { snapshot: Snapshot, record: Option<Record> },
+    Confirmed {
+        snapshot: Snapshot,
+        record: Option<Record>,
+    },
     Missing,
     Different,
     /// No longer a regular file here.
@@ -60,7 +63,11 @@ fn safe_component(s: &str, min_len: usize) -> Result<&str, String> {
         && s != ".."
         && !s.contains('/')
         && !s.chars().any(char::is_control);
-    if ok { Ok(s) } else { Err(format!("refusing the unsafe id {s:?} from the database")) }
+    if ok {
+        Ok(s)
+    } else {
+        Err(format!("refusing the unsafe id {s:?} from the database"))
+    }
 }
 
 /// (original, thumbnail directory) of a media, relative to the store.
@@ -69,13 +76,23 @@ pub fn media_paths(media: &AgedMedia) -> Result<(String, String), String> {
         AgedMedia::Local { media_id } => {
             let id = safe_component(media_id, 5)?;
             let split = format!("{}/{}/{}", &id[..2], &id[2..4], &id[4..]);
-            Ok((format!("local_content/{split}"), format!("local_thumbnails/{split}")))
+            Ok((
+                format!("local_content/{split}"),
+                format!("local_thumbnails/{split}"),
+            ))
         }
-        AgedMedia::Remote { origin, filesystem_id, .. } => {
+        AgedMedia::Remote {
+            origin,
+            filesystem_id,
+            ..
+        } => {
             let origin = safe_component(origin, 1)?;
             let id = safe_component(filesystem_id, 5)?;
             let split = format!("{}/{}/{}", &id[..2], &id[2..4], &id[4..]);
-            Ok((format!("remote_content/{origin}/{split}"), format!("remote_thumbnail/{origin}/{split}")))
+            Ok((
+                format!("remote_content/{origin}/{split}"),
+                format!("remote_thumbnail/{origin}/{split}"),
+            ))
         }
     }
 }
@@ -94,7 +111,8 @@ pub async fn media_files(root: &Path, media: &AgedMedia) -> Result<Vec<MediaPath
         let dir = thumbs.to_path(&root);
         // symlink_metadata: a symlinked thumbnail directory is not followed.
         if std::fs::symlink_metadata(&dir).is_ok_and(|m| m.is_dir()) {
-            let entries = std::fs::read_dir(&dir).map_err(|e| format!("cannot list {}: {e}", dir.display()))?;
+            let entries = std::fs::read_dir(&dir)
+                .map_err(|e| format!("cannot list {}: {e}", dir.display()))?;
             for entry in entries {
                 let entry = entry.map_err(|e| format!("cannot list {}: {e}", dir.display()))?;
                 if entry.file_type().is_ok_and(|t| t.is_file()) {
@@ -118,22 +136,24 @@ pub async fn confirm(s: &Sweeper, path: &MediaPath) -> Verdict {
     let state = s.state.clone();
     let p = path.clone();
     // The digest: from our record while the file still matches it, else read from the file.
-    let local = tokio::task::spawn_blocking(move || -> Result<Option<(Snapshot, [u8; 16], bool)>, String> {
-        let snap = match digest::stat(&abs).map_err(|e| e.to_string())? {
-            Stat::File(s) => s,
-            _ => return Ok(None),
-        };
-        if let Some(r) = state.record(&p).map_err(|e| e.to_string())?
-            && r.matches(snap.size, snap.mtime_ns)
-        {
-            return Ok(Some((snap, r.md5, false)));
-        }
-        match digest::read_and_hash(&abs, 0, None).map_err(|e| e.to_string())? {
-            ReadOutcome::Hashed(h) => Ok(Some((h.snapshot, h.md5, true))),
-            ReadOutcome::Changed => Err("the file changed while it was read".into()),
-            _ => Ok(None),
-        }
-    })
+    let local = tokio::task::spawn_blocking(
+        move || -> Result<Option<(Snapshot, [u8; 16], bool)>, String> {
+            let snap = match digest::stat(&abs).map_err(|e| e.to_string())? {
+                Stat::File(s) => s,
+                _ => return Ok(None),
+            };
+            if let Some(r) = state.record(&p).map_err(|e| e.to_string())?
+                && r.matches(snap.size, snap.mtime_ns)
+            {
+                return Ok(Some((snap, r.md5, false)));
+            }
+            match digest::read_and_hash(&abs, 0, None).map_err(|e| e.to_string())? {
+                ReadOutcome::Hashed(h) => Ok(Some((h.snapshot, h.md5, true))),
+                ReadOutcome::Changed => Err("the file changed while it was read".into()),
+                _ => Ok(None),
+            }
+        },
+    )
     .await;
     let (snapshot, md5, unrecorded) = match local {
         Ok(Ok(Some(x))) => x,
@@ -153,7 +173,11 @@ pub async fn confirm(s: &Sweeper, path: &MediaPath) -> Verdict {
 }
 
 /// Deletes the file if it is still exactly what was confirmed (same size and mtime).
-pub async fn delete_if_unchanged(root: &Path, path: &MediaPath, confirmed: Snapshot) -> std::io::Result<bool> {
+pub async fn delete_if_unchanged(
+    root: &Path,
+    path: &MediaPath,
+    confirmed: Snapshot,
+) -> std::io::Result<bool> {
     let abs = path.to_path(root);
     tokio::task::spawn_blocking(move || match digest::stat(&abs)? {
         Stat::File(now) if now == confirmed => {
@@ -170,8 +194,12 @@ pub async fn delete_if_unchanged(root: &Path, path: &MediaPath, confirmed: Snaps
 /// Synapse may be between its `makedirs` and `open` of another media there, and removing them then
 /// would fail that upload.
 pub async fn remove_empty_dirs(root: &Path, media: &AgedMedia) {
-    let Ok((_, thumbs)) = media_paths(media) else { return };
-    let Ok(thumbs) = MediaPath::parse(&thumbs) else { return };
+    let Ok((_, thumbs)) = media_paths(media) else {
+        return;
+    };
+    let Ok(thumbs) = MediaPath::parse(&thumbs) else {
+        return;
+    };
     let dir = thumbs.to_path(root);
     let _ = tokio::task::spawn_blocking(move || {
         if std::fs::symlink_metadata(&dir).is_ok_and(|m| m.is_dir()) {
@@ -188,17 +216,47 @@ mod tests {
 
     #[test]
     fn paths_follow_synapse_layout_and_refuse_escapes() {
-        let local = AgedMedia::Local { media_id: "abcdefghij".into() };
-        assert_eq!(media_paths(&local).unwrap(), ("local_content/ab/cd/efghij".into(), "local_thumbnails/ab/cd/efghij".into()));
-        let remote = AgedMedia::Remote { origin: "matrix.org".into(), media_id: "x".into(), filesystem_id: "QWERTYuiop".into() };
+        let local = AgedMedia::Local {
+            media_id: "abcdefghij".into(),
+        };
+        assert_eq!(
+            media_paths(&local).unwrap(),
+            (
+                "local_content/ab/cd/efghij".into(),
+                "local_thumbnails/ab/cd/efghij".into()
+            )
+        );
+        let remote = AgedMedia::Remote {
+            origin: "matrix.org".into(),
+            media_id: "x".into(),
+            filesystem_id: "QWERTYuiop".into(),
+        };
         assert_eq!(
             media_paths(&remote).unwrap(),
-            ("remote_content/matrix.org/QW/ER/TYuiop".into(), "remote_thumbnail/matrix.org/QW/ER/TYuiop".into())
+            (
+                "remote_content/matrix.org/QW/ER/TYuiop".into(),
+                "remote_thumbnail/matrix.org/QW/ER/TYuiop".into()
+            )
         );
-        for (origin, fid) in [("../../etc", "abcdefgh"), ("..", "abcdefgh"), ("a/b", "abcdefgh"), ("ok.org", "ab/../../x"), ("ok.org", "abc")] {
-            let m = AgedMedia::Remote { origin: origin.into(), media_id: "m".into(), filesystem_id: fid.into() };
+        for (origin, fid) in [
+            ("../../etc", "abcdefgh"),
+            ("..", "abcdefgh"),
+            ("a/b", "abcdefgh"),
+            ("ok.org", "ab/../../x"),
+            ("ok.org", "abc"),
+        ] {
+            let m = AgedMedia::Remote {
+                origin: origin.into(),
+                media_id: "m".into(),
+                filesystem_id: fid.into(),
+            };
             assert!(media_paths(&m).is_err(), "{origin} {fid}");
         }
-        assert!(media_paths(&AgedMedia::Local { media_id: "../../../etc/passwd".into() }).is_err());
+        assert!(
+            media_paths(&AgedMedia::Local {
+                media_id: "../../../etc/passwd".into()
+            })
+            .is_err()
+        );
     }
 }

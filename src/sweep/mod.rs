@@ -43,6 +43,8 @@ pub enum SweepError {
     NoDatabase,
     #[error(transparent)]
     Db(#[from] DbError),
+    #[error(transparent)]
+    State(#[from] crate::state::StateError),
 }
 
 /// What a sweep did (or, with `dry_run`, would do).
@@ -66,8 +68,10 @@ pub struct Report {
     pub deleted: Vec<String>,
     /// First errors, for the report.
     pub errors: Vec<String>,
-    /// Set when the sweep stopped before the end (database error, deletion limit, shutdown).
+    /// Set when the sweep stopped before the end (database error, shutdown).
     pub stopped: Option<String>,
+    /// `sweep.max_deletions_per_run` was reached; the next sweep goes on.
+    pub limit_reached: bool,
     pub started_at_ms: u64,
     pub seconds: f64,
 }
@@ -75,9 +79,16 @@ pub struct Report {
 impl std::fmt::Display for Report {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         if self.skipped_locked {
-            return write!(f, "another sweep is running (PostgreSQL advisory lock held); skipped");
+            return write!(
+                f,
+                "another sweep is running (PostgreSQL advisory lock held); skipped"
+            );
         }
-        let verb = if self.dry_run { "would delete" } else { "deleted" };
+        let verb = if self.dry_run {
+            "would delete"
+        } else {
+            "deleted"
+        };
         write!(
             f,
             "{} media examined, {verb} {} files ({:.1} MB); kept: {} not in bucket, {} different, {} errors, {} changed; {:.1}s",
@@ -92,6 +103,9 @@ impl std::fmt::Display for Report {
         )?;
         if let Some(s) = &self.stopped {
             write!(f, "; stopped early: {s}")?;
+        }
+        if self.limit_reached {
+            write!(f, "; sweep.max_deletions_per_run reached")?;
         }
         Ok(())
     }
@@ -121,22 +135,72 @@ pub fn check_provider(config: &Config) -> Result<(), SweepError> {
     }
 }
 
+/// `sweep` without a running daemon: opens the state itself, sweeps once, remembers the report.
+pub async fn run_standalone(
+    config: &Config,
+    dry_run: bool,
+    cancel: &CancellationToken,
+) -> Result<Report, SweepError> {
+    let db_config = config.database.as_ref().ok_or(SweepError::NoDatabase)?;
+    if !dry_run {
+        check_provider(config)?;
+    }
+    let state = State::open(&config.state_dir)?;
+    let (committer, commit_thread) = Committer::start(state.clone());
+    let queue = Arc::new(Queue::load(
+        &state,
+        committer.clone(),
+        config.upload.max_backoff,
+        config.upload.failed_retry_interval,
+    )?);
+    let sweeper = Sweeper {
+        config: config.clone(),
+        db: Db::new(db_config)?,
+        store: Arc::new(ObjectStore::new(&config.s3, config.upload.multipart_part_size).await),
+        state,
+        committer: committer.clone(),
+        queue,
+    };
+    let report = sweeper.run(dry_run, cancel).await;
+    if let Ok(r) = &report
+        && !r.skipped_locked
+    {
+        committer
+            .apply(vec![crate::control::remember_sweep(r)])
+            .await?;
+    }
+    drop((sweeper, committer));
+    let _ = tokio::task::spawn_blocking(move || commit_thread.join()).await;
+    report
+}
+
 impl Sweeper {
     /// One sweep. `dry_run` deletes nothing and lists what would be deleted.
-    pub async fn run(&self, dry_run: bool, cancel: &CancellationToken) -> Result<Report, SweepError> {
+    pub async fn run(
+        &self,
+        dry_run: bool,
+        cancel: &CancellationToken,
+    ) -> Result<Report, SweepError> {
         if !dry_run {
             check_provider(&self.config)?;
         }
         let started = Instant::now();
-        let mut report = Report { dry_run, started_at_ms: now_ms(), ..Report::default() };
+        let mut report = Report {
+            dry_run,
+            started_at_ms: now_ms(),
+            ..Report::default()
+        };
         let Some(lock) = self.db.try_lock().await? else {
             tracing::info!("Another sweep is running (advisory lock held); skipping.");
             report.skipped_locked = true;
             return Ok(report);
         };
-        let cutoff = now_ms().saturating_sub(self.config.sweep.keep_local_for.as_millis() as u64) as i64;
+        let cutoff =
+            now_ms().saturating_sub(self.config.sweep.keep_local_for.as_millis() as u64) as i64;
         let deletions = AtomicU64::new(0);
-        let result = self.sweep_all(cutoff, dry_run, &deletions, &mut report, cancel).await;
+        let result = self
+            .sweep_all(cutoff, dry_run, &deletions, &mut report, cancel)
+            .await;
         lock.release().await;
         if let Err(e) = result {
             report.stopped = Some(format!("{e:#}"));
@@ -146,24 +210,39 @@ impl Sweeper {
         Ok(report)
     }
 
-    async fn sweep_all(&self, cutoff: i64, dry_run: bool, deletions: &AtomicU64, report: &mut Report, cancel: &CancellationToken) -> Result<(), DbError> {
+    async fn sweep_all(
+        &self,
+        cutoff: i64,
+        dry_run: bool,
+        deletions: &AtomicU64,
+        report: &mut Report,
+        cancel: &CancellationToken,
+    ) -> Result<(), DbError> {
         let mut after_local = String::new();
         let mut after_remote = (String::new(), String::new());
         for remote in [false, true] {
             loop {
-                if let Some(why) = self.stop_reason(deletions, cancel) {
-                    report.stopped.get_or_insert(why);
+                if cancel.is_cancelled() {
+                    report.stopped.get_or_insert("shutting down".into());
+                    return Ok(());
+                }
+                if self.limit_reached(deletions) {
+                    report.limit_reached = true;
                     return Ok(());
                 }
                 let page = if remote {
-                    self.db.aged_remote(cutoff, (&after_remote.0, &after_remote.1), PAGE).await?
+                    self.db
+                        .aged_remote(cutoff, (&after_remote.0, &after_remote.1), PAGE)
+                        .await?
                 } else {
                     self.db.aged_local(cutoff, &after_local, PAGE).await?
                 };
                 let Some(last) = page.last() else { break };
                 match last {
                     AgedMedia::Local { media_id } => after_local = media_id.clone(),
-                    AgedMedia::Remote { origin, media_id, .. } => after_remote = (origin.clone(), media_id.clone()),
+                    AgedMedia::Remote {
+                        origin, media_id, ..
+                    } => after_remote = (origin.clone(), media_id.clone()),
                 }
                 let full = page.len() as i64 == PAGE;
                 let outcomes: Vec<_> = futures::stream::iter(page)
@@ -183,18 +262,36 @@ impl Sweeper {
         Ok(())
     }
 
-    fn stop_reason(&self, deletions: &AtomicU64, cancel: &CancellationToken) -> Option<String> {
-        if cancel.is_cancelled() {
-            return Some("shutting down".into());
-        }
+    fn limit_reached(&self, deletions: &AtomicU64) -> bool {
+        self.config
+            .sweep
+            .max_deletions_per_run
+            .is_some_and(|max| deletions.load(Ordering::SeqCst) >= max)
+    }
+
+    /// Takes one deletion from `sweep.max_deletions_per_run`; false when none is left.
+    fn reserve(&self, deletions: &AtomicU64) -> bool {
         match self.config.sweep.max_deletions_per_run {
-            Some(max) if deletions.load(Ordering::SeqCst) >= max => Some(format!("sweep.max_deletions_per_run ({max}) reached")),
-            _ => None,
+            None => {
+                deletions.fetch_add(1, Ordering::SeqCst);
+                true
+            }
+            Some(max) => deletions
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |d| {
+                    (d < max).then_some(d + 1)
+                })
+                .is_ok(),
         }
     }
 
     /// Confirms and deletes the files of one media. Errors affect this media only.
-    async fn sweep_media(&self, media: AgedMedia, dry_run: bool, deletions: &AtomicU64, cancel: &CancellationToken) -> files::MediaOutcome {
+    async fn sweep_media(
+        &self,
+        media: AgedMedia,
+        dry_run: bool,
+        deletions: &AtomicU64,
+        cancel: &CancellationToken,
+    ) -> files::MediaOutcome {
         let mut out = files::MediaOutcome::default();
         let paths = match files::media_files(&self.config.media_store_path, &media).await {
             Ok(p) => p,
@@ -220,27 +317,32 @@ impl Sweeper {
                 Verdict::Confirmed { snapshot, record } => {
                     if let Some(r) = record {
                         // Remember what we just verified (a file uploaded by another tool).
-                        let _ = self.committer.apply(vec![crate::state::Op::Record(path.clone(), r)]).await;
+                        let _ = self
+                            .committer
+                            .apply(vec![crate::state::Op::Record(path.clone(), r)])
+                            .await;
                     }
-                    if cancel.is_cancelled() || self.stop_reason(deletions, cancel).is_some() {
+                    if cancel.is_cancelled() || !self.reserve(deletions) {
                         break;
                     }
                     if dry_run {
                         out.deleted.push((path.to_string(), snapshot.size));
-                        deletions.fetch_add(1, Ordering::SeqCst);
                         continue;
                     }
-                    match files::delete_if_unchanged(&self.config.media_store_path, &path, snapshot).await {
+                    match files::delete_if_unchanged(&self.config.media_store_path, &path, snapshot)
+                        .await
+                    {
                         Ok(true) => {
-                            deletions.fetch_add(1, Ordering::SeqCst);
                             tracing::debug!(path = %path, bytes = snapshot.size, "Deleted local copy.");
                             out.deleted.push((path.to_string(), snapshot.size));
                         }
                         Ok(false) => {
+                            deletions.fetch_sub(1, Ordering::SeqCst);
                             out.kept_changed += 1;
                             to_upload.push(path);
                         }
                         Err(e) => {
+                            deletions.fetch_sub(1, Ordering::SeqCst);
                             out.kept_error += 1;
                             out.error(format!("{path}: cannot delete: {e}"));
                         }

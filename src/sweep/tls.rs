@@ -14,7 +14,10 @@ use rustls::{DigitallySignedStruct, SignatureScheme};
 
 use crate::config::SslMode;
 
-pub fn client_config(mode: SslMode, root_cert: Option<&Path>) -> Result<rustls::ClientConfig, String> {
+pub fn client_config(
+    mode: SslMode,
+    root_cert: Option<&Path>,
+) -> Result<rustls::ClientConfig, String> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
@@ -24,9 +27,12 @@ pub fn client_config(mode: SslMode, root_cert: Option<&Path>) -> Result<rustls::
             let mut roots = rustls::RootCertStore::empty();
             match root_cert {
                 Some(path) => {
-                    let pem = std::fs::read(path).map_err(|e| format!("cannot read database.sslrootcert {}: {e}", path.display()))?;
+                    let pem = std::fs::read(path).map_err(|e| {
+                        format!("cannot read database.sslrootcert {}: {e}", path.display())
+                    })?;
                     for cert in rustls::pki_types::pem::PemObject::pem_slice_iter(&pem) {
-                        let cert: CertificateDer<'static> = cert.map_err(|e| format!("database.sslrootcert {}: {e}", path.display()))?;
+                        let cert: CertificateDer<'static> = cert
+                            .map_err(|e| format!("database.sslrootcert {}: {e}", path.display()))?;
                         roots.add(cert).map_err(|e| e.to_string())?;
                     }
                 }
@@ -63,12 +69,32 @@ impl ServerCertVerifier for EncryptOnly {
         Ok(ServerCertVerified::assertion())
     }
 
-    fn verify_tls12_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
 
-    fn verify_tls13_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {

@@ -4,4 +4,5 @@ mod cli;
 mod daemon;
 mod proxy;
 mod support;
+mod sweep;
 mod upload;

@@ -396,3 +396,115 @@ pub async fn listed(env: &S3Env, bucket: &str, files: &[(String, Vec<u8>)]) -> R
         ))
     }
 }
+
+/// A fresh PostgreSQL database with Synapse's media tables, on the machine's server
+/// (SSO_TEST_PG_HOST/PORT/USER, default 127.0.0.1:5432 as postgres). Fails when PostgreSQL is down.
+#[allow(dead_code)]
+pub struct TestDb {
+    pub name: String,
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    pub client: tokio_postgres::Client,
+}
+
+#[allow(dead_code)]
+impl TestDb {
+    pub async fn create() -> TestDb {
+        let host = std::env::var("SSO_TEST_PG_HOST").unwrap_or_else(|_| "127.0.0.1".into());
+        let port: u16 = std::env::var("SSO_TEST_PG_PORT")
+            .ok()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(5432);
+        let user = std::env::var("SSO_TEST_PG_USER").unwrap_or_else(|_| "postgres".into());
+        Self::create_on(&host, port, &user).await
+    }
+
+    pub async fn create_on(host: &str, port: u16, user: &str) -> TestDb {
+        let connect = |db: String| {
+            let (host, user) = (host.to_owned(), user.to_owned());
+            async move {
+                let mut c = tokio_postgres::Config::new();
+                c.host(&host)
+                    .port(port)
+                    .user(&user)
+                    .dbname(&db)
+                    .connect_timeout(Duration::from_secs(5));
+                let (client, conn) = c.connect(tokio_postgres::NoTls).await.unwrap_or_else(|e| {
+                    panic!("PostgreSQL is not reachable at {host}:{port} as {user} ({e}); scripts/test.sh starts it (CI=true: a missing service is a failure)")
+                });
+                tokio::spawn(conn);
+                client
+            }
+        };
+        let admin = connect("postgres".into()).await;
+        let name = unique_bucket("db").replace('-', "_");
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .unwrap();
+        let client = connect(name.clone()).await;
+        client
+            .batch_execute(include_str!("../fixtures/synapse_media_schema.sql"))
+            .await
+            .unwrap();
+        TestDb {
+            name,
+            host: host.to_owned(),
+            port,
+            user: user.to_owned(),
+            client,
+        }
+    }
+
+    pub fn raw(&self) -> synapse_s3_offload::config::RawDatabase {
+        synapse_s3_offload::config::RawDatabase {
+            host: Some(self.host.clone()),
+            port: Some(self.port),
+            user: Some(self.user.clone()),
+            database: Some(self.name.clone()),
+            sslmode: Some("disable".into()),
+            ..Default::default()
+        }
+    }
+
+    /// Inserts a local media row; `last_access` None = never downloaded.
+    pub async fn local(
+        &self,
+        media_id: &str,
+        created_ms: i64,
+        last_access_ms: Option<i64>,
+        url_cache: Option<&str>,
+    ) {
+        self.client
+            .execute(
+                "INSERT INTO local_media_repository (media_id, media_type, media_length, created_ts, upload_name, user_id, url_cache, last_access_ts) VALUES ($1, 'image/png', 1, $2, 'x.png', '@u:example.com', $3, $4)",
+                &[&media_id, &created_ms, &url_cache, &last_access_ms],
+            )
+            .await
+            .unwrap();
+    }
+
+    pub async fn remote(
+        &self,
+        origin: &str,
+        media_id: &str,
+        filesystem_id: &str,
+        created_ms: i64,
+        last_access_ms: Option<i64>,
+    ) {
+        self.client
+            .execute(
+                "INSERT INTO remote_media_cache (media_origin, media_id, media_type, created_ts, media_length, filesystem_id, last_access_ts) VALUES ($1, $2, 'image/png', $3, 1, $4, $5)",
+                &[&origin, &media_id, &created_ms, &filesystem_id, &last_access_ms],
+            )
+            .await
+            .unwrap();
+    }
+}
+
+/// Milliseconds since the epoch, `days` ago.
+#[allow(dead_code)]
+pub fn days_ago(days: i64) -> i64 {
+    synapse_s3_offload::state::now_ms() as i64 - days * 86_400_000
+}

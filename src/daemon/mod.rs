@@ -19,11 +19,14 @@ use std::time::Duration;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+mod service;
+
 use crate::config::Config;
 use crate::layout::MediaPath;
 use crate::queue::Queue;
 use crate::scan::{self, Item};
 use crate::state::{Committer, State, StateError, now_ms};
+use crate::sweep::Sweeper;
 use crate::upload::digest::{self, Stat};
 use crate::upload::s3::{ObjectStore, S3Error};
 use crate::upload::{Outcome, Uploader};
@@ -35,6 +38,10 @@ pub enum DaemonError {
     State(#[from] StateError),
     #[error("the bucket is not usable")]
     Bucket(#[source] S3Error),
+    #[error(transparent)]
+    Db(#[from] crate::sweep::db::DbError),
+    #[error(transparent)]
+    Control(#[from] crate::control::ControlError),
 }
 
 /// Knobs that are not configuration (tests use them to provoke overflows).
@@ -60,9 +67,14 @@ struct Stats {
 
 struct Shared {
     config: Config,
-    queue: Queue,
+    queue: Arc<Queue>,
     uploader: Uploader,
     state: State,
+    committer: Committer,
+    /// Present when the database is configured.
+    sweeper: Option<Arc<Sweeper>>,
+    /// One sweep at a time in this process (the advisory lock covers other instances).
+    sweeping: tokio::sync::Mutex<()>,
     stats: Stats,
     /// Set when events were lost; the scan task then runs a full scan.
     rescan: Arc<AtomicBool>,
@@ -82,12 +94,13 @@ pub async fn run_with(
 ) -> Result<(), DaemonError> {
     let state = State::open(&config.state_dir)?;
     let (committer, commit_thread) = Committer::start(state.clone());
-    let queue = Queue::load(
+    let queue = Arc::new(Queue::load(
         &state,
         committer.clone(),
         config.upload.max_backoff,
         config.upload.failed_retry_interval,
-    )?;
+    )?);
+    let control = crate::control::bind(&config.state_dir).await?;
     // The queue is the only retry layer of the daemon: one attempt per S3 request.
     let mut s3 = config.s3.clone();
     s3.max_attempts = 1;
@@ -99,6 +112,17 @@ pub async fn run_with(
         }
         Err(e) => return Err(DaemonError::Bucket(e)),
     }
+    let sweeper = match &config.database {
+        Some(db) => Some(Arc::new(Sweeper {
+            config: config.clone(),
+            db: crate::sweep::db::Db::new(db)?,
+            store: store.clone(),
+            state: state.clone(),
+            committer: committer.clone(),
+            queue: queue.clone(),
+        })),
+        None => None,
+    };
     let uploader = Uploader::new(
         config.media_store_path.clone(),
         store,
@@ -111,6 +135,9 @@ pub async fn run_with(
         queue,
         uploader,
         state,
+        committer: committer.clone(),
+        sweeper,
+        sweeping: tokio::sync::Mutex::new(()),
         stats: Stats::default(),
         rescan: Arc::new(AtomicBool::new(true)),
         wake_scan: Arc::new(tokio::sync::Notify::new()),
@@ -149,6 +176,8 @@ pub async fn run_with(
     tasks.spawn(events(shared.clone(), rx, intake.clone()));
     tasks.spawn(scans(shared.clone(), intake.clone()));
     tasks.spawn(summaries(shared.clone(), intake.clone()));
+    tasks.spawn(service::sweeps(shared.clone(), intake.clone()));
+    tasks.spawn(service::control(shared.clone(), control, intake.clone()));
     let dispatcher = tokio::spawn(dispatch(shared.clone(), intake.clone()));
 
     shutdown.cancelled().await;

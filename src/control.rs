@@ -1,0 +1,245 @@
+//! The local control socket (`state_dir/control.sock`, owner-only): lets `sweep` and `status` reach
+//! a running daemon, which owns the state database (redb allows one process).
+//!
+//! Protocol: one JSON request line, one JSON response line, then the connection closes.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+
+use crate::queue::Queue;
+use crate::state::{State, StateError};
+use crate::sweep::Report;
+
+pub const SOCKET: &str = "control.sock";
+/// Key of the last sweep's report (JSON, without its file list) in the state database.
+pub const LAST_SWEEP: &str = "last_sweep";
+
+/// The op that remembers `report` as the last sweep.
+pub fn remember_sweep(report: &Report) -> crate::state::Op {
+    let mut r = report.clone();
+    r.deleted.clear();
+    crate::state::Op::SetText(
+        LAST_SWEEP,
+        serde_json::to_string(&r).expect("reports serialize"),
+    )
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+pub enum Request {
+    Status,
+    Sweep { dry_run: bool },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Response {
+    Status(Status),
+    Sweep(Report),
+    Error(String),
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct FailedItem {
+    pub path: String,
+    pub attempts: u32,
+    pub last_error: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Status {
+    pub daemon_running: bool,
+    pub queued: usize,
+    pub in_flight: usize,
+    pub retrying: usize,
+    pub failed: usize,
+    pub recorded: u64,
+    pub failures: Vec<FailedItem>,
+    pub last_sweep: Option<Report>,
+}
+
+impl std::fmt::Display for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "daemon:       {}",
+            if self.daemon_running {
+                "running"
+            } else {
+                "not running"
+            }
+        )?;
+        writeln!(
+            f,
+            "queued:       {} ({} in flight, {} retrying, {} failed)",
+            self.queued, self.in_flight, self.retrying, self.failed
+        )?;
+        writeln!(
+            f,
+            "uploaded:     {} files verified in the bucket",
+            self.recorded
+        )?;
+        match &self.last_sweep {
+            Some(r) => writeln!(
+                f,
+                "last sweep:   {} ago: {r}",
+                humantime::format_duration(Duration::from_secs(
+                    crate::state::now_ms().saturating_sub(r.started_at_ms) / 1000
+                ))
+            )?,
+            None => writeln!(f, "last sweep:   never")?,
+        }
+        for item in &self.failures {
+            writeln!(
+                f,
+                "failed:       {} (attempts {}): {}",
+                item.path, item.attempts, item.last_error
+            )?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("cannot use the control socket {path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the daemon answered something unreadable: {0}")]
+    Protocol(String),
+    #[error("a daemon is already running with state_dir {0} (its control socket answers)")]
+    AlreadyRunning(PathBuf),
+}
+
+/// The status, read from `state` and `queue` (shared by the daemon and standalone `status`).
+pub fn status(state: &State, queue: &Queue, daemon_running: bool) -> Result<Status, StateError> {
+    let d = queue.depth();
+    Ok(Status {
+        daemon_running,
+        queued: d.queued,
+        in_flight: d.in_flight,
+        retrying: d.retrying,
+        failed: d.failed,
+        recorded: state.record_count()?,
+        failures: queue
+            .failures(50)
+            .into_iter()
+            .map(|(p, i)| FailedItem {
+                path: p.to_string(),
+                attempts: i.attempts,
+                last_error: i.last_error,
+            })
+            .collect(),
+        last_sweep: state
+            .text(LAST_SWEEP)?
+            .and_then(|t| serde_json::from_str(&t).ok()),
+    })
+}
+
+/// `status` without a running daemon: reads the state database itself.
+pub fn status_standalone(config: &crate::config::Config) -> Result<Status, StateError> {
+    let state = State::open(&config.state_dir)?;
+    let (committer, thread) = crate::state::Committer::start(state.clone());
+    let queue = Queue::load(
+        &state,
+        committer,
+        config.upload.max_backoff,
+        config.upload.failed_retry_interval,
+    )?;
+    let st = status(&state, &queue, false);
+    drop((queue, state));
+    let _ = thread.join();
+    st
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ControlError + '_ {
+    move |source| ControlError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Sends `req` to the running daemon. `Ok(None)`: no daemon listens (no socket, or a stale one).
+pub async fn request(state_dir: &Path, req: &Request) -> Result<Option<Response>, ControlError> {
+    let path = state_dir.join(SOCKET);
+    let stream =
+        match tokio::time::timeout(Duration::from_secs(5), UnixStream::connect(&path)).await {
+            Err(_) => {
+                return Err(ControlError::Io {
+                    path,
+                    source: std::io::ErrorKind::TimedOut.into(),
+                });
+            }
+            Ok(Err(e))
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+                ) =>
+            {
+                return Ok(None);
+            }
+            Ok(r) => r.map_err(io(&path))?,
+        };
+    let (r, mut w) = stream.into_split();
+    let mut line = serde_json::to_string(req).expect("requests serialize");
+    line.push('\n');
+    w.write_all(line.as_bytes()).await.map_err(io(&path))?;
+    let mut answer = String::new();
+    BufReader::new(r)
+        .read_line(&mut answer)
+        .await
+        .map_err(io(&path))?;
+    serde_json::from_str(&answer)
+        .map(Some)
+        .map_err(|e| ControlError::Protocol(e.to_string()))
+}
+
+/// Binds the daemon's socket: removes a stale one left by a crash, refuses if a daemon answers.
+pub async fn bind(state_dir: &Path) -> Result<UnixListener, ControlError> {
+    let path = state_dir.join(SOCKET);
+    if path.exists() {
+        match UnixStream::connect(&path).await {
+            Ok(_) => return Err(ControlError::AlreadyRunning(state_dir.to_owned())),
+            Err(_) => {
+                tracing::info!(path = %path.display(), "Removing a stale control socket.");
+                std::fs::remove_file(&path).map_err(io(&path))?;
+            }
+        }
+    }
+    let listener = UnixListener::bind(&path).map_err(io(&path))?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(io(&path))?;
+    Ok(listener)
+}
+
+/// Reads one request from `stream` and writes `answer(request)`'s response.
+pub async fn serve_one<F, Fut>(stream: UnixStream, answer: F)
+where
+    F: FnOnce(Request) -> Fut,
+    Fut: Future<Output = Response>,
+{
+    let (r, mut w) = stream.into_split();
+    let mut line = String::new();
+    let read = tokio::time::timeout(
+        Duration::from_secs(10),
+        BufReader::new(r).read_line(&mut line),
+    )
+    .await;
+    let response = match read {
+        Ok(Ok(_)) => match serde_json::from_str::<Request>(&line) {
+            Ok(req) => answer(req).await,
+            Err(e) => Response::Error(format!("bad request: {e}")),
+        },
+        _ => return,
+    };
+    let mut out = serde_json::to_string(&response).expect("responses serialize");
+    out.push('\n');
+    let _ = w.write_all(out.as_bytes()).await;
+}

@@ -1,0 +1,87 @@
+//! The daemon's periodic sweep and its control socket (`sweep` and `status` from the CLI).
+
+use std::sync::Arc;
+
+use tokio::net::UnixListener;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use super::Shared;
+use crate::control::{self, Request, Response};
+
+/// Runs the sweep every `sweep.interval` (first one an interval after startup).
+pub(super) async fn sweeps(s: Arc<Shared>, intake: CancellationToken) {
+    if s.sweeper.is_none() || !s.config.sweep.enabled {
+        return;
+    }
+    loop {
+        tokio::select! {
+            _ = intake.cancelled() => return,
+            _ = tokio::time::sleep(s.config.sweep.interval) => {}
+        }
+        let _ = sweep(&s, s.config.sweep.dry_run, &intake).await;
+    }
+}
+
+/// One sweep, serialized with any other in this process; its report is remembered for `status`.
+pub(super) async fn sweep(s: &Shared, dry_run: bool, cancel: &CancellationToken) -> Response {
+    let Some(sweeper) = &s.sweeper else {
+        return Response::Error(
+            "the sweep needs the database: section (Synapse's PostgreSQL)".into(),
+        );
+    };
+    let _one = s.sweeping.lock().await;
+    match sweeper.run(dry_run, cancel).await {
+        Ok(report) => {
+            tracing::info!(report = %report, "Sweep finished.");
+            if !report.skipped_locked
+                && let Err(e) = s
+                    .committer
+                    .apply(vec![control::remember_sweep(&report)])
+                    .await
+            {
+                tracing::warn!(error = %e, "Cannot remember the sweep report.");
+            }
+            Response::Sweep(report)
+        }
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "Sweep refused.");
+            Response::Error(format!("{e:#}"))
+        }
+    }
+}
+
+/// Answers `status` and `sweep` on the control socket until shutdown.
+pub(super) async fn control(s: Arc<Shared>, listener: UnixListener, intake: CancellationToken) {
+    let mut conns = JoinSet::new();
+    loop {
+        let stream = tokio::select! {
+            _ = intake.cancelled() => break,
+            Some(_) = conns.join_next(), if !conns.is_empty() => continue,
+            r = listener.accept() => match r {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    tracing::warn!(error = %e, "Control socket accept failed.");
+                    continue;
+                }
+            },
+        };
+        let s = s.clone();
+        let cancel = intake.clone();
+        conns.spawn(async move {
+            control::serve_one(stream, move |req| async move {
+                match req {
+                    Request::Status => match control::status(&s.state, &s.queue, true) {
+                        Ok(st) => Response::Status(st),
+                        Err(e) => Response::Error(format!("{e:#}")),
+                    },
+                    Request::Sweep { dry_run } => sweep(&s, dry_run, &cancel).await,
+                }
+            })
+            .await
+        });
+    }
+    conns.abort_all();
+    let path = s.config.state_dir.join(control::SOCKET);
+    let _ = std::fs::remove_file(path);
+}

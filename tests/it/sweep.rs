@@ -1,0 +1,341 @@
+//! The sweep against the real PostgreSQL and S3 server: only aged media confirmed in the bucket
+//! lose their local copy.
+
+use std::path::Path;
+use std::time::Duration;
+
+use synapse_s3_offload::backfill::{self, Progress};
+use synapse_s3_offload::config::{Config, RawConfig};
+use synapse_s3_offload::state::State;
+use synapse_s3_offload::sweep::{self, Report, SweepError};
+use tokio_util::sync::CancellationToken;
+
+use crate::support::*;
+
+/// A store and database where every case of the sweep is present. Returns the paths expected to
+/// be deleted and those expected to stay.
+struct Fixture {
+    store: Store,
+    db: TestDb,
+    bucket: String,
+    deleted: Vec<&'static str>,
+    kept: Vec<&'static str>,
+}
+
+const OLD: i64 = 60; // days
+const FRESH: i64 = 1;
+
+async fn fixture(env: &S3Env, endpoint: &str) -> Fixture {
+    let store = Store::new();
+    let db = TestDb::create().await;
+    let bucket = create_bucket(env, "sweep").await;
+    let mut n = 0;
+    let mut w = |rel: &str| {
+        n += 1;
+        store.write(rel, &bytes(n, 1_000 + n as usize * 10));
+    };
+    // Aged by last access, uploaded: original and thumbnails go.
+    db.local("aaAGEDuploaded1", days_ago(400), Some(days_ago(OLD)), None)
+        .await;
+    w("local_content/aa/AG/EDuploaded1");
+    w("local_thumbnails/aa/AG/EDuploaded1/32-32-image-png-crop");
+    w("local_thumbnails/aa/AG/EDuploaded1/640-480-image-jpeg-scale");
+    // Never downloaded (NULL last_access_ts): created_ts decides.
+    db.local("bbNEVERaccessed", days_ago(OLD), None, None).await;
+    w("local_content/bb/NE/VERaccessed");
+    // Recently accessed (created long ago): stays.
+    db.local(
+        "ccFRESHaccess01",
+        days_ago(400),
+        Some(days_ago(FRESH)),
+        None,
+    )
+    .await;
+    w("local_content/cc/FR/ESHaccess01");
+    // Aged but its object will be missing / of another size / of other content: stays, queued.
+    db.local("ddMISSINGobject", days_ago(OLD), None, None).await;
+    w("local_content/dd/MI/SSINGobject");
+    db.local("eeOTHERsize0001", days_ago(OLD), None, None).await;
+    w("local_content/ee/OT/HERsize0001");
+    db.local("ffOTHERdigest01", days_ago(OLD), None, None).await;
+    w("local_content/ff/OT/HERdigest01");
+    // A URL preview, aged: never swept.
+    db.local(
+        "ggURLpreview001",
+        days_ago(OLD),
+        None,
+        Some("https://example.com/"),
+    )
+    .await;
+    w("local_content/gg/UR/Lpreview001");
+    // Remote media, aged and fresh.
+    db.remote(
+        "matrix.org",
+        "remoteid1",
+        "hhREMOTEaged001",
+        days_ago(OLD),
+        Some(days_ago(OLD)),
+    )
+    .await;
+    w("remote_content/matrix.org/hh/RE/MOTEaged001");
+    w("remote_thumbnail/matrix.org/hh/RE/MOTEaged001/96-96-image-jpeg-crop");
+    db.remote(
+        "matrix.org",
+        "remoteid2",
+        "iiREMOTEfresh01",
+        days_ago(OLD),
+        Some(days_ago(FRESH)),
+    )
+    .await;
+    w("remote_content/matrix.org/ii/RE/MOTEfresh01");
+    // A file with no database row at all: not the sweep's business.
+    w("local_content/zz/NO/ROWatall");
+
+    let mut raw = raw_config(env, endpoint, &bucket, &store);
+    raw.upload.include_url_cache = Some(false);
+    let config = validated(raw);
+    let s = backfill::run(&config, Progress::Log, CancellationToken::new())
+        .await
+        .unwrap();
+    assert_eq!(s.failed, 0);
+    // Tamper with three objects.
+    let c = client(env).await;
+    c.delete_object()
+        .bucket(&bucket)
+        .key("local_content/dd/MI/SSINGobject")
+        .send()
+        .await
+        .unwrap();
+    c.put_object()
+        .bucket(&bucket)
+        .key("local_content/ee/OT/HERsize0001")
+        .body(b"short".to_vec().into())
+        .send()
+        .await
+        .unwrap();
+    let len = std::fs::metadata(store.root.join("local_content/ff/OT/HERdigest01"))
+        .unwrap()
+        .len() as usize;
+    c.put_object()
+        .bucket(&bucket)
+        .key("local_content/ff/OT/HERdigest01")
+        .body(vec![b'x'; len].into())
+        .send()
+        .await
+        .unwrap();
+
+    Fixture {
+        store,
+        db,
+        bucket,
+        deleted: vec![
+            "local_content/aa/AG/EDuploaded1",
+            "local_thumbnails/aa/AG/EDuploaded1/32-32-image-png-crop",
+            "local_thumbnails/aa/AG/EDuploaded1/640-480-image-jpeg-scale",
+            "local_content/bb/NE/VERaccessed",
+            "remote_content/matrix.org/hh/RE/MOTEaged001",
+            "remote_thumbnail/matrix.org/hh/RE/MOTEaged001/96-96-image-jpeg-crop",
+        ],
+        kept: vec![
+            "local_content/cc/FR/ESHaccess01",
+            "local_content/dd/MI/SSINGobject",
+            "local_content/ee/OT/HERsize0001",
+            "local_content/ff/OT/HERdigest01",
+            "local_content/gg/UR/Lpreview001",
+            "remote_content/matrix.org/ii/RE/MOTEfresh01",
+            "local_content/zz/NO/ROWatall",
+        ],
+    }
+}
+
+fn sweep_config(
+    env: &S3Env,
+    endpoint: &str,
+    f: &Fixture,
+    tweak: impl FnOnce(&mut RawConfig),
+) -> Config {
+    let mut raw = raw_config(env, endpoint, &f.bucket, &f.store);
+    raw.database = Some(f.db.raw());
+    raw.sweep.keep_local_for = Some("30d".into());
+    raw.sweep.confirm_synapse_reads_from_bucket = Some(true);
+    tweak(&mut raw);
+    validated(raw)
+}
+
+async fn run(config: &Config, dry_run: bool) -> Result<Report, SweepError> {
+    sweep::run_standalone(config, dry_run, &CancellationToken::new()).await
+}
+
+fn exists(root: &Path, rel: &str) -> bool {
+    root.join(rel).exists()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deletes_only_aged_media_confirmed_in_the_bucket() {
+    let env = s3_env();
+    let f = fixture(&env, &env.endpoint).await;
+    let config = sweep_config(&env, &env.endpoint, &f, |_| {});
+    let r = run(&config, false).await.unwrap();
+    let mut deleted = r.deleted.clone();
+    deleted.sort();
+    let mut want: Vec<String> = f.deleted.iter().map(|s| s.to_string()).collect();
+    want.sort();
+    assert_eq!(deleted, want, "{r}");
+    for p in &f.deleted {
+        assert!(!exists(&f.store.root, p), "{p} should be gone");
+    }
+    for p in &f.kept {
+        assert!(exists(&f.store.root, p), "{p} must be kept");
+    }
+    assert_eq!(
+        (r.kept_not_in_bucket, r.kept_different, r.kept_error),
+        (1, 2, 0),
+        "{r}"
+    );
+    assert_eq!(
+        r.media_examined, 6,
+        "aged, non-URL-preview media: 5 local + 1 remote... {r}"
+    );
+    // The media's own thumbnail directory went with its files; top-level folders stay.
+    assert!(!exists(&f.store.root, "local_thumbnails/aa/AG/EDuploaded1"));
+    for top in [
+        "local_content",
+        "local_thumbnails",
+        "remote_content",
+        "remote_thumbnail",
+    ] {
+        assert!(exists(&f.store.root, top));
+    }
+    // The three unconfirmed files are queued for upload.
+    let state = State::open(&config.state_dir).unwrap();
+    let mut queued: Vec<_> = state
+        .queue_items()
+        .unwrap()
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    queued.sort();
+    assert_eq!(
+        queued,
+        [
+            "local_content/dd/MI/SSINGobject",
+            "local_content/ee/OT/HERsize0001",
+            "local_content/ff/OT/HERdigest01"
+        ]
+    );
+    drop(state);
+
+    // A second sweep finds nothing more to delete.
+    let again = run(&config, false).await.unwrap();
+    assert_eq!(again.files_deleted, 0, "{again}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dry_run_lists_and_deletes_nothing_and_the_provider_check_refuses() {
+    let env = s3_env();
+    let f = fixture(&env, &env.endpoint).await;
+    // Without synapse_config or the explicit confirmation, a real sweep refuses...
+    let unsafe_config = sweep_config(&env, &env.endpoint, &f, |r| {
+        r.sweep.confirm_synapse_reads_from_bucket = None
+    });
+    let err = run(&unsafe_config, false).await.unwrap_err();
+    assert!(matches!(err, SweepError::Unsafe(_)), "{err}");
+    assert!(
+        err.to_string()
+            .contains("confirm_synapse_reads_from_bucket"),
+        "{err}"
+    );
+    // ...but a dry run always works, and deletes nothing.
+    let r = run(&unsafe_config, true).await.unwrap();
+    assert!(r.dry_run);
+    assert_eq!(r.files_deleted, 6, "{r}");
+    for p in f.deleted.iter().chain(&f.kept) {
+        assert!(
+            exists(&f.store.root, p),
+            "{p} must still exist after a dry run"
+        );
+    }
+
+    // With synapse_config: the provider must read our bucket and prefix.
+    let hs = f.store.dir.path().join("homeserver.yaml");
+    let write_hs = |prefix: &str| {
+        std::fs::write(
+            &hs,
+            format!(
+                "server_name: example.com\nmedia_store_path: /x\nmedia_storage_providers:\n- module: s3_storage_provider.S3StorageProviderBackend\n  store_local: false\n  config:\n    bucket: {}\n    prefix: \"{prefix}\"\n    endpoint_url: {}\n",
+                f.bucket, env.endpoint
+            ),
+        )
+        .unwrap()
+    };
+    write_hs("other/");
+    let config = sweep_config(&env, &env.endpoint, &f, |r| {
+        r.sweep.confirm_synapse_reads_from_bucket = None;
+        r.synapse_config = Some(hs.clone());
+    });
+    let err = run(&config, false).await.unwrap_err().to_string();
+    assert!(err.contains("prefix") && err.contains("other/"), "{err}");
+    write_hs("");
+    let r = run(&config, false).await.unwrap();
+    assert_eq!(r.files_deleted, 6, "{r}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_instance_skips_while_the_lock_is_held() {
+    let env = s3_env();
+    let f = fixture(&env, &env.endpoint).await;
+    let config = sweep_config(&env, &env.endpoint, &f, |_| {});
+    // Another instance (here: a session of ours) holds the sweep lock.
+    let key = synapse_s3_offload::sweep::db::SWEEP_LOCK_KEY;
+    f.db.client
+        .execute("SELECT pg_advisory_lock($1)", &[&key])
+        .await
+        .unwrap();
+    let r = run(&config, false).await.unwrap();
+    assert!(r.skipped_locked, "{r}");
+    assert!(exists(&f.store.root, f.deleted[0]));
+    f.db.client
+        .execute("SELECT pg_advisory_unlock($1)", &[&key])
+        .await
+        .unwrap();
+    let r = run(&config, false).await.unwrap();
+    assert!(!r.skipped_locked && r.files_deleted == 6, "{r}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_or_database_down_deletes_nothing_and_the_next_sweep_completes() {
+    let env = s3_env();
+    let mut s3 = PrivateS3::start(&env);
+    let penv = s3.env(&env);
+    let f = fixture(&penv, &s3.endpoint()).await;
+    let config = sweep_config(&env, &s3.endpoint(), &f, |r| {
+        r.s3.max_attempts = Some(1);
+        r.s3.connect_timeout = Some("1s".into());
+    });
+
+    s3.stop();
+    let r = run(&config, false).await.unwrap();
+    assert_eq!(r.files_deleted, 0, "{r}");
+    assert!(r.kept_error > 0 && !r.errors.is_empty(), "{r}");
+    for p in &f.deleted {
+        assert!(exists(&f.store.root, p));
+    }
+
+    // Database unreachable: the sweep stops with an error before deleting anything.
+    let down = sweep_config(&env, &s3.endpoint(), &f, |r| {
+        let mut db = f.db.raw();
+        db.port = Some(1);
+        db.connect_timeout = Some(synapse_s3_offload::config::DurationValue::Seconds(2));
+        r.database = Some(db);
+    });
+    s3.resume(&env);
+    let err = run(&down, false).await.unwrap_err().to_string();
+    assert!(err.contains("PostgreSQL"), "{err}");
+    for p in &f.deleted {
+        assert!(exists(&f.store.root, p));
+    }
+
+    let r = run(&config, false).await.unwrap();
+    assert_eq!(r.files_deleted, 6, "{r}");
+    tokio::time::sleep(Duration::from_millis(10)).await;
+}
