@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use synapse_s3_offload::control::{self, Request, Response};
+use synapse_s3_offload::state::StateError;
 use synapse_s3_offload::{backfill, config, daemon, sweep};
 use tokio_util::sync::CancellationToken;
 
@@ -105,11 +106,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     shutdown_signal().await;
                     on_signal.cancel();
                 });
-                let report = match control::request(&config.state_dir, &Request::Sweep { dry_run }).await? {
-                    Some(Response::Sweep(r)) => r,
-                    Some(Response::Error(e)) => anyhow::bail!("{e}"),
-                    Some(other) => anyhow::bail!("unexpected answer from the daemon: {other:?}"),
-                    None => sweep::run_standalone(&config, dry_run, &cancel).await?,
+                let answer = daemon_or_local(&config.state_dir, Request::Sweep { dry_run }, async || {
+                    match sweep::run_standalone(&config, dry_run, &cancel).await {
+                        Err(sweep::SweepError::State(StateError::Locked { .. })) => Ok(None),
+                        other => Ok(Some(other?)),
+                    }
+                })
+                .await?;
+                let report = match answer {
+                    Ok(Response::Sweep(r)) | Err(r) => r,
+                    Ok(Response::Error(e)) => anyhow::bail!("{e}"),
+                    Ok(other) => anyhow::bail!("unexpected answer from the daemon: {other:?}"),
                 };
                 let verb = if dry_run { "would delete" } else { "deleted" };
                 for path in &report.deleted {
@@ -128,11 +135,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::SUCCESS)
             }
             Command::Status { json } => {
-                let status = match control::request(&config.state_dir, &Request::Status).await? {
-                    Some(Response::Status(s)) => s,
-                    Some(Response::Error(e)) => anyhow::bail!("{e}"),
-                    Some(other) => anyhow::bail!("unexpected answer from the daemon: {other:?}"),
-                    None => control::status_standalone(&config)?,
+                let answer = daemon_or_local(&config.state_dir, Request::Status, async || {
+                    match control::status_standalone(&config) {
+                        Err(StateError::Locked { .. }) => Ok(None),
+                        other => Ok(Some(other?)),
+                    }
+                })
+                .await?;
+                let status = match answer {
+                    Ok(Response::Status(s)) | Err(s) => s,
+                    Ok(Response::Error(e)) => anyhow::bail!("{e}"),
+                    Ok(other) => anyhow::bail!("unexpected answer from the daemon: {other:?}"),
                 };
                 if json {
                     println!("{}", serde_json::to_string_pretty(&status)?);
@@ -178,6 +191,31 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
     })
+}
+
+/// Asks the running daemon (`Ok`); without one, runs `local` (`Err`). `local` returns `None` when
+/// the state is locked: a daemon is starting (or a sweep runs); both are retried for 10 s.
+async fn daemon_or_local<T>(
+    state_dir: &std::path::Path,
+    req: Request,
+    mut local: impl AsyncFnMut() -> anyhow::Result<Option<T>>,
+) -> anyhow::Result<Result<Response, T>> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        if let Some(r) = control::request(state_dir, &req).await? {
+            return Ok(Ok(r));
+        }
+        if let Some(t) = local().await? {
+            return Ok(Err(t));
+        }
+        if std::time::Instant::now() > deadline {
+            anyhow::bail!(
+                "the state database in {} is in use by another process, and no daemon answers on its control socket",
+                state_dir.display()
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
 }
 
 /// SIGTERM or SIGINT.

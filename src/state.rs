@@ -183,6 +183,27 @@ impl State {
         Ok(state)
     }
 
+    /// Like [`State::open`], but waits up to `wait` while another process holds the database
+    /// (a `status` or `sweep` run that opened it for a moment).
+    pub async fn open_waiting(
+        state_dir: &Path,
+        wait: std::time::Duration,
+    ) -> Result<Self, StateError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let dir = state_dir.to_owned();
+            match tokio::task::spawn_blocking(move || State::open(&dir))
+                .await
+                .expect("open does not panic")
+            {
+                Err(StateError::Locked { .. }) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
     fn init_schema(&self) -> Result<(), StateError> {
         let txn = self.db.begin_write()?;
         {

@@ -92,7 +92,7 @@ pub async fn run_with(
     shutdown: CancellationToken,
     opts: Options,
 ) -> Result<(), DaemonError> {
-    let state = State::open(&config.state_dir)?;
+    let state = State::open_waiting(&config.state_dir, Duration::from_secs(10)).await?;
     let (committer, commit_thread) = Committer::start(state.clone());
     let queue = Arc::new(Queue::load(
         &state,

@@ -14,18 +14,18 @@ use crate::support::*;
 
 /// A store and database where every case of the sweep is present. Returns the paths expected to
 /// be deleted and those expected to stay.
-struct Fixture {
-    store: Store,
-    db: TestDb,
-    bucket: String,
-    deleted: Vec<&'static str>,
-    kept: Vec<&'static str>,
+pub(crate) struct Fixture {
+    pub store: Store,
+    pub db: TestDb,
+    pub bucket: String,
+    pub deleted: Vec<&'static str>,
+    pub kept: Vec<&'static str>,
 }
 
 const OLD: i64 = 60; // days
 const FRESH: i64 = 1;
 
-async fn fixture(env: &S3Env, endpoint: &str) -> Fixture {
+pub(crate) async fn fixture(env: &S3Env, endpoint: &str) -> Fixture {
     let store = Store::new();
     let db = TestDb::create().await;
     let bucket = create_bucket(env, "sweep").await;
