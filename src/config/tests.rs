@@ -44,6 +44,8 @@ fn example_config_lists_only_real_keys() {
     let raw = load_raw(&path).unwrap();
     assert_eq!(raw.s3.max_attempts, Some(3));
     assert_eq!(raw.upload.include_url_cache, Some(false));
+    assert_eq!(raw.sweep.max_deletions_per_run, Some(10000));
+    assert_eq!(raw.database.unwrap().cp_max, Some(10));
 }
 
 #[test]
