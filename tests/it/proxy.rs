@@ -34,6 +34,8 @@ impl Request {
 struct Shared {
     log: Mutex<Vec<Request>>,
     put_delay: Mutex<Duration>,
+    /// Object requests still forwarded before the proxy starts dropping connections.
+    budget: Mutex<Option<usize>>,
 }
 
 pub struct Proxy {
@@ -87,6 +89,12 @@ impl Proxy {
             .collect()
     }
 
+    /// After `n` more object requests, drops every request's connection (the server "dies");
+    /// `None` heals it.
+    pub fn fail_after(&self, n: Option<usize>) {
+        *self.shared.budget.lock().unwrap() = n;
+    }
+
     /// Holds every PUT this long before forwarding it.
     pub fn set_put_delay(&self, d: Duration) {
         *self.shared.put_delay.lock().unwrap() = d;
@@ -127,6 +135,17 @@ async fn relay(client: TcpStream, server: TcpStream, shared: Arc<Shared>) -> std
             path,
             headers,
         };
+        if req.is_object() {
+            let mut budget = shared.budget.lock().unwrap();
+            match budget.as_mut() {
+                Some(0) => {
+                    back.abort();
+                    return Ok(());
+                }
+                Some(n) => *n -= 1,
+                None => {}
+            }
+        }
         let len: u64 = req
             .header("content-length")
             .and_then(|v| v.parse().ok())
@@ -151,5 +170,62 @@ async fn relay(client: TcpStream, server: TcpStream, shared: Arc<Shared>) -> std
         }
         let mut body = (&mut reader).take(len);
         tokio::io::copy(&mut body, &mut server_w).await?;
+    }
+}
+
+/// A plain TCP relay that can be cut (every connection dropped, new ones refused) and restored:
+/// a database or server that goes away mid-operation.
+pub struct TcpProxy {
+    pub addr: SocketAddr,
+    cut: Arc<std::sync::atomic::AtomicBool>,
+    conns: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for TcpProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+        self.cut();
+    }
+}
+
+#[allow(dead_code)]
+impl TcpProxy {
+    pub async fn start(upstream: SocketAddr) -> TcpProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cut = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let conns: Arc<Mutex<Vec<tokio::task::AbortHandle>>> = Default::default();
+        let (c, k) = (cut.clone(), conns.clone());
+        let task = tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                if c.load(std::sync::atomic::Ordering::SeqCst) {
+                    continue; // dropped: connection reset
+                }
+                let h = tokio::spawn(async move {
+                    if let Ok(mut server) = TcpStream::connect(upstream).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                });
+                k.lock().unwrap().push(h.abort_handle());
+            }
+        });
+        TcpProxy {
+            addr,
+            cut,
+            conns,
+            task,
+        }
+    }
+
+    pub fn cut(&self) {
+        self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+        for h in self.conns.lock().unwrap().drain(..) {
+            h.abort();
+        }
+    }
+
+    pub fn restore(&self) {
+        self.cut.store(false, std::sync::atomic::Ordering::SeqCst);
     }
 }

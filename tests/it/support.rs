@@ -103,21 +103,32 @@ pub async fn objects(env: &S3Env, bucket: &str) -> std::collections::BTreeMap<St
             .send()
             .await
             .unwrap();
-        for o in page.contents() {
-            let key = o.key().unwrap().to_owned();
-            let body = c
-                .get_object()
-                .bucket(bucket)
-                .key(&key)
-                .send()
-                .await
-                .unwrap()
-                .body
-                .collect()
-                .await
-                .unwrap();
-            out.insert(key, body.into_bytes().to_vec());
-        }
+        use futures::StreamExt;
+        let keys: Vec<String> = page
+            .contents()
+            .iter()
+            .map(|o| o.key().unwrap().to_owned())
+            .collect();
+        let c = &c;
+        let fetched: Vec<_> = futures::stream::iter(keys)
+            .map(|key| async move {
+                let body = c
+                    .get_object()
+                    .bucket(bucket)
+                    .key(&key)
+                    .send()
+                    .await
+                    .unwrap()
+                    .body
+                    .collect()
+                    .await
+                    .unwrap();
+                (key, body.into_bytes().to_vec())
+            })
+            .buffer_unordered(16)
+            .collect()
+            .await;
+        out.extend(fetched);
         match page.next_continuation_token() {
             Some(t) => token = Some(t.to_owned()),
             None => break,

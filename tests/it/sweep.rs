@@ -339,3 +339,97 @@ async fn s3_or_database_down_deletes_nothing_and_the_next_sweep_completes() {
     assert_eq!(r.files_deleted, 6, "{r}");
     tokio::time::sleep(Duration::from_millis(10)).await;
 }
+
+/// `n` aged local media with one small file each, uploaded; returns their relative paths.
+async fn bulk_aged(env: &S3Env, f: &Fixture, n: usize) -> Vec<String> {
+    let mut paths = Vec::new();
+    for i in 0..n {
+        let id = format!("bulk{i:020}");
+        f.db.local(&id, days_ago(OLD), None, None).await;
+        let rel = format!("local_content/bu/lk/{}", &id[4..]);
+        f.store.write(&rel, &bytes(50_000 + i as u64, 300));
+        paths.push(rel);
+    }
+    let config = validated(raw_config(env, &env.endpoint, &f.bucket, &f.store));
+    let s = backfill::run(&config, Progress::Log, CancellationToken::new())
+        .await
+        .unwrap();
+    assert_eq!(s.failed, 0);
+    paths
+}
+
+/// Every aged file is either still here, or in the bucket (with its size; the digest was checked
+/// when it was uploaded). Returns how many are gone from the disk.
+async fn nothing_lost(env: &S3Env, f: &Fixture, paths: &[String]) -> usize {
+    let objects = list_sizes(env, &f.bucket).await;
+    let mut gone = 0;
+    for p in paths {
+        if !f.store.root.join(p).exists() {
+            gone += 1;
+            assert_eq!(objects.get(p), Some(&300), "{p} deleted without its object");
+        }
+    }
+    gone
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_failing_mid_sweep_deletes_only_confirmed_files() {
+    let env = s3_env();
+    let f = fixture(&env, &env.endpoint).await;
+    let paths = bulk_aged(&env, &f, 300).await;
+    let proxy = crate::proxy::Proxy::start(env.addr).await;
+    let config = sweep_config(&env, &proxy.endpoint(), &f, |r| {
+        r.s3.max_attempts = Some(1);
+        r.sweep.concurrency = Some(4);
+    });
+    proxy.fail_after(Some(100));
+    let r = run(&config, false).await.unwrap();
+    let gone = nothing_lost(&env, &f, &paths).await;
+    assert!(
+        gone > 0 && gone < 300,
+        "some deleted before the failure, not all: {r}"
+    );
+    assert!(r.kept_error > 0, "{r}");
+    proxy.fail_after(None);
+    let r = run(&config, false).await.unwrap();
+    assert_eq!(r.kept_error, 0, "{r}");
+    assert_eq!(nothing_lost(&env, &f, &paths).await, 300);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_lost_mid_sweep_stops_cleanly_and_the_next_sweep_completes() {
+    let env = s3_env();
+    let f = fixture(&env, &env.endpoint).await;
+    let paths = bulk_aged(&env, &f, 2500).await;
+    let pg = crate::proxy::TcpProxy::start(format!("{}:{}", f.db.host, f.db.port).parse().unwrap())
+        .await;
+    let config = sweep_config(&env, &env.endpoint, &f, |r| {
+        let mut db = f.db.raw();
+        db.port = Some(pg.addr.port());
+        db.connect_timeout = Some(synapse_s3_offload::config::DurationValue::Seconds(2));
+        r.database = Some(db);
+        r.sweep.concurrency = Some(2);
+    });
+    let c2 = config.clone();
+    let sweep = tokio::spawn(async move { run(&c2, false).await });
+    let root = f.store.root.clone();
+    let first = paths[0].clone();
+    wait_until("the first deletions", Duration::from_secs(30), || {
+        !root.join(&first).exists()
+    })
+    .await;
+    pg.cut();
+    let r = sweep.await.unwrap().unwrap();
+    assert!(
+        r.stopped
+            .as_deref()
+            .is_some_and(|s| s.contains("PostgreSQL")),
+        "{r}"
+    );
+    let gone = nothing_lost(&env, &f, &paths).await;
+    assert!(gone < 2500, "stopped before the end: {r}");
+    pg.restore();
+    let r = run(&config, false).await.unwrap();
+    assert!(r.stopped.is_none(), "{r}");
+    assert_eq!(nothing_lost(&env, &f, &paths).await, 2500);
+}
