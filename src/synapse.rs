@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::config::S3Config;
+use crate::config::{RawConfig, RawDatabase, S3Config, Secret};
 
 pub const PROVIDER_MODULE: &str = "s3_storage_provider.S3StorageProviderBackend";
 
@@ -24,12 +24,47 @@ pub enum SynapseConfigError {
     Parse { path: PathBuf, detail: String },
 }
 
-#[derive(Debug, Default, Deserialize)]
+/// The keys of homeserver.yaml we use. Each is optional: conf.d files set some of them.
+#[derive(Debug, Default, Clone, Deserialize)]
 pub struct HomeserverYaml {
     #[serde(default)]
     pub media_store_path: Option<PathBuf>,
     #[serde(default)]
-    pub media_storage_providers: Vec<ProviderEntry>,
+    pub media_storage_providers: Option<Vec<ProviderEntry>>,
+    #[serde(default)]
+    pub database: Option<SynapseDatabase>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct SynapseDatabase {
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub args: DatabaseArgs,
+}
+
+/// psycopg2 connection arguments as Synapse passes them (unknown ones, e.g. keepalives, ignored).
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct DatabaseArgs {
+    pub user: Option<String>,
+    pub password: Option<Secret>,
+    pub database: Option<String>,
+    pub dbname: Option<String>,
+    pub host: Option<String>,
+    pub port: Option<PortValue>,
+    pub sslmode: Option<String>,
+    pub sslrootcert: Option<PathBuf>,
+    pub connect_timeout: Option<crate::config::DurationValue>,
+    pub cp_min: Option<u32>,
+    pub cp_max: Option<u32>,
+}
+
+/// YAML writes ports as numbers or strings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum PortValue {
+    Number(u16),
+    Text(String),
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -46,11 +81,19 @@ pub struct ProviderEntry {
     pub config: ProviderConfig,
 }
 
+/// The `config:` block of `s3_storage_provider` (the keys we share; others ignored).
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct ProviderConfig {
     pub bucket: Option<String>,
     pub prefix: Option<String>,
     pub endpoint_url: Option<String>,
+    pub region_name: Option<String>,
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<Secret>,
+    pub session_token: Option<Secret>,
+    pub storage_class: Option<String>,
+    pub sse_customer_key: Option<Secret>,
+    pub sse_customer_algo: Option<String>,
 }
 
 pub fn read(path: &Path) -> Result<HomeserverYaml, SynapseConfigError> {
@@ -64,11 +107,96 @@ pub fn read(path: &Path) -> Result<HomeserverYaml, SynapseConfigError> {
     })
 }
 
+/// homeserver.yaml, then every `*.yaml` of `dir` in file-name order, merged the way Synapse merges
+/// several `-c` files: a top-level key of a later file replaces the earlier one.
+pub fn read_all(path: &Path, dir: Option<&Path>) -> Result<HomeserverYaml, SynapseConfigError> {
+    let mut hs = read(path)?;
+    if let Some(dir) = dir {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(|source| SynapseConfigError::Read {
+                path: dir.to_owned(),
+                source,
+            })?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
+            .collect();
+        files.sort();
+        for f in files {
+            let more = read(&f)?;
+            if more.media_store_path.is_some() {
+                hs.media_store_path = more.media_store_path;
+            }
+            if more.media_storage_providers.is_some() {
+                hs.media_storage_providers = more.media_storage_providers;
+            }
+            if more.database.is_some() {
+                hs.database = more.database;
+            }
+        }
+    }
+    Ok(hs)
+}
+
+/// Fills what `raw` leaves unset from Synapse's config (our own keys win). Returns warnings about
+/// provider settings that fight the daemon.
+pub fn fill(raw: &mut RawConfig, hs: &HomeserverYaml) -> Vec<String> {
+    let mut warnings = Vec::new();
+    if raw.media_store_path.is_none() {
+        raw.media_store_path = hs.media_store_path.clone();
+    }
+    match &hs.database {
+        Some(db) if db.name == "sqlite3" => {
+            raw.synapse_uses_sqlite = Some(true);
+        }
+        Some(db) if raw.database.is_none() => {
+            let a = &db.args;
+            raw.database = Some(RawDatabase {
+                host: a.host.clone(),
+                port: match &a.port {
+                    Some(PortValue::Number(n)) => Some(*n),
+                    Some(PortValue::Text(t)) => t.parse().ok(),
+                    None => None,
+                },
+                user: a.user.clone(),
+                password: a.password.clone(),
+                database: a.database.clone(),
+                dbname: a.dbname.clone(),
+                sslmode: a.sslmode.clone(),
+                sslrootcert: a.sslrootcert.clone(),
+                connect_timeout: a.connect_timeout.clone(),
+                cp_min: a.cp_min,
+                cp_max: a.cp_max,
+                statement_timeout: None,
+            });
+        }
+        _ => {}
+    }
+    match hs.s3_provider() {
+        None => warnings.push(format!(
+            "Synapse's config has no {PROVIDER_MODULE} in media_storage_providers: Synapse cannot read back media whose local copy the sweep deletes (the sweep refuses to run)"
+        )),
+        Some(p) => {
+            let (c, s3) = (&p.config, &mut raw.s3);
+            macro_rules! take {
+                ($($f:ident),*) => {$( if s3.$f.is_none() { s3.$f = c.$f.clone(); } )*};
+            }
+            take!(bucket, prefix, endpoint_url, region_name, access_key_id, secret_access_key, session_token, storage_class, sse_customer_key, sse_customer_algo);
+            if p.store_local == Some(true) && p.store_synchronous == Some(true) {
+                warnings.push(
+                    "s3_storage_provider has store_local: true and store_synchronous: true: Synapse also uploads every file during the user's request, which duplicates this daemon's work and slows uploads; set store_local: false, store_remote: false, store_synchronous: false".into(),
+                );
+            }
+        }
+    }
+    warnings
+}
+
 impl HomeserverYaml {
     /// The first `s3_storage_provider` entry.
     pub fn s3_provider(&self) -> Option<&ProviderEntry> {
         self.media_storage_providers
             .iter()
+            .flatten()
             .find(|p| p.module == PROVIDER_MODULE)
     }
 }

@@ -93,8 +93,14 @@ pub struct RawConfig {
     pub database: Option<RawDatabase>,
     #[serde(default)]
     pub sweep: RawSweep,
-    /// Synapse's homeserver.yaml: checked before a sweep deletes anything (see `synapse`).
+    /// Synapse's homeserver.yaml: fills media_store_path, database and s3 when they are not set
+    /// here, and is checked before a sweep deletes anything (see `synapse`).
     pub synapse_config: Option<PathBuf>,
+    /// Extra Synapse config files (conf.d), merged after synapse_config in file-name order.
+    pub synapse_config_dir: Option<PathBuf>,
+    /// Set by the import when Synapse uses SQLite (not a config key).
+    #[serde(skip)]
+    pub synapse_uses_sqlite: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -177,6 +183,11 @@ pub struct Config {
     pub database: Option<DatabaseConfig>,
     pub sweep: SweepConfig,
     pub synapse_config: Option<PathBuf>,
+    pub synapse_config_dir: Option<PathBuf>,
+    /// Synapse's database is SQLite: uploads work, the sweep cannot run.
+    pub synapse_uses_sqlite: bool,
+    /// Warnings about Synapse's provider settings, logged at startup and shown by `check`.
+    pub warnings: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -241,8 +252,21 @@ const ARCHIVE_STORAGE_CLASSES: &[&str] = &["GLACIER", "DEEP_ARCHIVE", "SNOW"];
 /// Loads the file at `path` (YAML, or TOML when it ends in `.toml`), applies env overrides and
 /// validates the result.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
-    let raw = load_raw(path)?;
-    validate(raw)
+    let mut raw = load_raw(path)?;
+    let warnings = import_synapse(&mut raw)?;
+    let mut config = validate(raw)?;
+    config.warnings = warnings;
+    Ok(config)
+}
+
+/// Fills unset keys from Synapse's own config when `synapse_config` is set.
+pub fn import_synapse(raw: &mut RawConfig) -> Result<Vec<String>, ConfigError> {
+    let Some(path) = raw.synapse_config.clone() else {
+        return Ok(Vec::new());
+    };
+    let hs = crate::synapse::read_all(&path, raw.synapse_config_dir.as_deref())
+        .map_err(|e| invalid("synapse_config", format!("{e:#}")))?;
+    Ok(crate::synapse::fill(raw, &hs))
 }
 
 pub fn load_raw(path: &Path) -> Result<RawConfig, ConfigError> {
@@ -306,6 +330,9 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         database: sweep::validate_database(raw.database)?,
         sweep: sweep::validate_sweep(raw.sweep)?,
         synapse_config: raw.synapse_config,
+        synapse_config_dir: raw.synapse_config_dir,
+        synapse_uses_sqlite: raw.synapse_uses_sqlite.unwrap_or(false),
+        warnings: Vec::new(),
     })
 }
 

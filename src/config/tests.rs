@@ -16,6 +16,8 @@ fn raw_with(dir: &Path) -> RawConfig {
         database: None,
         sweep: RawSweep::default(),
         synapse_config: None,
+        synapse_config_dir: None,
+        synapse_uses_sqlite: None,
     }
 }
 

@@ -41,6 +41,10 @@ pub enum SweepError {
     Unsafe(String),
     #[error("the sweep needs the database: section (Synapse's PostgreSQL)")]
     NoDatabase,
+    #[error(
+        "Synapse uses SQLite: the sweep needs PostgreSQL (Synapse's SQLite mode is for testing); upload and run still work"
+    )]
+    Sqlite,
     #[error(transparent)]
     Db(#[from] DbError),
     #[error(transparent)]
@@ -125,7 +129,8 @@ pub struct Sweeper {
 pub fn check_provider(config: &Config) -> Result<(), SweepError> {
     match &config.synapse_config {
         Some(path) => {
-            let hs = crate::synapse::read(path).map_err(|e| SweepError::Unsafe(format!("{e:#}")))?;
+            let hs = crate::synapse::read_all(path, config.synapse_config_dir.as_deref())
+                .map_err(|e| SweepError::Unsafe(format!("{e:#}")))?;
             crate::synapse::reads_from_our_bucket(&hs, &config.s3).map_err(SweepError::Unsafe)
         }
         None if config.sweep.confirm_synapse_reads_from_bucket => Ok(()),
@@ -141,7 +146,14 @@ pub async fn run_standalone(
     dry_run: bool,
     cancel: &CancellationToken,
 ) -> Result<Report, SweepError> {
-    let db_config = config.database.as_ref().ok_or(SweepError::NoDatabase)?;
+    let db_config = config
+        .database
+        .as_ref()
+        .ok_or(if config.synapse_uses_sqlite {
+            SweepError::Sqlite
+        } else {
+            SweepError::NoDatabase
+        })?;
     if !dry_run {
         check_provider(config)?;
     }

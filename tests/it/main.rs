@@ -6,4 +6,5 @@ mod daemon;
 mod proxy;
 mod support;
 mod sweep;
+mod synapse_config;
 mod upload;

@@ -210,6 +210,8 @@ pub fn raw_config(env: &S3Env, endpoint: &str, bucket: &str, store: &Store) -> R
         database: None,
         sweep: Default::default(),
         synapse_config: None,
+        synapse_config_dir: None,
+        synapse_uses_sqlite: None,
     }
 }
 
