@@ -57,7 +57,7 @@ pub enum ConfigError {
     Parse {
         path: PathBuf,
         #[source]
-        source: config::ConfigError,
+        source: Box<config::ConfigError>,
     },
     #[error("config key `{key}` is invalid: {reason}")]
     Invalid { key: &'static str, reason: String },
@@ -282,7 +282,7 @@ pub fn load_raw(path: &Path) -> Result<RawConfig, ConfigError> {
     };
     let parse_err = |source| ConfigError::Parse {
         path: path.to_owned(),
-        source,
+        source: Box::new(source),
     };
     let built = config::Config::builder()
         .add_source(config::File::from_str(&text, format))
