@@ -62,6 +62,12 @@ if command -v pg_isready >/dev/null; then
   pg_isready -h 127.0.0.1 -p 5432 >&2 || log "PostgreSQL is not running (tests that need it will fail)"
 fi
 
+# --- systemd-analyze (the unit-file test) ----------------------------------------------------
+if ! command -v systemd-analyze >/dev/null; then
+  log "Installing systemd (for systemd-analyze verify)"
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd) >&2 || log "could not install systemd"
+fi
+
 # --- Lint and test -------------------------------------------------------------------------------
 if [[ "${SSO_SKIP_LINT:-0}" != 1 ]]; then
   log "cargo fmt --check"

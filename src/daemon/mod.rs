@@ -81,6 +81,8 @@ struct Shared {
     wake_scan: Arc<tokio::sync::Notify>,
     /// inotify does not cover the whole store (watch limit, watch error).
     degraded: AtomicBool,
+    /// Last time (ms) the dispatcher loop ran: the systemd watchdog's liveness signal.
+    heartbeat: AtomicU64,
 }
 
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), DaemonError> {
@@ -142,6 +144,7 @@ pub async fn run_with(
         rescan: Arc::new(AtomicBool::new(true)),
         wake_scan: Arc::new(tokio::sync::Notify::new()),
         degraded: AtomicBool::new(false),
+        heartbeat: AtomicU64::new(now_ms()),
     });
     let depth = shared.queue.depth();
     tracing::info!(queued = depth.queued, failed = depth.failed, root = %shared.config.media_store_path.display(), "Starting.");
@@ -178,6 +181,7 @@ pub async fn run_with(
     tasks.spawn(summaries(shared.clone(), intake.clone()));
     tasks.spawn(service::sweeps(shared.clone(), intake.clone()));
     tasks.spawn(service::control(shared.clone(), control, intake.clone()));
+    tasks.spawn(service::systemd(shared.clone(), intake.clone()));
     let dispatcher = tokio::spawn(dispatch(shared.clone(), intake.clone()));
 
     shutdown.cancelled().await;
@@ -413,6 +417,7 @@ async fn dispatch(s: Arc<Shared>, intake: CancellationToken) {
     let mut running = JoinSet::new();
     let limit = s.config.upload.concurrency;
     loop {
+        s.heartbeat.store(now_ms(), Ordering::Relaxed);
         while running.len() < limit && !intake.is_cancelled() {
             let Some((path, settle)) = s.queue.claim() else {
                 break;

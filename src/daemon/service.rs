@@ -85,3 +85,33 @@ pub(super) async fn control(s: Arc<Shared>, listener: UnixListener, intake: Canc
     let path = s.config.state_dir.join(control::SOCKET);
     let _ = std::fs::remove_file(path);
 }
+
+/// systemd integration (a no-op without `NOTIFY_SOCKET`): READY=1 once started, then every half
+/// watchdog interval WATCHDOG=1 — only while the dispatcher loop is alive — and STATUS= with the
+/// queue depth.
+pub(super) async fn systemd(s: Arc<Shared>, intake: CancellationToken) {
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    let watchdog = sd_notify::watchdog_enabled();
+    let every = watchdog.map_or(std::time::Duration::from_secs(10), |w| w / 2);
+    loop {
+        tokio::select! {
+            _ = intake.cancelled() => {
+                let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+                return;
+            }
+            _ = tokio::time::sleep(every) => {}
+        }
+        let d = s.queue.depth();
+        let status = format!(
+            "queued {}, in flight {}, failed {}",
+            d.queued, d.in_flight, d.failed
+        );
+        let mut states = vec![sd_notify::NotifyState::Status(&status)];
+        // The dispatcher wakes at least once a second; a stale heartbeat means it is stuck.
+        let beat = s.heartbeat.load(std::sync::atomic::Ordering::Relaxed);
+        if watchdog.is_some() && crate::state::now_ms().saturating_sub(beat) < 30_000 {
+            states.push(sd_notify::NotifyState::Watchdog);
+        }
+        let _ = sd_notify::notify(&states);
+    }
+}

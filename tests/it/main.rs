@@ -7,4 +7,5 @@ mod proxy;
 mod support;
 mod sweep;
 mod synapse_config;
+mod systemd;
 mod upload;
