@@ -180,7 +180,7 @@ pub async fn run(
                 }
                 Err(e) => {
                     summary.failed += 1;
-                    tracing::error!(path = %found.path, error = %e, "Upload failed.");
+                    tracing::error!(path = %found.path, error = %crate::Chain(&e), "Upload failed.");
                 }
             }
             bar.done(found.snapshot.size);

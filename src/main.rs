@@ -56,6 +56,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Check the config, S3 (write/read/delete probe), PostgreSQL, the media store, inotify limits,
+    /// state_dir and Synapse's provider config; one line per check, non-zero exit on any failure.
+    Check,
     /// Upload every file of the media store that is not yet verified in the bucket, then exit.
     Upload {
         /// Plain log lines instead of a progress bar, even on a terminal.
@@ -102,6 +105,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         .context("starting the async runtime")?;
     rt.block_on(async move {
         match cli.command {
+            Command::Check => {
+                let checks = synapse_s3_offload::check::run(&config).await;
+                print!("{checks}");
+                if checks.failed > 0 {
+                    anyhow::bail!("{} checks failed", checks.failed);
+                }
+                Ok(ExitCode::SUCCESS)
+            }
             Command::Sweep { dry_run } => {
                 let cancel = CancellationToken::new();
                 let on_signal = cancel.clone();

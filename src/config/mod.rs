@@ -265,7 +265,7 @@ pub fn import_synapse(raw: &mut RawConfig) -> Result<Vec<String>, ConfigError> {
         return Ok(Vec::new());
     };
     let hs = crate::synapse::read_all(&path, raw.synapse_config_dir.as_deref())
-        .map_err(|e| invalid("synapse_config", format!("{e:#}")))?;
+        .map_err(|e| invalid("synapse_config", crate::Chain(&e).to_string()))?;
     Ok(crate::synapse::fill(raw, &hs))
 }
 

@@ -110,7 +110,7 @@ pub async fn run_with(
     match store.check_bucket().await {
         Ok(()) => {}
         Err(e) if e.is_transient() => {
-            tracing::warn!(error = %e, "S3 is not reachable yet; files are queued and retried.")
+            tracing::warn!(error = %crate::Chain(&e), "S3 is not reachable yet; files are queued and retried.")
         }
         Err(e) => return Err(DaemonError::Bucket(e)),
     }
@@ -205,7 +205,7 @@ fn watch_failed(s: &Shared, e: &notify::Error) {
         if watch::is_watch_limit(e) {
             tracing::error!("{}", watch::WATCH_LIMIT_ADVICE);
         } else {
-            tracing::error!(error = %e, "Cannot watch the media store; relying on periodic scans (scan_interval_when_degraded).");
+            tracing::error!(error = %crate::Chain(e), "Cannot watch the media store; relying on periodic scans (scan_interval_when_degraded).");
         }
     }
     s.rescan.store(true, Ordering::SeqCst);
@@ -251,7 +251,7 @@ async fn events(
             match msg {
                 Msg::Error(e) if watch::is_watch_limit(&e) => watch_failed(&s, &e),
                 Msg::Error(e) => {
-                    tracing::warn!(error = %e, "Watch error; scanning the store.");
+                    tracing::warn!(error = %crate::Chain(&e), "Watch error; scanning the store.");
                     s.rescan.store(true, Ordering::SeqCst);
                     s.wake_scan.notify_one();
                 }
@@ -305,7 +305,7 @@ async fn enqueue(s: &Shared, files: Vec<(MediaPath, u64, bool)>) {
     }
     if let Err(e) = s.queue.enqueue(files).await {
         // Cannot make it durable: the next full scan finds these files again.
-        tracing::error!(error = %e, "Cannot enqueue; will rescan.");
+        tracing::error!(error = %crate::Chain(&e), "Cannot enqueue; will rescan.");
         s.rescan.store(true, Ordering::SeqCst);
     }
 }
@@ -499,13 +499,14 @@ async fn process(s: Arc<Shared>, path: MediaPath, settle: bool) {
         Err(e) => {
             s.stats.failures.fetch_add(1, Ordering::Relaxed);
             let kind = e.kind();
-            match s.queue.retry_later(&path, kind, e.to_string()).await {
+            let message = crate::Chain(&e).to_string();
+            match s.queue.retry_later(&path, kind, message).await {
                 Ok(delay) if kind == crate::upload::s3::ErrorKind::Permanent => {
-                    tracing::error!(path = %path, error = %e, retry_in = ?delay, "Upload failed; the operator must act.");
+                    tracing::error!(path = %path, error = %crate::Chain(&e), retry_in = ?delay, "Upload failed; the operator must act.");
                     Ok(())
                 }
                 Ok(delay) => {
-                    tracing::warn!(path = %path, error = %e, retry_in = ?delay, "Upload failed; will retry.");
+                    tracing::warn!(path = %path, error = %crate::Chain(&e), retry_in = ?delay, "Upload failed; will retry.");
                     Ok(())
                 }
                 Err(se) => Err(se),
@@ -513,7 +514,7 @@ async fn process(s: Arc<Shared>, path: MediaPath, settle: bool) {
         }
     };
     if let Err(e) = done {
-        tracing::error!(path = %path, error = %e, "Cannot update the queue; the file stays queued.");
+        tracing::error!(path = %path, error = %crate::Chain(&e), "Cannot update the queue; the file stays queued.");
     }
 }
 

@@ -40,13 +40,13 @@ pub(super) async fn sweep(s: &Shared, dry_run: bool, cancel: &CancellationToken)
                     .apply(vec![control::remember_sweep(&report)])
                     .await
             {
-                tracing::warn!(error = %e, "Cannot remember the sweep report.");
+                tracing::warn!(error = %crate::Chain(&e), "Cannot remember the sweep report.");
             }
             Response::Sweep(report)
         }
         Err(e) => {
-            tracing::error!(error = %format!("{e:#}"), "Sweep refused.");
-            Response::Error(format!("{e:#}"))
+            tracing::error!(error = %crate::Chain(&e), "Sweep refused.");
+            Response::Error(crate::Chain(&e).to_string())
         }
     }
 }
@@ -61,7 +61,7 @@ pub(super) async fn control(s: Arc<Shared>, listener: UnixListener, intake: Canc
             r = listener.accept() => match r {
                 Ok((stream, _)) => stream,
                 Err(e) => {
-                    tracing::warn!(error = %e, "Control socket accept failed.");
+                    tracing::warn!(error = %crate::Chain(&e), "Control socket accept failed.");
                     continue;
                 }
             },
@@ -73,7 +73,7 @@ pub(super) async fn control(s: Arc<Shared>, listener: UnixListener, intake: Canc
                 match req {
                     Request::Status => match control::status(&s.state, &s.queue, true) {
                         Ok(st) => Response::Status(st),
-                        Err(e) => Response::Error(format!("{e:#}")),
+                        Err(e) => Response::Error(crate::Chain(&e).to_string()),
                     },
                     Request::Sweep { dry_run } => sweep(&s, dry_run, &cancel).await,
                 }

@@ -177,6 +177,26 @@ impl Db {
         }
     }
 
+    /// Checks that Synapse's media tables have the columns the sweep reads; counts the media.
+    pub async fn media_counts(&self) -> Result<(i64, i64), DbError> {
+        let c = self.client().await?;
+        self.timed(
+            "media table columns",
+            c.batch_execute(
+                "SELECT media_id, created_ts, last_access_ts, url_cache FROM local_media_repository LIMIT 0; \
+                 SELECT media_origin, media_id, filesystem_id, created_ts, last_access_ts FROM remote_media_cache LIMIT 0",
+            ),
+        )
+        .await?;
+        let row = self
+            .timed(
+                "count media",
+                c.query_one("SELECT (SELECT count(*) FROM local_media_repository), (SELECT count(*) FROM remote_media_cache)", &[]),
+            )
+            .await?;
+        Ok((row.get(0), row.get(1)))
+    }
+
     /// Takes the sweep lock if no other instance holds it.
     pub async fn try_lock(&self) -> Result<Option<SweepLock>, DbError> {
         let c = self.client().await?;

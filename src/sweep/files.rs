@@ -162,7 +162,7 @@ pub async fn confirm(s: &Sweeper, path: &MediaPath) -> Verdict {
         Err(e) => return Verdict::Error(e.to_string()),
     };
     match s.store.head(&path.key(s.store.prefix())).await {
-        Err(e) => Verdict::Error(format!("{e:#}")),
+        Err(e) => Verdict::Error(crate::Chain(&e).to_string()),
         Ok(None) => Verdict::Missing,
         Ok(Some(info)) if info.confirms(snapshot.size, &md5) => Verdict::Confirmed {
             snapshot,

@@ -130,7 +130,7 @@ pub fn check_provider(config: &Config) -> Result<(), SweepError> {
     match &config.synapse_config {
         Some(path) => {
             let hs = crate::synapse::read_all(path, config.synapse_config_dir.as_deref())
-                .map_err(|e| SweepError::Unsafe(format!("{e:#}")))?;
+                .map_err(|e| SweepError::Unsafe(crate::Chain(&e).to_string()))?;
             crate::synapse::reads_from_our_bucket(&hs, &config.s3).map_err(SweepError::Unsafe)
         }
         None if config.sweep.confirm_synapse_reads_from_bucket => Ok(()),
@@ -215,8 +215,8 @@ impl Sweeper {
             .await;
         lock.release().await;
         if let Err(e) = result {
-            report.stopped = Some(format!("{e:#}"));
-            tracing::error!(error = %e, "Sweep stopped: database error. Nothing unconfirmed was deleted.");
+            report.stopped = Some(crate::Chain(&e).to_string());
+            tracing::error!(error = %crate::Chain(&e), "Sweep stopped: database error. Nothing unconfirmed was deleted.");
         }
         report.seconds = started.elapsed().as_secs_f64();
         Ok(report)

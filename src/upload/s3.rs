@@ -33,6 +33,8 @@ use crate::config::{ChecksumMode, S3Config};
 
 /// User-metadata key holding the hex MD5 of the whole file (`x-amz-meta-md5`).
 pub const META_MD5: &str = "md5";
+/// Marks the keys of `check`'s probe objects (never a Synapse media path).
+pub const PROBE_MARK: &str = "synapse-s3-offload-check-";
 /// Parts uploaded at once for one multipart upload.
 const PART_CONCURRENCY: usize = 4;
 
@@ -370,6 +372,36 @@ impl ObjectStore {
             .send()
             .await
             .map_err(|e| self.err("HEAD bucket", &self.bucket, e))?;
+        Ok(())
+    }
+
+    /// GET of a whole (small) object; used by `check`'s probe.
+    pub async fn get_bytes(&self, key: &str) -> Result<Bytes, S3Error> {
+        let mut req = self.client.get_object().bucket(&self.bucket).key(key);
+        with_sse!(req, self.sse);
+        let out = req.send().await.map_err(|e| self.err("GET", key, e))?;
+        let body = out
+            .body
+            .collect()
+            .await
+            .map_err(|e| read_error("GET", key, e))?;
+        Ok(body.into_bytes())
+    }
+
+    /// DELETE of `check`'s own probe object. The daemon never deletes media objects: this refuses
+    /// any key that is not a probe.
+    pub async fn delete_probe(&self, key: &str) -> Result<(), S3Error> {
+        assert!(
+            key.contains(PROBE_MARK),
+            "only check's probe objects are ever deleted"
+        );
+        self.client
+            .delete_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+            .map_err(|e| self.err("DELETE", key, e))?;
         Ok(())
     }
 

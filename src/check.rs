@@ -1,0 +1,191 @@
+//! `check`: the doctor. One ✓/✗ line per check, with the likely fix; never a secret.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use md5::{Digest, Md5};
+
+use crate::config::Config;
+use crate::upload::s3::{ObjectStore, PROBE_MARK};
+
+/// The outcome of all checks: printable lines, and whether any failed.
+#[derive(Debug, Default)]
+pub struct Checks {
+    pub lines: Vec<String>,
+    pub failed: usize,
+}
+
+impl Checks {
+    fn ok(&mut self, what: &str, detail: impl std::fmt::Display) {
+        self.lines.push(format!("✓ {what}: {detail}"));
+    }
+    fn fail(&mut self, what: &str, detail: impl std::fmt::Display) {
+        self.failed += 1;
+        self.lines.push(format!("✗ {what}: {detail}"));
+    }
+    fn note(&mut self, what: &str, detail: impl std::fmt::Display) {
+        self.lines.push(format!("! {what}: {detail}"));
+    }
+}
+
+pub async fn run(config: &Config) -> Checks {
+    let mut c = Checks::default();
+    c.ok("config", "valid");
+    for w in &config.warnings {
+        c.note("synapse config", w);
+    }
+    check_s3(config, &mut c).await;
+    check_database(config, &mut c).await;
+    check_media_store(&config.media_store_path, &mut c);
+    check_inotify(&config.media_store_path, &mut c);
+    check_state_dir(config, &mut c).await;
+    match crate::sweep::check_provider(config) {
+        Ok(()) => c.ok("sweep safety", "Synapse reads media back from this bucket"),
+        Err(e) if config.database.is_some() && config.sweep.enabled => {
+            c.fail("sweep safety", crate::Chain(&e).to_string())
+        }
+        Err(e) => c.note("sweep safety", crate::Chain(&e).to_string()),
+    }
+    c
+}
+
+async fn check_s3(config: &Config, c: &mut Checks) {
+    let store = ObjectStore::new(&config.s3, config.upload.multipart_part_size).await;
+    let where_ = format!(
+        "bucket {} at {}",
+        config.s3.bucket,
+        config.s3.endpoint_url.as_deref().unwrap_or("AWS S3")
+    );
+    if let Err(e) = store.check_bucket().await {
+        return c.fail("S3 bucket", format!("{where_}: {}", crate::Chain(&e)));
+    }
+    c.ok("S3 bucket", &where_);
+    let key = format!(
+        "{}{PROBE_MARK}{}-{}",
+        config.s3.prefix,
+        std::process::id(),
+        crate::state::now_ms()
+    );
+    let body = bytes::Bytes::from(format!("synapse-s3-offload check probe {key}"));
+    let md5: [u8; 16] = Md5::digest(&body).into();
+    let steps = async {
+        store
+            .put_bytes(&key, body.clone(), &md5)
+            .await
+            .map_err(|e| ("PUT", crate::Chain(&e).to_string()))?;
+        match store.head(&key).await {
+            Ok(Some(info)) if info.confirms(body.len() as u64, &md5) => {}
+            Ok(other) => {
+                return Err((
+                    "HEAD",
+                    format!("the object does not match what was written: {other:?}"),
+                ));
+            }
+            Err(e) => return Err(("HEAD", crate::Chain(&e).to_string())),
+        }
+        match store.get_bytes(&key).await {
+            Ok(got) if got == body => {}
+            Ok(_) => {
+                return Err((
+                    "GET",
+                    "the object read back differs from what was written".into(),
+                ));
+            }
+            Err(e) => return Err(("GET", crate::Chain(&e).to_string())),
+        }
+        Ok(())
+    };
+    let result = steps.await;
+    let deleted = store.delete_probe(&key).await;
+    match (result, deleted) {
+        (Ok(()), Ok(())) => c.ok("S3 read/write", format!("PUT, HEAD, GET and DELETE of a probe object under prefix {:?}", config.s3.prefix)),
+        (Err((step, e)), _) => c.fail("S3 read/write", format!("{step} of the probe object failed: {e}")),
+        (Ok(()), Err(e)) => c.fail("S3 read/write", format!("DELETE of the probe object failed (the daemon itself never deletes objects; the probe {key} stays): {}", crate::Chain(&e))),
+    }
+}
+
+async fn check_database(config: &Config, c: &mut Checks) {
+    let Some(dbc) = &config.database else {
+        if config.synapse_uses_sqlite {
+            c.note(
+                "PostgreSQL",
+                "Synapse uses SQLite: uploads work, the sweep needs PostgreSQL",
+            );
+        } else {
+            c.note(
+                "PostgreSQL",
+                "no database: section, so no sweep (uploads work)",
+            );
+        }
+        return;
+    };
+    let db = match crate::sweep::db::Db::new(dbc) {
+        Ok(db) => db,
+        Err(e) => return c.fail("PostgreSQL", crate::Chain(&e).to_string()),
+    };
+    match db.media_counts().await {
+        Ok((local, remote)) => c.ok(
+            "PostgreSQL",
+            format!("media tables found: {local} local media, {remote} cached remote media"),
+        ),
+        Err(e) => c.fail("PostgreSQL", crate::Chain(&e).to_string()),
+    }
+}
+
+fn check_media_store(root: &Path, c: &mut Checks) {
+    let probe = root.join(format!(".{PROBE_MARK}{}", std::process::id()));
+    match std::fs::write(&probe, b"probe").and_then(|()| std::fs::remove_file(&probe)) {
+        Ok(()) => c.ok("media store", format!("{} is readable and writable", root.display())),
+        Err(e) => c.fail(
+            "media store",
+            format!("{} is not writable ({e}); the sweep must delete files there: run as Synapse's user (e.g. matrix-synapse)", root.display()),
+        ),
+    }
+}
+
+fn check_inotify(root: &Path, c: &mut Checks) {
+    let dirs = walkdir::WalkDir::new(root)
+        .follow_links(false)
+        .into_iter()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_type().is_dir())
+        .count() as u64;
+    let max: Option<u64> = std::fs::read_to_string("/proc/sys/fs/inotify/max_user_watches")
+        .ok()
+        .and_then(|s| s.trim().parse().ok());
+    match max {
+        Some(max) if dirs * 10 > max * 9 => c.fail(
+            "inotify",
+            format!("{dirs} directories to watch but fs.inotify.max_user_watches is {max}: raise it, e.g. `sysctl fs.inotify.max_user_watches={}` (and persist it in /etc/sysctl.d/); until then new files are found by periodic scans only", (dirs * 2).max(524_288)),
+        ),
+        Some(max) => c.ok("inotify", format!("{dirs} directories to watch, fs.inotify.max_user_watches is {max}")),
+        None => c.note("inotify", format!("{dirs} directories; cannot read fs.inotify.max_user_watches")),
+    }
+}
+
+async fn check_state_dir(config: &Config, c: &mut Checks) {
+    let dir = &config.state_dir;
+    match crate::control::request(dir, &crate::control::Request::Status).await {
+        Ok(Some(_)) => {
+            return c.ok(
+                "state_dir",
+                format!("{} is in use by the running daemon", dir.display()),
+            );
+        }
+        Ok(None) | Err(_) => {}
+    }
+    match crate::state::State::open(dir) {
+        Ok(_) => c.ok("state_dir", format!("{} is writable", dir.display())),
+        Err(e) => c.fail("state_dir", crate::Chain(&e).to_string()),
+    }
+}
+
+impl std::fmt::Display for Checks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut s = String::new();
+        for l in &self.lines {
+            let _ = writeln!(s, "{l}");
+        }
+        f.write_str(&s)
+    }
+}
