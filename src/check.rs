@@ -165,14 +165,11 @@ fn check_inotify(root: &Path, c: &mut Checks) {
 
 async fn check_state_dir(config: &Config, c: &mut Checks) {
     let dir = &config.state_dir;
-    match crate::control::request(dir, &crate::control::Request::Status).await {
-        Ok(Some(_)) => {
-            return c.ok(
-                "state_dir",
-                format!("{} is in use by the running daemon", dir.display()),
-            );
-        }
-        Ok(None) | Err(_) => {}
+    if let Ok(Some(_)) = crate::control::request(dir, &crate::control::Request::Status).await {
+        return c.ok(
+            "state_dir",
+            format!("{} is in use by the running daemon", dir.display()),
+        );
     }
     match crate::state::State::open(dir) {
         Ok(_) => c.ok("state_dir", format!("{} is writable", dir.display())),
