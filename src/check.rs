@@ -144,12 +144,7 @@ fn check_media_store(root: &Path, c: &mut Checks) {
 }
 
 fn check_inotify(root: &Path, c: &mut Checks) {
-    let dirs = walkdir::WalkDir::new(root)
-        .follow_links(false)
-        .into_iter()
-        .filter_map(Result::ok)
-        .filter(|e| e.file_type().is_dir())
-        .count() as u64;
+    let dirs = crate::scan::count_dirs(root);
     let max: Option<u64> = std::fs::read_to_string("/proc/sys/fs/inotify/max_user_watches")
         .ok()
         .and_then(|s| s.trim().parse().ok());

@@ -9,6 +9,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod layout;
+pub mod metrics;
 pub mod queue;
 pub mod scan;
 pub mod state;

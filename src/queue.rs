@@ -261,6 +261,16 @@ impl Queue {
         self.notify.notify_one();
     }
 
+    /// When `path` was first enqueued (ms), if it is queued.
+    pub fn enqueued_at(&self, path: &MediaPath) -> Option<u64> {
+        self.inner
+            .lock()
+            .expect("queue lock")
+            .items
+            .get(path)
+            .map(|e| e.item.enqueued_ms)
+    }
+
     /// When the next item becomes due (None: nothing is waiting).
     pub fn next_due(&self) -> Option<u64> {
         self.inner

@@ -80,6 +80,16 @@ pub fn walk(root: &Path, include_url_cache: bool, mut visit: impl FnMut(Item) ->
     }
 }
 
+/// Directories below `root` (each needs an inotify watch), without following symlinks.
+pub fn count_dirs(root: &Path) -> u64 {
+    walkdir::WalkDir::new(root)
+        .follow_links(false)
+        .into_iter()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_type().is_dir())
+        .count() as u64
+}
+
 /// Walks one directory tree below `root`. Returns `false` if `visit` asked to stop.
 pub fn walk_dir(root: &Path, dir: &Path, visit: &mut impl FnMut(Item) -> bool) -> bool {
     // follow_links(false): symlinks are reported as symlinks, never descended into.

@@ -96,6 +96,8 @@ pub struct RawConfig {
     /// Synapse's homeserver.yaml: fills media_store_path, database and s3 when they are not set
     /// here, and is checked before a sweep deletes anything (see `synapse`).
     pub synapse_config: Option<PathBuf>,
+    #[serde(default)]
+    pub metrics: RawMetrics,
     /// Extra Synapse config files (conf.d), merged after synapse_config in file-name order.
     pub synapse_config_dir: Option<PathBuf>,
     /// Set by the import when Synapse uses SQLite (not a config key).
@@ -134,6 +136,21 @@ pub struct RawUpload {
     pub max_backoff: Option<String>,
     pub settle: Option<String>,
     pub failed_retry_interval: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMetrics {
+    /// `host:port` for /metrics and /health; off when unset.
+    pub listen: Option<String>,
+    /// How often an idle daemon checks that S3 answers (for /health).
+    pub s3_probe_interval: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct MetricsConfig {
+    pub listen: Option<std::net::SocketAddr>,
+    pub s3_probe_interval: Duration,
 }
 
 /// A duration as a number of seconds (psycopg2 style) or text (`10s`).
@@ -184,6 +201,7 @@ pub struct Config {
     pub sweep: SweepConfig,
     pub synapse_config: Option<PathBuf>,
     pub synapse_config_dir: Option<PathBuf>,
+    pub metrics: MetricsConfig,
     /// Synapse's database is SQLite: uploads work, the sweep cannot run.
     pub synapse_uses_sqlite: bool,
     /// Warnings about Synapse's provider settings, logged at startup and shown by `check`.
@@ -331,6 +349,22 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         sweep: sweep::validate_sweep(raw.sweep)?,
         synapse_config: raw.synapse_config,
         synapse_config_dir: raw.synapse_config_dir,
+        metrics: MetricsConfig {
+            listen: match raw.metrics.listen.as_deref().filter(|s| !s.is_empty()) {
+                None => None,
+                Some(l) => Some(l.parse().map_err(|e| {
+                    invalid(
+                        "metrics.listen",
+                        format!("{l:?} is not host:port ({e}); e.g. 127.0.0.1:9187"),
+                    )
+                })?),
+            },
+            s3_probe_interval: duration(
+                "metrics.s3_probe_interval",
+                raw.metrics.s3_probe_interval,
+                "30s",
+            )?,
+        },
         synapse_uses_sqlite: raw.synapse_uses_sqlite.unwrap_or(false),
         warnings: Vec::new(),
     })

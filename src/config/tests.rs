@@ -17,6 +17,7 @@ fn raw_with(dir: &Path) -> RawConfig {
         sweep: RawSweep::default(),
         synapse_config: None,
         synapse_config_dir: None,
+        metrics: Default::default(),
         synapse_uses_sqlite: None,
     }
 }

@@ -20,6 +20,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 mod service;
+mod workers;
 
 use crate::config::Config;
 use crate::layout::MediaPath;
@@ -27,9 +28,8 @@ use crate::queue::Queue;
 use crate::scan::{self, Item};
 use crate::state::{Committer, State, StateError, now_ms};
 use crate::sweep::Sweeper;
-use crate::upload::digest::{self, Stat};
+use crate::upload::Uploader;
 use crate::upload::s3::{ObjectStore, S3Error};
-use crate::upload::{Outcome, Uploader};
 use crate::watch::{self, Action, Msg};
 
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +42,12 @@ pub enum DaemonError {
     Db(#[from] crate::sweep::db::DbError),
     #[error(transparent)]
     Control(#[from] crate::control::ControlError),
+    #[error("cannot listen on metrics.listen {addr} (in use? another daemon?)")]
+    Metrics {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Knobs that are not configuration (tests use them to provoke overflows).
@@ -83,6 +89,7 @@ struct Shared {
     degraded: AtomicBool,
     /// Last time (ms) the dispatcher loop ran: the systemd watchdog's liveness signal.
     heartbeat: AtomicU64,
+    health: Arc<crate::metrics::Health>,
 }
 
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), DaemonError> {
@@ -107,13 +114,22 @@ pub async fn run_with(
     let mut s3 = config.s3.clone();
     s3.max_attempts = 1;
     let store = Arc::new(ObjectStore::new(&s3, config.upload.multipart_part_size).await);
-    match store.check_bucket().await {
-        Ok(()) => {}
+    let bucket_ok = match store.check_bucket().await {
+        Ok(()) => true,
         Err(e) if e.is_transient() => {
-            tracing::warn!(error = %crate::Chain(&e), "S3 is not reachable yet; files are queued and retried.")
+            tracing::warn!(error = %crate::Chain(&e), "S3 is not reachable yet; files are queued and retried.");
+            false
         }
         Err(e) => return Err(DaemonError::Bucket(e)),
-    }
+    };
+    let metrics_listener = match config.metrics.listen {
+        Some(addr) => Some(
+            crate::metrics::bind(addr)
+                .await
+                .map_err(|source| DaemonError::Metrics { addr, source })?,
+        ),
+        None => None,
+    };
     let sweeper = match &config.database {
         Some(db) => Some(Arc::new(Sweeper {
             config: config.clone(),
@@ -145,7 +161,11 @@ pub async fn run_with(
         wake_scan: Arc::new(tokio::sync::Notify::new()),
         degraded: AtomicBool::new(false),
         heartbeat: AtomicU64::new(now_ms()),
+        health: Arc::new(crate::metrics::Health::default()),
     });
+    if bucket_ok {
+        shared.health.s3_ok();
+    }
     let depth = shared.queue.depth();
     tracing::info!(queued = depth.queued, failed = depth.failed, root = %shared.config.media_store_path.display(), "Starting.");
 
@@ -167,7 +187,9 @@ pub async fn run_with(
                 // now that the watch is in place, finds them (it costs only stats: recorded and
                 // queued files are skipped).
                 Ok(_) => {
-                    tracing::info!("Watching the media store.");
+                    let dirs = scan::count_dirs(&s.config.media_store_path);
+                    metrics::gauge!(crate::metrics::WATCHED_DIRS).set(dirs as f64);
+                    tracing::info!(dirs, "Watching the media store.");
                     s.rescan.store(true, Ordering::SeqCst);
                     s.wake_scan.notify_one();
                 }
@@ -178,11 +200,14 @@ pub async fn run_with(
     };
     tasks.spawn(events(shared.clone(), rx, intake.clone()));
     tasks.spawn(scans(shared.clone(), intake.clone()));
-    tasks.spawn(summaries(shared.clone(), intake.clone()));
+    tasks.spawn(workers::summaries(shared.clone(), intake.clone()));
     tasks.spawn(service::sweeps(shared.clone(), intake.clone()));
     tasks.spawn(service::control(shared.clone(), control, intake.clone()));
     tasks.spawn(service::systemd(shared.clone(), intake.clone()));
-    let dispatcher = tokio::spawn(dispatch(shared.clone(), intake.clone()));
+    if let Some(listener) = metrics_listener {
+        tasks.spawn(service::metrics(shared.clone(), listener, intake.clone()));
+    }
+    let dispatcher = tokio::spawn(workers::dispatch(shared.clone(), intake.clone()));
 
     shutdown.cancelled().await;
     tracing::info!(grace = ?shared.config.shutdown_grace, "Shutting down: finishing uploads in flight.");
@@ -300,6 +325,7 @@ fn media_path(root: &Path, p: &Path, include_url_cache: bool) -> Option<MediaPat
 }
 
 async fn enqueue(s: &Shared, files: Vec<(MediaPath, u64, bool)>) {
+    metrics::counter!(crate::metrics::ENQUEUED).increment(files.len() as u64);
     for (p, due, settle) in &files {
         tracing::trace!(path = %p, due, settle, "Enqueue.");
     }
@@ -392,6 +418,9 @@ async fn scans(s: Arc<Shared>, intake: CancellationToken) {
                 enqueue(&s, chunk).await;
             }
             let files = walker.await.unwrap_or(0);
+            metrics::counter!(crate::metrics::SCANS).increment(1);
+            metrics::histogram!(crate::metrics::SCAN_DURATION)
+                .record(started.elapsed().as_secs_f64());
             tracing::info!(
                 files,
                 not_recorded,
@@ -409,134 +438,5 @@ async fn scans(s: Arc<Shared>, intake: CancellationToken) {
             _ = s.wake_scan.notified() => {}
             _ = tokio::time::sleep(every) => s.rescan.store(true, Ordering::SeqCst),
         }
-    }
-}
-
-/// Claims due items and runs up to `upload.concurrency` uploads at once.
-async fn dispatch(s: Arc<Shared>, intake: CancellationToken) {
-    let mut running = JoinSet::new();
-    let limit = s.config.upload.concurrency;
-    loop {
-        s.heartbeat.store(now_ms(), Ordering::Relaxed);
-        while running.len() < limit && !intake.is_cancelled() {
-            let Some((path, settle)) = s.queue.claim() else {
-                break;
-            };
-            running.spawn(process(s.clone(), path, settle));
-        }
-        // Wake on a new item, a finished upload, the next due time (at most 1 s: the fallback).
-        let wait = s.queue.next_due().map_or(Duration::from_secs(1), |due| {
-            Duration::from_millis(due.saturating_sub(now_ms())).min(Duration::from_secs(1))
-        });
-        tokio::select! {
-            _ = intake.cancelled() => break,
-            _ = s.queue.notified() => {}
-            Some(_) = running.join_next(), if !running.is_empty() => {}
-            _ = tokio::time::sleep(wait) => {}
-        }
-    }
-    // Shutdown: let uploads in flight finish within the grace period; the rest stays queued.
-    let grace = tokio::time::sleep(s.config.shutdown_grace);
-    tokio::pin!(grace);
-    while !running.is_empty() {
-        tokio::select! {
-            _ = &mut grace => {
-                tracing::warn!(left = running.len(), "Grace period over; unfinished uploads stay queued.");
-                running.abort_all();
-                while running.join_next().await.is_some() {}
-                break;
-            }
-            _ = running.join_next() => {}
-        }
-    }
-}
-
-async fn process(s: Arc<Shared>, path: MediaPath, settle: bool) {
-    if settle {
-        // Found by a scan, not by a close event: a file modified less than `settle` ago may still
-        // be being written. If the kernel says nobody has it open for writing, it is complete
-        // (Synapse closes a file once written; some complete files never get an event at all).
-        let abs = path.to_path(&s.config.media_store_path);
-        let settle_ms = s.config.upload.settle.as_millis() as u64;
-        let check = tokio::task::spawn_blocking(move || match digest::stat(&abs) {
-            Ok(Stat::File(snap)) => {
-                let settled_at = (snap.mtime_ns / 1_000_000).max(0) as u64 + settle_ms;
-                (settled_at > now_ms()).then(|| (settled_at, digest::open_for_writing(&abs)))
-            }
-            _ => None,
-        });
-        match check.await.ok().flatten() {
-            None | Some((_, Some(false))) => {}
-            // Still open for writing: look again shortly (its close event may also come first).
-            Some((settled_at, Some(true))) => {
-                tracing::trace!(path = %path, "Still open for writing.");
-                s.queue.defer(&path, settled_at.min(now_ms() + 250));
-                return;
-            }
-            Some((settled_at, None)) => {
-                tracing::trace!(path = %path, "Not settled yet.");
-                s.queue.defer(&path, settled_at);
-                return;
-            }
-        }
-    }
-    let started = std::time::Instant::now();
-    let result = s.uploader.upload(&path).await;
-    let done = match result {
-        Ok(Outcome::Uploaded { record }) => {
-            s.stats.uploaded.fetch_add(1, Ordering::Relaxed);
-            s.stats.bytes.fetch_add(record.size, Ordering::Relaxed);
-            tracing::debug!(path = %path, bytes = record.size, ms = started.elapsed().as_millis() as u64, "Uploaded.");
-            s.queue.finish(&path, Some(record)).await
-        }
-        Ok(Outcome::Adopted { record }) => {
-            s.stats.adopted.fetch_add(1, Ordering::Relaxed);
-            s.queue.finish(&path, Some(record)).await
-        }
-        Ok(Outcome::Unchanged | Outcome::Vanished | Outcome::NotRegular) => {
-            s.queue.finish(&path, None).await
-        }
-        Err(e) => {
-            s.stats.failures.fetch_add(1, Ordering::Relaxed);
-            let kind = e.kind();
-            let message = crate::Chain(&e).to_string();
-            match s.queue.retry_later(&path, kind, message).await {
-                Ok(delay) if kind == crate::upload::s3::ErrorKind::Permanent => {
-                    tracing::error!(path = %path, error = %crate::Chain(&e), retry_in = ?delay, "Upload failed; the operator must act.");
-                    Ok(())
-                }
-                Ok(delay) => {
-                    tracing::warn!(path = %path, error = %crate::Chain(&e), retry_in = ?delay, "Upload failed; will retry.");
-                    Ok(())
-                }
-                Err(se) => Err(se),
-            }
-        }
-    };
-    if let Err(e) = done {
-        tracing::error!(path = %path, error = %crate::Chain(&e), "Cannot update the queue; the file stays queued.");
-    }
-}
-
-/// An info line every minute.
-async fn summaries(s: Arc<Shared>, intake: CancellationToken) {
-    let mut every = tokio::time::interval(Duration::from_secs(60));
-    every.tick().await;
-    loop {
-        tokio::select! {
-            _ = intake.cancelled() => return,
-            _ = every.tick() => {}
-        }
-        let d = s.queue.depth();
-        tracing::info!(
-            queued = d.queued,
-            in_flight = d.in_flight,
-            retrying = d.retrying,
-            failed = d.failed,
-            uploaded = s.stats.uploaded.load(Ordering::Relaxed),
-            already_in_bucket = s.stats.adopted.load(Ordering::Relaxed),
-            mb = s.stats.bytes.load(Ordering::Relaxed) as f64 / 1e6,
-            "Status."
-        );
     }
 }

@@ -31,9 +31,25 @@ pub(super) async fn sweep(s: &Shared, dry_run: bool, cancel: &CancellationToken)
         );
     };
     let _one = s.sweeping.lock().await;
+    use crate::metrics as m;
     match sweeper.run(dry_run, cancel).await {
         Ok(report) => {
             tracing::info!(report = %report, "Sweep finished.");
+            let outcome = match (&report.stopped, report.skipped_locked) {
+                (_, true) => "skipped_locked",
+                (Some(_), _) => "stopped",
+                (None, _) => "done",
+            };
+            metrics::counter!(m::SWEEPS, "outcome" => outcome).increment(1);
+            if !dry_run {
+                metrics::counter!(m::SWEEP_DELETED_FILES).increment(report.files_deleted);
+                metrics::counter!(m::SWEEP_DELETED_BYTES).increment(report.bytes_freed);
+            }
+            metrics::counter!(m::SWEEP_KEPT)
+                .increment(report.kept_not_in_bucket + report.kept_different + report.kept_error);
+            if outcome == "done" {
+                metrics::gauge!(m::LAST_SWEEP).set(report.started_at_ms as f64 / 1000.0);
+            }
             if !report.skipped_locked
                 && let Err(e) = s
                     .committer
@@ -45,6 +61,7 @@ pub(super) async fn sweep(s: &Shared, dry_run: bool, cancel: &CancellationToken)
             Response::Sweep(report)
         }
         Err(e) => {
+            metrics::counter!(m::SWEEPS, "outcome" => "refused").increment(1);
             tracing::error!(error = %crate::Chain(&e), "Sweep refused.");
             Response::Error(crate::Chain(&e).to_string())
         }
@@ -114,4 +131,49 @@ pub(super) async fn systemd(s: Arc<Shared>, intake: CancellationToken) {
         }
         let _ = sd_notify::notify(&states);
     }
+}
+
+/// `/metrics` and `/health`, plus an S3 probe so `/health` notices an outage while idle.
+pub(super) async fn metrics(
+    s: Arc<Shared>,
+    listener: tokio::net::TcpListener,
+    intake: CancellationToken,
+) {
+    use crate::metrics as m;
+    let handle = m::install();
+    let q = s.clone();
+    let refresh: Arc<dyn Fn() -> usize + Send + Sync> = Arc::new(move || {
+        let d = q.queue.depth();
+        metrics::gauge!(m::QUEUE_DEPTH).set(d.queued as f64);
+        metrics::gauge!(m::QUEUE_IN_FLIGHT).set(d.in_flight as f64);
+        metrics::gauge!(m::QUEUE_FAILED).set(d.failed as f64);
+        d.queued
+    });
+    // Unhealthy when work waits and nothing succeeded for this long.
+    let stale = s
+        .config
+        .upload
+        .max_backoff
+        .max(std::time::Duration::from_secs(60))
+        * 2;
+    let server = tokio::spawn(m::serve(
+        listener,
+        handle,
+        s.health.clone(),
+        stale,
+        refresh,
+        intake.clone(),
+    ));
+    let every = s.config.metrics.s3_probe_interval;
+    loop {
+        tokio::select! {
+            _ = intake.cancelled() => break,
+            _ = tokio::time::sleep(every) => {}
+        }
+        match s.uploader.store().check_bucket().await {
+            Ok(()) => s.health.s3_ok(),
+            Err(e) => s.health.s3_failed(&crate::Chain(&e).to_string()),
+        }
+    }
+    let _ = server.await;
 }

@@ -4,6 +4,7 @@ mod check;
 mod cli;
 mod control;
 mod daemon;
+mod metrics;
 mod proxy;
 mod support;
 mod sweep;

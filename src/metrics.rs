@@ -1,0 +1,214 @@
+//! Prometheus metrics and `/health` on `metrics.listen` (off when unset).
+//!
+//! Names are constants here, each described once; labels are bounded (operation, outcome, kind):
+//! never a path or a key.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::{Request, Response, StatusCode};
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::state::now_ms;
+
+pub const QUEUE_DEPTH: &str = "synapse_s3_offload_queue_depth";
+pub const QUEUE_IN_FLIGHT: &str = "synapse_s3_offload_queue_in_flight";
+pub const QUEUE_FAILED: &str = "synapse_s3_offload_queue_failed";
+pub const ENQUEUED: &str = "synapse_s3_offload_enqueued_total";
+pub const UPLOADED: &str = "synapse_s3_offload_uploaded_total";
+pub const UPLOADED_BYTES: &str = "synapse_s3_offload_uploaded_bytes_total";
+pub const UPLOAD_FAILURES: &str = "synapse_s3_offload_upload_failures_total";
+pub const UPLOAD_DURATION: &str = "synapse_s3_offload_upload_duration_seconds";
+pub const CLOSE_TO_UPLOADED: &str = "synapse_s3_offload_close_to_uploaded_seconds";
+pub const SCANS: &str = "synapse_s3_offload_scans_total";
+pub const SCAN_DURATION: &str = "synapse_s3_offload_scan_duration_seconds";
+pub const WATCHED_DIRS: &str = "synapse_s3_offload_inotify_watched_directories";
+pub const SWEEPS: &str = "synapse_s3_offload_sweeps_total";
+pub const SWEEP_DELETED_FILES: &str = "synapse_s3_offload_sweep_deleted_files_total";
+pub const SWEEP_DELETED_BYTES: &str = "synapse_s3_offload_sweep_deleted_bytes_total";
+pub const SWEEP_KEPT: &str = "synapse_s3_offload_sweep_kept_unconfirmed_total";
+pub const LAST_SWEEP: &str = "synapse_s3_offload_last_successful_sweep_timestamp_seconds";
+pub const BUILD_INFO: &str = "synapse_s3_offload_build_info";
+
+fn describe() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_gauge!(QUEUE_DEPTH, "Files in the durable upload queue.");
+    describe_gauge!(QUEUE_IN_FLIGHT, "Uploads in flight.");
+    describe_gauge!(
+        QUEUE_FAILED,
+        "Queued files whose last attempt failed permanently."
+    );
+    describe_counter!(ENQUEUED, "Files enqueued (by events and scans).");
+    describe_counter!(
+        UPLOADED,
+        "Files verified in the bucket, by outcome (uploaded, adopted)."
+    );
+    describe_counter!(UPLOADED_BYTES, Unit::Bytes, "Bytes uploaded.");
+    describe_counter!(
+        UPLOAD_FAILURES,
+        "Failed upload attempts, by kind (transient = retried with backoff, permanent)."
+    );
+    describe_histogram!(
+        UPLOAD_DURATION,
+        Unit::Seconds,
+        "Time to upload and verify one file."
+    );
+    describe_histogram!(
+        CLOSE_TO_UPLOADED,
+        Unit::Seconds,
+        "Time from enqueue (close event or scan) to verified in the bucket."
+    );
+    describe_counter!(SCANS, "Full scans of the media store.");
+    describe_histogram!(SCAN_DURATION, Unit::Seconds, "Duration of full scans.");
+    describe_gauge!(
+        WATCHED_DIRS,
+        "Directories of the media store seen by the last full scan (inotify watches needed); 0 while degraded."
+    );
+    describe_counter!(
+        SWEEPS,
+        "Sweeps, by outcome (done, skipped_locked, stopped, refused)."
+    );
+    describe_counter!(SWEEP_DELETED_FILES, "Local files deleted by sweeps.");
+    describe_counter!(SWEEP_DELETED_BYTES, Unit::Bytes, "Bytes freed by sweeps.");
+    describe_counter!(
+        SWEEP_KEPT,
+        "Aged files kept because the bucket did not confirm them (missing, different, error)."
+    );
+    describe_gauge!(
+        LAST_SWEEP,
+        Unit::Seconds,
+        "Unix time of the last sweep that ran to the end."
+    );
+    describe_gauge!(BUILD_INFO, "Always 1; the version label tells the build.");
+}
+
+/// Installs the recorder (once per process) and returns the handle that renders `/metrics`.
+pub fn install() -> PrometheusHandle {
+    static HANDLE: std::sync::OnceLock<PrometheusHandle> = std::sync::OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
+                .install_recorder()
+                .expect("the metrics recorder is installed once");
+            describe();
+            metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+            handle
+        })
+        .clone()
+}
+
+/// What `/health` knows: the last S3 success and failure, and the last progress.
+#[derive(Default)]
+pub struct Health {
+    s3_ok_ms: AtomicU64,
+    s3_err_ms: AtomicU64,
+    last_error: std::sync::Mutex<String>,
+}
+
+impl Health {
+    pub fn s3_ok(&self) {
+        self.s3_ok_ms.store(now_ms(), Ordering::Relaxed);
+    }
+
+    pub fn s3_failed(&self, error: &str) {
+        self.s3_err_ms.store(now_ms(), Ordering::Relaxed);
+        *self.last_error.lock().expect("not poisoned") = error.chars().take(300).collect();
+    }
+
+    /// (healthy, JSON body). Unhealthy while the last S3 call failed (S3 down, credentials revoked)
+    /// or when nothing succeeded for `stale` although work is waiting.
+    pub fn verdict(&self, queued: usize, stale: Duration) -> (bool, String) {
+        let (ok, err) = (
+            self.s3_ok_ms.load(Ordering::Relaxed),
+            self.s3_err_ms.load(Ordering::Relaxed),
+        );
+        let reason = if err > ok {
+            Some(format!(
+                "S3 failing: {}",
+                self.last_error.lock().expect("not poisoned")
+            ))
+        } else if queued > 0 && now_ms().saturating_sub(ok) > stale.as_millis() as u64 {
+            Some(format!(
+                "no S3 success for {}s with {queued} files queued",
+                now_ms().saturating_sub(ok) / 1000
+            ))
+        } else {
+            None
+        };
+        match reason {
+            Some(r) => (
+                false,
+                serde_json::json!({"status": "unhealthy", "reason": r, "queued": queued})
+                    .to_string(),
+            ),
+            None => (
+                true,
+                serde_json::json!({"status": "ok", "queued": queued}).to_string(),
+            ),
+        }
+    }
+}
+
+/// Serves `/metrics` and `/health` until `cancel`. `refresh` updates gauges before each scrape and
+/// returns the queue depth for `/health`.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    handle: PrometheusHandle,
+    health: Arc<Health>,
+    stale: Duration,
+    refresh: Arc<dyn Fn() -> usize + Send + Sync>,
+    cancel: CancellationToken,
+) {
+    let mut conns = tokio::task::JoinSet::new();
+    loop {
+        let stream = tokio::select! {
+            _ = cancel.cancelled() => break,
+            Some(_) = conns.join_next(), if !conns.is_empty() => continue,
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(_) => continue,
+            },
+        };
+        let (handle, health, refresh) = (handle.clone(), health.clone(), refresh.clone());
+        conns.spawn(async move {
+            let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                let (handle, health, refresh) = (handle.clone(), health.clone(), refresh.clone());
+                async move {
+                    let queued = refresh();
+                    let (status, ctype, body) = match req.uri().path() {
+                        "/metrics" => {
+                            (StatusCode::OK, "text/plain; version=0.0.4", handle.render())
+                        }
+                        "/health" => match health.verdict(queued, stale) {
+                            (true, b) => (StatusCode::OK, "application/json", b),
+                            (false, b) => (StatusCode::SERVICE_UNAVAILABLE, "application/json", b),
+                        },
+                        _ => (
+                            StatusCode::NOT_FOUND,
+                            "text/plain",
+                            "not found: try /metrics or /health\n".into(),
+                        ),
+                    };
+                    Response::builder()
+                        .status(status)
+                        .header("content-type", ctype)
+                        .body(Full::new(Bytes::from(body)))
+                }
+            });
+            let io = hyper_util::rt::TokioIo::new(stream);
+            let conn = hyper::server::conn::http1::Builder::new().serve_connection(io, service);
+            let _ = tokio::time::timeout(Duration::from_secs(30), conn).await;
+        });
+    }
+    conns.abort_all();
+}
+
+/// Binds the listener, with a clear error.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await
+}

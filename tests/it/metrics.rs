@@ -1,0 +1,122 @@
+//! `/metrics` and `/health` of a running daemon.
+
+use std::time::Duration;
+
+use synapse_s3_offload::daemon::{self, Options};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+
+use crate::support::*;
+
+async fn get(addr: &str, path: &str) -> (u16, String) {
+    let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else {
+        return (0, String::new());
+    };
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    let status = out
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, out)
+}
+
+fn value(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_move_and_health_follows_s3() {
+    let env = s3_env();
+    let mut s3 = PrivateS3::start(&env);
+    let penv = s3.env(&env);
+    let bucket = create_bucket(&penv, "metrics").await;
+    let store = Store::new();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut raw = raw_config(&env, &s3.endpoint(), &bucket, &store);
+    raw.metrics.listen = Some(addr.clone());
+    raw.metrics.s3_probe_interval = Some("300ms".into());
+    raw.s3.connect_timeout = Some("1s".into());
+    raw.upload.max_backoff = Some("1s".into());
+    let token = CancellationToken::new();
+    let d = tokio::spawn(daemon::run_with(
+        validated(raw),
+        token.clone(),
+        Options::default(),
+    ));
+
+    let files: Vec<_> = (0..5)
+        .map(|i| {
+            let rel = format!("local_content/me/tr/ics{i}");
+            let data = bytes(700 + i, 2_000);
+            store.write(&rel, &data);
+            (rel, data)
+        })
+        .collect();
+    eventually("uploads", Duration::from_secs(30), || {
+        listed(&penv, &bucket, &files)
+    })
+    .await;
+    let (status, m) = get(&addr, "/metrics").await;
+    assert_eq!(status, 200, "{m}");
+    assert!(value(&m, "synapse_s3_offload_uploaded_total") >= 5.0, "{m}");
+    assert!(
+        value(&m, "synapse_s3_offload_uploaded_bytes_total") >= 10_000.0,
+        "{m}"
+    );
+    for name in [
+        "synapse_s3_offload_queue_depth",
+        "synapse_s3_offload_build_info",
+        "synapse_s3_offload_scans_total",
+        "synapse_s3_offload_upload_duration_seconds",
+    ] {
+        assert!(m.contains(name), "{name} missing:\n{m}");
+    }
+    assert!(!m.contains("local_content"), "no paths in labels");
+    let (status, body) = get(&addr, "/health").await;
+    assert_eq!(status, 200, "{body}");
+
+    s3.stop();
+    eventually(
+        "/health 503 while S3 is down",
+        Duration::from_secs(20),
+        || async {
+            let (status, body) = get(&addr, "/health").await;
+            if status == 503 && body.contains("S3 failing") {
+                Ok(())
+            } else {
+                Err(format!("{status} {body}"))
+            }
+        },
+    )
+    .await;
+    s3.resume(&env);
+    eventually(
+        "/health 200 after S3 returns",
+        Duration::from_secs(20),
+        || async {
+            let (status, body) = get(&addr, "/health").await;
+            if status == 200 {
+                Ok(())
+            } else {
+                Err(format!("{status} {body}"))
+            }
+        },
+    )
+    .await;
+    token.cancel();
+    d.await.unwrap().unwrap();
+}
