@@ -271,7 +271,22 @@ const ARCHIVE_STORAGE_CLASSES: &[&str] = &["GLACIER", "DEEP_ARCHIVE", "SNOW"];
 /// validates the result.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
     let mut raw = load_raw(path)?;
-    let warnings = import_synapse(&mut raw)?;
+    let has_secrets = raw.s3.secret_access_key.is_some()
+        || raw.s3.session_token.is_some()
+        || raw.s3.sse_customer_key.is_some()
+        || raw.database.as_ref().is_some_and(|d| d.password.is_some());
+    let mut warnings = import_synapse(&mut raw)?;
+    use std::os::unix::fs::PermissionsExt;
+    if has_secrets
+        && let Ok(meta) = std::fs::metadata(path)
+        && meta.permissions().mode() & 0o044 != 0
+    {
+        warnings.push(format!(
+            "config file {} holds secrets and is readable by other users: chmod 600 {}",
+            path.display(),
+            path.display()
+        ));
+    }
     let mut config = validate(raw)?;
     config.warnings = warnings;
     Ok(config)

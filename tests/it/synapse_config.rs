@@ -114,3 +114,26 @@ fn sqlite_and_a_missing_provider_are_explained() {
     let err = synapse_s3_offload::sweep::SweepError::Sqlite.to_string();
     assert!(err.contains("PostgreSQL") && err.contains("upload and run still work"));
 }
+
+#[test]
+fn a_config_with_secrets_readable_by_others_is_warned_about() {
+    use std::os::unix::fs::PermissionsExt;
+    let store = Store::new();
+    let cfg = store.dir.path().join("c.yaml");
+    write_yaml(
+        &cfg,
+        &format!(
+            "media_store_path: {}\nstate_dir: /tmp/x-state\ns3:\n  bucket: b-ucket\n  access_key_id: a\n  secret_access_key: s\n",
+            store.root.display()
+        ),
+    );
+    std::fs::set_permissions(&cfg, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let c = config::load(&cfg).unwrap();
+    assert!(
+        c.warnings.iter().any(|w| w.contains("chmod 600")),
+        "{:?}",
+        c.warnings
+    );
+    std::fs::set_permissions(&cfg, std::fs::Permissions::from_mode(0o600)).unwrap();
+    assert!(config::load(&cfg).unwrap().warnings.is_empty());
+}
