@@ -18,6 +18,7 @@
 
 pub mod digest;
 pub mod s3;
+mod s3_error;
 
 use std::path::PathBuf;
 use std::sync::Arc;

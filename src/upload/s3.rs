@@ -31,195 +31,15 @@ use md5::{Digest, Md5};
 
 use crate::config::{ChecksumMode, S3Config};
 
+pub use super::s3_error::{ErrorKind, S3Error};
+use super::s3_error::{classify, read_error};
+
 /// User-metadata key holding the hex MD5 of the whole file (`x-amz-meta-md5`).
 pub const META_MD5: &str = "md5";
 /// Marks the keys of `check`'s probe objects (never a Synapse media path).
 pub const PROBE_MARK: &str = "synapse-s3-offload-check-";
 /// Parts uploaded at once for one multipart upload.
 const PART_CONCURRENCY: usize = 4;
-
-/// How a failed request should be treated by whoever decides about retries.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorKind {
-    /// Worth retrying later: 5xx, 429/SlowDown, timeouts, connection failures, a changed body.
-    Transient,
-    /// Retrying will not help until the operator fixes something (403, NoSuchBucket, bad config).
-    Permanent,
-    /// The object (or bucket, for HEAD) does not exist.
-    NotFound,
-}
-
-/// A failed S3 call, classified. Its message names the step, the key, the provider's answer and a
-/// likely fix; it never contains a secret.
-#[derive(Debug, thiserror::Error)]
-#[error("{op} {target} failed: {detail}{hint}")]
-pub struct S3Error {
-    pub op: &'static str,
-    pub target: String,
-    pub kind: ErrorKind,
-    pub status: Option<u16>,
-    pub code: Option<String>,
-    detail: String,
-    hint: String,
-}
-
-impl S3Error {
-    pub fn is_transient(&self) -> bool {
-        self.kind == ErrorKind::Transient
-    }
-}
-
-/// Classifies an SDK error. The single place that looks inside SDK error types.
-fn classify<E>(
-    op: &'static str,
-    target: &str,
-    endpoint: &str,
-    err: SdkError<E, aws_sdk_s3::config::http::HttpResponse>,
-) -> S3Error
-where
-    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
-{
-    let status = err.raw_response().map(|r| r.status().as_u16());
-    let code = err.code().map(str::to_owned);
-    let (kind, detail) = match &err {
-        SdkError::TimeoutError(_) => (ErrorKind::Transient, "timed out".to_owned()),
-        SdkError::DispatchFailure(f) => {
-            let what = if f.is_timeout() {
-                "connection timed out"
-            } else {
-                "cannot connect"
-            };
-            (
-                ErrorKind::Transient,
-                format!("{what} to {endpoint}: {}", source_chain(&err)),
-            )
-        }
-        SdkError::ResponseError(_) => (
-            ErrorKind::Transient,
-            format!(
-                "unreadable response (HTTP {}): {}",
-                status.unwrap_or(0),
-                source_chain(&err)
-            ),
-        ),
-        SdkError::ConstructionFailure(_) => (ErrorKind::Permanent, source_chain(&err)),
-        _ => {
-            let kind = match (status, code.as_deref()) {
-                (
-                    _,
-                    Some(
-                        "SlowDown" | "RequestTimeout" | "InternalError" | "ServiceUnavailable"
-                        | "BadDigest",
-                    ),
-                ) => ErrorKind::Transient,
-                (Some(s), _) if s >= 500 || s == 429 || s == 408 => ErrorKind::Transient,
-                (_, Some("NoSuchKey" | "NotFound")) => ErrorKind::NotFound,
-                (Some(404), None) => ErrorKind::NotFound,
-                _ => ErrorKind::Permanent,
-            };
-            let msg = err.message().unwrap_or("");
-            let detail = format!(
-                "HTTP {} {}{}{}",
-                status.map_or("?".into(), |s| s.to_string()),
-                code.as_deref().unwrap_or(""),
-                if msg.is_empty() { "" } else { ": " },
-                msg
-            );
-            (kind, detail.trim_end().to_owned())
-        }
-    };
-    let hint = match &err {
-        SdkError::DispatchFailure(_) | SdkError::TimeoutError(_) => {
-            Some("check s3.endpoint_url and that the server is up and reachable")
-        }
-        _ => hint(op, status, code.as_deref()),
-    };
-    let hint = hint.map(|h| format!(" — {h}")).unwrap_or_default();
-    S3Error {
-        op,
-        target: target.to_owned(),
-        kind,
-        status,
-        code,
-        detail,
-        hint,
-    }
-}
-
-fn source_chain(err: &dyn std::error::Error) -> String {
-    let mut parts = Vec::new();
-    let mut cur = err.source();
-    while let Some(e) = cur {
-        parts.push(e.to_string());
-        cur = e.source();
-    }
-    if parts.is_empty() {
-        err.to_string()
-    } else {
-        parts.join(": ")
-    }
-}
-
-fn hint(op: &str, status: Option<u16>, code: Option<&str>) -> Option<&'static str> {
-    Some(match (status, code) {
-        (_, Some("InvalidAccessKeyId")) => {
-            "the access key is unknown to the provider: check s3.access_key_id (or AWS_ACCESS_KEY_ID)"
-        }
-        (_, Some("SignatureDoesNotMatch")) => {
-            "check s3.secret_access_key; if it is right, check s3.region_name and s3.force_path_style"
-        }
-        (_, Some("RequestTimeTooSkewed")) => {
-            "this machine's clock is off; sync it (e.g. systemd-timesyncd or chrony)"
-        }
-        (_, Some("AccessDenied")) => {
-            "the credentials lack permission on this bucket/prefix (need s3:PutObject, s3:GetObject, s3:ListBucket, s3:DeleteObject)"
-        }
-        (_, Some("NoSuchBucket")) => {
-            "the bucket does not exist at this endpoint: check s3.bucket, s3.endpoint_url and s3.region_name"
-        }
-        (
-            _,
-            Some(
-                "PermanentRedirect"
-                | "AuthorizationHeaderMalformed"
-                | "IllegalLocationConstraintException",
-            ),
-        ) => "the bucket is in another region: set s3.region_name",
-        (_, Some("InvalidStorageClass")) => {
-            "this provider does not accept s3.storage_class; remove it or pick one it supports"
-        }
-        (_, Some("BadDigest")) => {
-            "the file changed while it was being sent; it will be uploaded again"
-        }
-        (_, Some("XAmzContentSHA256Mismatch" | "InvalidDigest")) => {
-            "the provider rejects checksum headers: set s3.request_checksum_calculation: when_required"
-        }
-        (Some(403), None) => {
-            "access denied: check s3.access_key_id / s3.secret_access_key and the bucket policy"
-        }
-        (Some(404), _) if op == "HEAD bucket" => {
-            "the bucket does not exist at this endpoint: check s3.bucket, s3.endpoint_url and s3.region_name"
-        }
-        (Some(301), _) => "the bucket is in another region: set s3.region_name",
-        (Some(400), _) if op == "HEAD bucket" => {
-            "the provider refused the request: check s3.region_name and s3.force_path_style"
-        }
-        _ => return None,
-    })
-}
-
-/// The file could not be opened for streaming (gone or unreadable): transient, the caller re-stats.
-fn read_error(op: &'static str, key: &str, e: impl std::fmt::Display) -> S3Error {
-    S3Error {
-        op,
-        target: key.to_owned(),
-        kind: ErrorKind::Transient,
-        status: None,
-        code: None,
-        detail: format!("cannot read the local file: {e}"),
-        hint: String::new(),
-    }
-}
 
 /// What a HEAD says about an object.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -626,20 +446,5 @@ mod tests {
         assert!(info(10, None, Some(&hex::encode(md5).to_uppercase())).confirms(10, &md5));
         assert!(!info(10, None, Some("abababab-2")).confirms(10, &md5));
         assert!(!info(10, None, None).confirms(10, &md5));
-    }
-
-    #[test]
-    fn hints_name_the_key_to_fix() {
-        assert!(
-            hint("PUT", Some(403), Some("InvalidAccessKeyId"))
-                .unwrap()
-                .contains("s3.access_key_id")
-        );
-        assert!(
-            hint("HEAD bucket", Some(404), None)
-                .unwrap()
-                .contains("s3.bucket")
-        );
-        assert!(hint("PUT", Some(500), Some("InternalError")).is_none());
     }
 }
