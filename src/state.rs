@@ -157,10 +157,16 @@ pub struct State {
 impl State {
     /// Opens (or creates) `state_dir/state.redb`.
     pub fn open(state_dir: &Path) -> Result<Self, StateError> {
-        std::fs::create_dir_all(state_dir).map_err(|source| StateError::CreateDir {
-            path: state_dir.to_owned(),
-            source,
-        })?;
+        // Owner-only when we create it: it holds the control socket and the list of media paths.
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(state_dir)
+            .map_err(|source| StateError::CreateDir {
+                path: state_dir.to_owned(),
+                source,
+            })?;
         let path = state_dir.join(STATE_FILE);
         // A bounded cache: the records are small and the working set is the recent uploads.
         let db = Database::builder()
@@ -404,6 +410,16 @@ mod tests {
         assert_eq!(s.record_count().unwrap(), 1);
         s.apply(&[Op::Forget(p.clone())]).unwrap();
         assert_eq!(s.record(&p).unwrap(), None);
+    }
+
+    #[test]
+    fn a_new_state_dir_is_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let state_dir = dir.path().join("a/b");
+        let _s = State::open(&state_dir).unwrap();
+        let mode = std::fs::metadata(&state_dir).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
     }
 
     #[test]
