@@ -70,6 +70,11 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
+    // One log line instead of a multi-line dump; a library panic we catch (redb on a corrupted
+    // file) is followed by our own clear error.
+    std::panic::set_hook(Box::new(|info| {
+        tracing::error!(panic = %info.to_string().replace('\n', " "), "Internal error.");
+    }));
     match run(cli) {
         Ok(code) => code,
         Err(e) => {

@@ -57,6 +57,10 @@ pub enum StateError {
     Schema { path: PathBuf, found: u64 },
     #[error("state database operation failed")]
     Db(#[from] redb::Error),
+    #[error(
+        "state database {path} is corrupted; move it aside (e.g. mv {path} {path}.broken) and run `upload`: every file is looked at again, and objects already in the bucket are recognised by HEAD, not re-uploaded"
+    )]
+    Corrupted { path: PathBuf },
     #[error("committing to the state database failed: {0}")]
     Commit(String),
     #[error("a record in the state database is corrupted (key {key})")]
@@ -169,18 +173,18 @@ impl State {
             })?;
         let path = state_dir.join(STATE_FILE);
         // A bounded cache: the records are small and the working set is the recent uploads.
-        let db = Database::builder()
-            .set_cache_size(16 << 20)
-            .create(&path)
-            .map_err(|source| match source {
-                redb::DatabaseError::DatabaseAlreadyOpen => {
-                    StateError::Locked { path: path.clone() }
-                }
-                source => StateError::Open {
-                    path: path.clone(),
-                    source,
-                },
-            })?;
+        // redb panics (rather than erroring) on some kinds of page corruption; turn that into the
+        // same clear refusal instead of a crash loop. Nothing is lost: the files are still local.
+        let opened =
+            std::panic::catch_unwind(|| Database::builder().set_cache_size(16 << 20).create(&path))
+                .map_err(|_| StateError::Corrupted { path: path.clone() })?;
+        let db = opened.map_err(|source| match source {
+            redb::DatabaseError::DatabaseAlreadyOpen => StateError::Locked { path: path.clone() },
+            source => StateError::Open {
+                path: path.clone(),
+                source,
+            },
+        })?;
         let state = State {
             db: Arc::new(db),
             path,

@@ -159,3 +159,51 @@ async fn bad_inputs_each_give_one_clear_line() {
     // Nothing was uploaded or recorded by any of these.
     assert!(objects(&env, &bucket).await.is_empty());
 }
+
+#[tokio::test]
+async fn a_corrupted_state_database_is_refused_with_the_recovery_steps() {
+    let env = s3_env();
+    let bucket = create_bucket(&env, "corrupt").await;
+    let store = Store::new();
+    store.write("local_content/ab/cd/ef", b"hello");
+    let cfg = store.dir.path().join("config.yaml");
+    write_yaml(&cfg, &yaml(&store, &env.endpoint, &bucket, SECRET));
+    assert_eq!(run(&cfg, &[]).code, 0);
+    let db = store.state.join("state.redb");
+    // Garbage over the middle of the file (its pages), and a file that is not redb at all.
+    let mut bytes_ = std::fs::read(&db).unwrap();
+    let mid = bytes_.len() / 4;
+    for b in &mut bytes_[mid..] {
+        *b = 0xff;
+    }
+    for content in [bytes_, b"not a database at all".repeat(100)] {
+        std::fs::write(&db, &content).unwrap();
+        let r = run(&cfg, &[]);
+        assert_eq!(r.code, 1, "a clear refusal, not a crash: {}", r.stderr);
+        let line = r
+            .stderr
+            .lines()
+            .find(|l| l.starts_with("error:"))
+            .unwrap_or_default()
+            .to_owned();
+        assert!(
+            line.contains("state.redb") && line.contains("move it aside"),
+            "{}",
+            r.stderr
+        );
+        assert_eq!(
+            std::fs::read(&db).unwrap(),
+            content,
+            "the broken file is left for inspection"
+        );
+    }
+    // The documented recovery: move it aside and upload again; nothing is uploaded twice.
+    std::fs::rename(&db, store.state.join("state.redb.broken")).unwrap();
+    let r = run(&cfg, &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stdout.contains("uploaded 0") && r.stdout.contains("already in bucket 1"),
+        "{}",
+        r.stdout
+    );
+}
