@@ -256,8 +256,9 @@ async fn events(
             _ = intake.cancelled() => return,
             _ = async { tokio::time::sleep_until(next_rescan.expect("guarded")).await }, if next_rescan.is_some() => {
                 let (_, dirs) = rescans.pop_first().expect("guarded");
-                for dir in dirs {
-                    scan_dir(&s, dir).await;
+                let found = scan_dirs(&s, dirs).await;
+                if !found.is_empty() {
+                    enqueue(&s, found).await;
                 }
                 continue;
             }
@@ -272,6 +273,7 @@ async fn events(
             }
         }
         let mut files = Vec::new();
+        let mut new_dirs = Vec::new();
         for msg in batch {
             match msg {
                 Msg::Error(e) if watch::is_watch_limit(&e) => watch_failed(&s, &e),
@@ -293,11 +295,11 @@ async fn events(
                                 for later in NEW_DIR_RESCANS {
                                     rescans.entry(now + later).or_default().push(dir.clone());
                                 }
-                                scan_dir(&s, dir).await;
+                                new_dirs.push(dir);
                             }
                             Action::File(p) => {
                                 if std::fs::symlink_metadata(&p).is_ok_and(|m| m.is_dir()) {
-                                    scan_dir(&s, p).await;
+                                    new_dirs.push(p);
                                 } else if let Some(mp) =
                                     media_path(&root, &p, s.config.upload.include_url_cache)
                                 {
@@ -308,6 +310,10 @@ async fn events(
                     }
                 }
             }
+        }
+        // The batch's new directories are scanned together; everything is enqueued in one commit.
+        if !new_dirs.is_empty() {
+            files.extend(scan_dirs(&s, new_dirs).await);
         }
         if !files.is_empty() {
             enqueue(&s, files).await;
@@ -336,28 +342,27 @@ async fn enqueue(s: &Shared, files: Vec<(MediaPath, u64, bool)>) {
     }
 }
 
-/// Scans one new directory (its files may have produced no events).
-async fn scan_dir(s: &Arc<Shared>, dir: std::path::PathBuf) {
+/// Scans new directories (their files may have produced no events); returns what to enqueue.
+async fn scan_dirs(s: &Arc<Shared>, dirs: Vec<std::path::PathBuf>) -> Vec<(MediaPath, u64, bool)> {
     let s2 = s.clone();
-    let found = tokio::task::spawn_blocking(move || {
+    tokio::task::spawn_blocking(move || {
         let root = &s2.config.media_store_path;
-        if MediaPath::from_absolute(root, &dir).is_err() {
-            return Vec::new();
-        }
         let mut out = Vec::new();
-        scan::walk_dir(root, &dir, &mut |item| {
-            if let Some(x) = to_enqueue(&s2, item) {
-                out.push(x);
+        for dir in dirs {
+            if MediaPath::from_absolute(root, &dir).is_err() {
+                continue;
             }
-            true
-        });
+            scan::walk_dir(root, &dir, &mut |item| {
+                if let Some(x) = to_enqueue(&s2, item) {
+                    out.push(x);
+                }
+                true
+            });
+        }
         out
     })
     .await
-    .unwrap_or_default();
-    if !found.is_empty() {
-        enqueue(s, found).await;
-    }
+    .unwrap_or_default()
 }
 
 /// A scanned file that needs an upload (unless recorded with the same size and mtime).
