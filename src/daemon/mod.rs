@@ -322,7 +322,11 @@ async fn events(
 }
 
 /// When a new directory is scanned again after its immediate scan.
-const NEW_DIR_RESCANS: [Duration; 2] = [Duration::from_millis(500), Duration::from_secs(3)];
+const NEW_DIR_RESCANS: [Duration; 3] = [
+    Duration::from_millis(200),
+    Duration::from_secs(1),
+    Duration::from_secs(5),
+];
 
 fn media_path(root: &Path, p: &Path, include_url_cache: bool) -> Option<MediaPath> {
     MediaPath::from_absolute(root, p)
