@@ -14,7 +14,7 @@ use bytes::Bytes;
 use md5::{Digest, Md5};
 
 /// Files up to this size are read into memory and sent from there.
-pub const INLINE_MAX: u64 = 4 << 20;
+pub const INLINE_MAX: u64 = 1 << 20;
 const READ_BUF: usize = 256 * 1024;
 
 /// The identity of a file's content as far as the filesystem tells: size and mtime.

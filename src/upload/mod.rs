@@ -106,6 +106,9 @@ pub struct Uploader {
     state: State,
     multipart_threshold: u64,
     part_size: u64,
+    /// The prefix was empty when the run started: nothing can be adopted, so the HEAD before each
+    /// PUT is skipped (a concurrent writer at worst causes a duplicate PUT of the same bytes).
+    assume_absent: bool,
 }
 
 impl Uploader {
@@ -122,7 +125,14 @@ impl Uploader {
             state,
             multipart_threshold,
             part_size,
+            assume_absent: false,
         }
+    }
+
+    /// See [`Uploader::assume_absent`]: for a backfill into an empty prefix.
+    pub fn assume_absent(mut self, yes: bool) -> Self {
+        self.assume_absent = yes;
+        self
     }
 
     pub fn store(&self) -> &ObjectStore {
@@ -173,7 +183,8 @@ impl Uploader {
             let size = hashed.snapshot.size;
             let record = Record::new(size, hashed.snapshot.mtime_ns, hashed.md5);
 
-            if let Some(info) = self.store.head(&key).await?
+            if !self.assume_absent
+                && let Some(info) = self.store.head(&key).await?
                 && info.confirms(size, &hashed.md5)
             {
                 return Ok(Outcome::Adopted { record });

@@ -225,6 +225,20 @@ impl ObjectStore {
         Ok(())
     }
 
+    /// Whether no object at all exists under the prefix (one LIST of at most one key).
+    pub async fn prefix_is_empty(&self) -> Result<bool, S3Error> {
+        let out = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix(&self.prefix)
+            .max_keys(1)
+            .send()
+            .await
+            .map_err(|e| self.err("LIST", &self.prefix, e))?;
+        Ok(out.key_count().unwrap_or(0) == 0 && out.contents().is_empty())
+    }
+
     /// HEAD of `key`: `None` when there is no such object.
     pub async fn head(&self, key: &str) -> Result<Option<ObjectInfo>, S3Error> {
         let mut req = self.client.head_object().bucket(&self.bucket).key(key);

@@ -116,6 +116,8 @@ async fn a_second_run_makes_no_object_requests_at_all() {
         6 + 2,
         "6 PUTs and 2 parts, no more"
     );
+    // An empty bucket has nothing to adopt: the only HEAD confirms the multipart upload.
+    assert_eq!(proxy.object_requests("HEAD").len(), 1);
 
     proxy.clear();
     let second = backfill(&config).await;
