@@ -321,3 +321,63 @@ async fn storage_class_and_sse_c_reach_the_server() {
     assert!(reqs.iter().any(|r| r.method == "HEAD"));
     assert!(reqs.iter().any(|r| r.path.contains("partNumber")));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn odd_store_entries_are_uploaded_with_stable_keys_or_skipped() {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+    let env = s3_env();
+    let bucket = create_bucket(&env, "odd").await;
+    let store = Store::new();
+    let outside = tempfile::tempdir().unwrap();
+    std::fs::write(outside.path().join("secret"), b"outside the store").unwrap();
+    // Uploaded, with keys equal to their paths.
+    store.write("local_content/sp/ac/with space", b"space");
+    store.write("local_content/un/ic/odé_😀", b"unicode");
+    store.write("local_content/ze/ro/empty", b"");
+    // Skipped: a name that is not UTF-8, a symlink out of the store, a FIFO.
+    std::fs::create_dir_all(store.root.join("local_content/ba/dn")).unwrap();
+    std::fs::write(
+        store
+            .root
+            .join(OsStr::from_bytes(b"local_content/ba/dn/\xff\xfe")),
+        b"x",
+    )
+    .unwrap();
+    std::fs::create_dir_all(store.root.join("local_content/li/nk")).unwrap();
+    std::os::unix::fs::symlink(
+        outside.path().join("secret"),
+        store.root.join("local_content/li/nk/out"),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink(outside.path(), store.root.join("local_content/li/dir")).unwrap();
+    let fifo = store.root.join("local_content/li/nk/fifo");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    assert_eq!(unsafe { mkfifo(c.as_ptr(), 0o600) }, 0);
+
+    let s = backfill(&validated(raw_config(&env, &env.endpoint, &bucket, &store))).await;
+    assert_eq!((s.uploaded, s.failed), (3, 0), "{s}");
+    assert_eq!(
+        s.skipped, 1,
+        "the non-UTF-8 name is reported and skipped: {s}"
+    );
+    let objects = objects(&env, &bucket).await;
+    let keys: Vec<_> = objects.keys().cloned().collect();
+    assert_eq!(
+        keys,
+        [
+            "local_content/sp/ac/with space",
+            "local_content/un/ic/odé_😀",
+            "local_content/ze/ro/empty"
+        ]
+    );
+    assert!(objects.values().all(|v| v != b"outside the store"));
+    assert_eq!(
+        std::fs::read(outside.path().join("secret")).unwrap(),
+        b"outside the store"
+    );
+}
+
+unsafe extern "C" {
+    fn mkfifo(path: *const std::ffi::c_char, mode: u32) -> i32;
+}
