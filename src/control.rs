@@ -147,12 +147,7 @@ pub fn status(state: &State, queue: &Queue, daemon_running: bool) -> Result<Stat
 pub fn status_standalone(config: &crate::config::Config) -> Result<Status, StateError> {
     let state = State::open(&config.state_dir)?;
     let (committer, thread) = crate::state::Committer::start(state.clone());
-    let queue = Queue::load(
-        &state,
-        committer,
-        config.upload.max_backoff,
-        config.upload.failed_retry_interval,
-    )?;
+    let queue = Queue::open(&state, committer, &config.upload)?;
     let st = status(&state, &queue, false);
     drop((queue, state));
     let _ = thread.join();

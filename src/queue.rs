@@ -171,6 +171,20 @@ impl Queue {
         })
     }
 
+    /// [`Queue::load`] with the retry settings of the `upload:` section.
+    pub fn open(
+        state: &State,
+        committer: Committer,
+        upload: &crate::config::UploadConfig,
+    ) -> Result<Queue, StateError> {
+        Queue::load(
+            state,
+            committer,
+            upload.max_backoff,
+            upload.failed_retry_interval,
+        )
+    }
+
     /// Durably adds `paths` (each due at its time; `settle` for files found by a scan rather than
     /// by a close event). Already queued paths keep their schedule (a retrying item is not
     /// hammered), except that an item in flight is marked dirty.

@@ -103,12 +103,7 @@ pub async fn run_with(
 ) -> Result<(), DaemonError> {
     let state = State::open_waiting(&config.state_dir, Duration::from_secs(10)).await?;
     let (committer, commit_thread) = Committer::start(state.clone());
-    let queue = Arc::new(Queue::load(
-        &state,
-        committer.clone(),
-        config.upload.max_backoff,
-        config.upload.failed_retry_interval,
-    )?);
+    let queue = Arc::new(Queue::open(&state, committer.clone(), &config.upload)?);
     let control = crate::control::bind(&config.state_dir).await?;
     // The queue is the only retry layer of the daemon: one attempt per S3 request.
     let mut s3 = config.s3.clone();

@@ -159,12 +159,7 @@ pub async fn run_standalone(
     }
     let state = State::open(&config.state_dir)?;
     let (committer, commit_thread) = Committer::start(state.clone());
-    let queue = Arc::new(Queue::load(
-        &state,
-        committer.clone(),
-        config.upload.max_backoff,
-        config.upload.failed_retry_interval,
-    )?);
+    let queue = Arc::new(Queue::open(&state, committer.clone(), &config.upload)?);
     let sweeper = Sweeper {
         config: config.clone(),
         db: Db::new(db_config)?,
