@@ -94,6 +94,19 @@ struct Entry {
     slot: Option<(u64, u64)>,
 }
 
+impl Entry {
+    /// A queued item, not in flight, not yet scheduled.
+    fn new(item: Item, settle: bool) -> Self {
+        Entry {
+            item,
+            in_flight: false,
+            dirty: false,
+            settle,
+            slot: None,
+        }
+    }
+}
+
 #[derive(Default)]
 struct Inner {
     items: HashMap<MediaPath, Entry>,
@@ -150,16 +163,7 @@ impl Queue {
             };
             let due = item.next_attempt_ms;
             // After a restart we cannot tell how an item was found: let young files settle.
-            inner.items.insert(
-                path.clone(),
-                Entry {
-                    item,
-                    in_flight: false,
-                    dirty: false,
-                    settle: true,
-                    slot: None,
-                },
-            );
+            inner.items.insert(path.clone(), Entry::new(item, true));
             inner.schedule(&path, due);
         }
         Ok(Queue {
@@ -209,16 +213,7 @@ impl Queue {
                         let item = Item::new(due);
                         ops.push(Op::QueuePut(path.clone(), item.encode()));
                         // Visible to claim only once durable (below): slot stays empty until then.
-                        inner.items.insert(
-                            path.clone(),
-                            Entry {
-                                item,
-                                in_flight: false,
-                                dirty: false,
-                                settle,
-                                slot: None,
-                            },
-                        );
+                        inner.items.insert(path.clone(), Entry::new(item, settle));
                         fresh.push((path, due));
                     }
                 }
