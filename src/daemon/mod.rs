@@ -117,12 +117,13 @@ pub async fn run_with(
         }
         Err(e) => return Err(DaemonError::Bucket(e)),
     };
+    // The recorder goes in before any task runs, so nothing counted at startup is lost.
     let metrics_listener = match config.metrics.listen {
-        Some(addr) => Some(
-            crate::metrics::bind(addr)
-                .await
-                .map_err(|source| DaemonError::Metrics { addr, source })?,
-        ),
+        Some(addr) => {
+            crate::metrics::install();
+            let listener = crate::metrics::bind(addr).await;
+            Some(listener.map_err(|source| DaemonError::Metrics { addr, source })?)
+        }
         None => None,
     };
     let sweeper = match &config.database {
