@@ -1,4 +1,4 @@
-//! The local control socket (`state_dir/control.sock`, owner-only): lets `sweep` and `status` reach
+//! The local control socket (`state_dir/control.sock`, owner-only): lets `sweep`, `audit` and `status` reach
 //! a running daemon, which owns the state database (redb allows one process).
 //!
 //! Protocol: one JSON request line, one JSON response line, then the connection closes.
@@ -33,6 +33,7 @@ pub fn remember_sweep(report: &Report) -> crate::state::Op {
 pub enum Request {
     Status,
     Sweep { dry_run: bool },
+    Audit { options: crate::audit::Options },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -40,6 +41,7 @@ pub enum Request {
 pub enum Response {
     Status(Status),
     Sweep(Report),
+    Audit(Box<crate::audit::Report>),
     Error(String),
 }
 

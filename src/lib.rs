@@ -3,6 +3,7 @@
 //! Stages (see DESIGN.md): [`scan`] lists the store, [`upload`] verifies one file into the bucket and
 //! records it in [`state`]; [`backfill`] is the one-shot `upload` command built from them.
 
+pub mod audit;
 pub mod backfill;
 pub mod check;
 pub mod config;

@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use synapse_s3_offload::control::{self, Request, Response};
 use synapse_s3_offload::state::StateError;
-use synapse_s3_offload::{backfill, config, daemon, sweep};
+use synapse_s3_offload::{audit, backfill, config, daemon, sweep};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -59,6 +59,30 @@ enum Command {
     /// Check the config, S3 (write/read/delete probe), PostgreSQL, the media store, inotify limits,
     /// state_dir and Synapse's provider config; one line per check, non-zero exit on any failure.
     Check,
+    /// Reconcile Synapse's database, the bucket and the media store: lost media, files not yet
+    /// uploaded, mismatched objects, orphaned objects, unknown local files (asks the running daemon
+    /// if there is one). Exit status 2 when media are lost.
+    Audit {
+        /// Print JSON (stable field names, for monitoring) instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Queue uploads of the files not yet uploaded and of mismatched objects.
+        #[arg(long)]
+        fix: bool,
+        /// Delete orphaned objects (their media has no database row) that an earlier audit
+        /// already found orphaned at least --older-than ago.
+        #[arg(long, requires = "older_than")]
+        delete_orphans: bool,
+        /// Grace period for --delete-orphans, e.g. 7d.
+        #[arg(long, value_parser = humantime::parse_duration, requires = "delete_orphans")]
+        older_than: Option<std::time::Duration>,
+        /// Delete and queue nothing; report what --delete-orphans/--fix would do.
+        #[arg(long)]
+        dry_run: bool,
+        /// Examples listed per category.
+        #[arg(long, default_value_t = 10)]
+        examples: usize,
+    },
     /// Upload every file of the media store that is not yet verified in the bucket, then exit.
     Upload {
         /// Plain log lines instead of a progress bar, even on a terminal.
@@ -150,6 +174,39 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
                 if report.kept_error > 0 {
                     anyhow::bail!("{} files could not be confirmed and were kept (see above); the next sweep retries them", report.kept_error);
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Audit { json, fix, delete_orphans, older_than, dry_run, examples } => {
+                let cancel = CancellationToken::new();
+                let on_signal = cancel.clone();
+                tokio::spawn(async move {
+                    shutdown_signal().await;
+                    on_signal.cancel();
+                });
+                let options = audit::Options { fix, delete_orphans, older_than, dry_run, examples };
+                let req = Request::Audit { options: options.clone() };
+                let answer = daemon_or_local(&config.state_dir, req, async || {
+                    match audit::run_standalone(&config, &options, &cancel).await {
+                        Err(audit::AuditError::State(StateError::Locked { .. })) => Ok(None),
+                        other => Ok(Some(other?)),
+                    }
+                })
+                .await?;
+                let report = match answer {
+                    Ok(Response::Audit(r)) => *r,
+                    Err(r) => r,
+                    Ok(Response::Error(e)) => anyhow::bail!("{e}"),
+                    Ok(other) => anyhow::bail!("unexpected answer from the daemon: {other:?}"),
+                };
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&report)?);
+                } else {
+                    print!("{report}");
+                }
+                if report.lost.count > 0 {
+                    eprintln!("error: {} files listed by the database are neither local nor in the bucket (lost)", report.lost.count);
+                    return Ok(ExitCode::from(2));
                 }
                 Ok(ExitCode::SUCCESS)
             }

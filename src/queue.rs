@@ -380,6 +380,26 @@ impl Queue {
         v.truncate(limit);
         v
     }
+
+    /// How `path` stands in the queue, in words (`audit`): `None` when it is not queued.
+    pub fn describe(&self, path: &MediaPath) -> Option<String> {
+        let inner = self.inner.lock().expect("queue lock");
+        let e = inner.items.get(path)?;
+        let mut s = if e.in_flight {
+            "uploading".to_owned()
+        } else if e.item.failed {
+            format!("failed after {} attempts", e.item.attempts)
+        } else if e.item.attempts > 0 {
+            format!("retrying (attempt {})", e.item.attempts + 1)
+        } else {
+            "queued".to_owned()
+        };
+        if !e.item.last_error.is_empty() {
+            s.push_str(": ");
+            s.push_str(&e.item.last_error);
+        }
+        Some(s)
+    }
 }
 
 #[cfg(test)]

@@ -26,6 +26,9 @@ const UPLOADED: TableDefinition<&str, &[u8]> = TableDefinition::new("uploaded");
 const QUEUE: TableDefinition<&str, &[u8]> = TableDefinition::new("queue");
 /// Small named texts (the last sweep's report, as JSON).
 const TEXT: TableDefinition<&str, &str> = TableDefinition::new("meta_text");
+/// `audit`'s orphan sightings: relative path of an object whose media has no database row → when
+/// an audit first saw it so (ms). Cleared as soon as an audit sees the object belong to a media.
+const ORPHANS: TableDefinition<&str, u64> = TableDefinition::new("orphan_sightings");
 /// Schema metadata (`version`).
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const SCHEMA_VERSION: u64 = 1;
@@ -149,6 +152,9 @@ pub enum Op {
     QueuePut(MediaPath, Vec<u8>),
     QueueRemove(MediaPath),
     SetText(&'static str, String),
+    /// First sighting of an orphaned object (`audit`).
+    OrphanSeen(MediaPath, u64),
+    OrphanClear(MediaPath),
 }
 
 /// Handle to the state database; cheap to clone.
@@ -234,6 +240,8 @@ impl State {
             txn.open_table(UPLOADED)?;
             txn.open_table(QUEUE)?;
             txn.open_table(TEXT)?;
+            // Added after schema 1 shipped: created on first open, ignored by older builds.
+            txn.open_table(ORPHANS)?;
         }
         txn.commit()?;
         Ok(())
@@ -267,6 +275,7 @@ impl State {
             let mut uploaded = txn.open_table(UPLOADED)?;
             let mut queue = txn.open_table(QUEUE)?;
             let mut text = txn.open_table(TEXT)?;
+            let mut orphans = txn.open_table(ORPHANS)?;
             for op in ops {
                 match op {
                     Op::Record(p, r) => {
@@ -283,6 +292,12 @@ impl State {
                     }
                     Op::SetText(k, v) => {
                         text.insert(*k, v.as_str())?;
+                    }
+                    Op::OrphanSeen(p, ms) => {
+                        orphans.insert(p.as_str(), *ms)?;
+                    }
+                    Op::OrphanClear(p) => {
+                        orphans.remove(p.as_str())?;
                     }
                 }
             }
@@ -306,6 +321,54 @@ impl State {
         for entry in table.iter()? {
             let (k, v) = entry?;
             out.push((k.value().to_owned(), v.value().to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Up to `limit` records with keys after `after` (all from the start when `None`), in key
+    /// (byte) order: lets `audit` stream the records in pages, each its own short read transaction.
+    pub fn records_after(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, Record)>, StateError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(UPLOADED)?;
+        let range = match after {
+            Some(a) => {
+                table.range::<&str>((std::ops::Bound::Excluded(a), std::ops::Bound::Unbounded))?
+            }
+            None => table.range::<&str>(..)?,
+        };
+        let mut out = Vec::new();
+        for entry in range.take(limit) {
+            let (k, v) = entry?;
+            let key = k.value().to_owned();
+            let rec = Record::decode(v.value())
+                .ok_or_else(|| StateError::BadRecord { key: key.clone() })?;
+            out.push((key, rec));
+        }
+        Ok(out)
+    }
+
+    /// Like [`State::records_after`], for the orphan sightings (path → first seen, ms).
+    pub fn sightings_after(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, u64)>, StateError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(ORPHANS)?;
+        let range = match after {
+            Some(a) => {
+                table.range::<&str>((std::ops::Bound::Excluded(a), std::ops::Bound::Unbounded))?
+            }
+            None => table.range::<&str>(..)?,
+        };
+        let mut out = Vec::new();
+        for entry in range.take(limit) {
+            let (k, v) = entry?;
+            out.push((k.value().to_owned(), v.value()));
         }
         Ok(out)
     }

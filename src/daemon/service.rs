@@ -68,7 +68,46 @@ pub(super) async fn sweep(s: &Shared, dry_run: bool, cancel: &CancellationToken)
     }
 }
 
-/// Answers `status` and `sweep` on the control socket until shutdown.
+/// One audit, run by the daemon (which owns the state database); serialized with the sweeps.
+async fn audit(
+    s: &Shared,
+    options: &crate::audit::Options,
+    cancel: &CancellationToken,
+) -> Response {
+    let Some(sweeper) = &s.sweeper else {
+        return Response::Error(
+            "the audit needs the database: section (Synapse's PostgreSQL)".into(),
+        );
+    };
+    let _one = s.sweeping.lock().await;
+    let auditor = crate::audit::Auditor {
+        config: &s.config,
+        db: &sweeper.db,
+        store: &sweeper.store,
+        state: &s.state,
+        committer: &s.committer,
+        queue: &s.queue,
+    };
+    match auditor.run(options, cancel).await {
+        Ok(report) => {
+            tracing::info!(
+                lost = report.lost.count,
+                not_uploaded = report.not_uploaded.count,
+                mismatched = report.mismatched.count,
+                orphans = report.orphans.count,
+                orphans_deleted = report.orphans_deleted.count,
+                "Audit finished."
+            );
+            Response::Audit(Box::new(report))
+        }
+        Err(e) => {
+            tracing::error!(error = %crate::Chain(&e), "Audit failed.");
+            Response::Error(crate::Chain(&e).to_string())
+        }
+    }
+}
+
+/// Answers `status`, `sweep` and `audit` on the control socket until shutdown.
 pub(super) async fn control(s: Arc<Shared>, listener: UnixListener, intake: CancellationToken) {
     let mut conns = JoinSet::new();
     loop {
@@ -93,6 +132,7 @@ pub(super) async fn control(s: Arc<Shared>, listener: UnixListener, intake: Canc
                         Err(e) => Response::Error(crate::Chain(&e).to_string()),
                     },
                     Request::Sweep { dry_run } => sweep(&s, dry_run, &cancel).await,
+                    Request::Audit { options } => audit(&s, &options, &cancel).await,
                 }
             })
             .await

@@ -168,13 +168,71 @@ impl Db {
         what: &'static str,
         f: impl Future<Output = Result<T, tokio_postgres::Error>>,
     ) -> Result<T, DbError> {
-        match tokio::time::timeout(self.timeout, f).await {
+        Db::timed_with(self.timeout, what, f).await
+    }
+
+    /// Runs one query future with a client-side timeout.
+    pub async fn timed_with<T>(
+        after: Duration,
+        what: &'static str,
+        f: impl Future<Output = Result<T, tokio_postgres::Error>>,
+    ) -> Result<T, DbError> {
+        match tokio::time::timeout(after, f).await {
             Ok(r) => r.map_err(|source| DbError::Query { what, source }),
-            Err(_) => Err(DbError::Timeout {
-                what,
-                after: self.timeout,
-            }),
+            Err(_) => Err(DbError::Timeout { what, after }),
         }
+    }
+
+    /// The configured `statement_timeout`.
+    pub fn statement_timeout(&self) -> Duration {
+        self.timeout - Duration::from_secs(5)
+    }
+
+    /// A connection taken out of the pool for good (for a long transaction): it is closed when
+    /// dropped, so an unfinished transaction can never be handed to another caller.
+    pub async fn dedicated_client(&self) -> Result<deadpool_postgres::ClientWrapper, DbError> {
+        Ok(deadpool_postgres::Object::take(self.client().await?))
+    }
+
+    /// Of these local media ids, those that have a row (media or thumbnail) right now.
+    pub async fn local_media_present(
+        &self,
+        ids: &[String],
+    ) -> Result<std::collections::HashSet<String>, DbError> {
+        let c = self.client().await?;
+        let rows = self
+            .timed(
+                "media still present (local)",
+                c.query(
+                    "SELECT media_id FROM local_media_repository WHERE media_id = ANY($1) \
+                     UNION SELECT media_id FROM local_media_repository_thumbnails WHERE media_id = ANY($1)",
+                    &[&ids],
+                ),
+            )
+            .await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    /// Of these (origin, filesystem_id) pairs, those that have a row (media or thumbnail) now.
+    pub async fn remote_media_present(
+        &self,
+        origins: &[String],
+        fs_ids: &[String],
+    ) -> Result<std::collections::HashSet<(String, String)>, DbError> {
+        let c = self.client().await?;
+        let rows = self
+            .timed(
+                "media still present (remote)",
+                c.query(
+                    "SELECT media_origin, filesystem_id FROM remote_media_cache \
+                       WHERE (media_origin, filesystem_id) IN (SELECT * FROM unnest($1::text[], $2::text[])) \
+                     UNION SELECT media_origin, filesystem_id FROM remote_media_cache_thumbnails \
+                       WHERE (media_origin, filesystem_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))",
+                    &[&origins, &fs_ids],
+                ),
+            )
+            .await?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
     }
 
     /// Checks that Synapse's media tables have the columns the sweep reads; counts the media.

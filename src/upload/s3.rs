@@ -69,6 +69,17 @@ impl ObjectInfo {
     }
 }
 
+/// One object of a listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listed {
+    pub key: String,
+    pub size: u64,
+    /// Without quotes. An MD5 only for single-part objects without SSE-C/KMS; S3 servers that do
+    /// not compute one (s3s-fs) leave it out.
+    pub etag: Option<String>,
+    pub last_modified_ms: Option<i64>,
+}
+
 /// Adds the SSE-C headers to any request builder that takes them (PUT, HEAD, parts).
 macro_rules! with_sse {
     ($req:ident, $sse:expr) => {
@@ -237,6 +248,55 @@ impl ObjectStore {
             .await
             .map_err(|e| self.err("LIST", &self.prefix, e))?;
         Ok(out.key_count().unwrap_or(0) == 0 && out.contents().is_empty())
+    }
+
+    /// One page (up to 1,000 keys) of ListObjectsV2 under the prefix, continuing after `token`;
+    /// returns the objects (keys in the server's order, UTF-8 binary per S3) and the next token.
+    pub async fn list_page(
+        &self,
+        token: Option<String>,
+    ) -> Result<(Vec<Listed>, Option<String>), S3Error> {
+        let out = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix(&self.prefix)
+            .set_continuation_token(token)
+            .send()
+            .await
+            .map_err(|e| self.err("LIST", &self.prefix, e))?;
+        let objects = out
+            .contents()
+            .iter()
+            .filter_map(|o| {
+                Some(Listed {
+                    key: o.key()?.to_owned(),
+                    size: o.size().unwrap_or(0).max(0) as u64,
+                    etag: o.e_tag().map(|e| e.trim_matches('"').to_owned()),
+                    last_modified_ms: o.last_modified().map(|t| t.secs().saturating_mul(1000)),
+                })
+            })
+            .collect();
+        let next = if out.is_truncated() == Some(true) {
+            out.next_continuation_token().map(str::to_owned)
+        } else {
+            None
+        };
+        Ok((objects, next))
+    }
+
+    /// DELETE of an orphaned media object (`audit --delete-orphans`, the only deletion of media
+    /// objects). The key is derived from a validated path, so it is always under our prefix.
+    pub async fn delete_media(&self, path: &crate::layout::MediaPath) -> Result<(), S3Error> {
+        let key = path.key(&self.prefix);
+        self.client
+            .delete_object()
+            .bucket(&self.bucket)
+            .key(&key)
+            .send()
+            .await
+            .map_err(|e| self.err("DELETE", &key, e))?;
+        Ok(())
     }
 
     /// HEAD of `key`: `None` when there is no such object.

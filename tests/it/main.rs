@@ -1,5 +1,6 @@
 //! Integration tests against a real S3-protocol server (s3s-fs, started by scripts/test.sh).
 
+mod audit;
 mod check;
 mod cli;
 mod control;

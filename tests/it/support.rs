@@ -517,6 +517,40 @@ impl TestDb {
     }
 }
 
+#[allow(dead_code)]
+impl TestDb {
+    /// A thumbnail row of a local media (`type` like `image/png`).
+    pub async fn local_thumb(&self, media_id: &str, w: i32, h: i32, ty: &str, method: &str) {
+        self.client
+            .execute(
+                "INSERT INTO local_media_repository_thumbnails (media_id, thumbnail_width, thumbnail_height, thumbnail_type, thumbnail_method, thumbnail_length) VALUES ($1, $2, $3, $4, $5, 7)",
+                &[&media_id, &w, &h, &ty, &method],
+            )
+            .await
+            .unwrap();
+    }
+
+    /// A thumbnail row of a remote media.
+    pub async fn remote_thumb(
+        &self,
+        origin: &str,
+        media_id: &str,
+        fs_id: &str,
+        w: i32,
+        h: i32,
+        ty: &str,
+        method: &str,
+    ) {
+        self.client
+            .execute(
+                "INSERT INTO remote_media_cache_thumbnails (media_origin, media_id, thumbnail_width, thumbnail_height, thumbnail_type, thumbnail_method, thumbnail_length, filesystem_id) VALUES ($1, $2, $3, $4, $5, $6, 7, $7)",
+                &[&origin, &media_id, &w, &h, &ty, &method, &fs_id],
+            )
+            .await
+            .unwrap();
+    }
+}
+
 /// Milliseconds since the epoch, `days` ago.
 #[allow(dead_code)]
 pub fn days_ago(days: i64) -> i64 {
