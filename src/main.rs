@@ -61,7 +61,7 @@ enum Command {
     Check,
     /// Reconcile Synapse's database, the bucket and the media store: lost media, files not yet
     /// uploaded, mismatched objects, orphaned objects, unknown local files (asks the running daemon
-    /// if there is one). Exit status 2 when media are lost.
+    /// if there is one). Exit status 3 when media are lost.
     Audit {
         /// Print JSON (stable field names, for monitoring) instead of text.
         #[arg(long)]
@@ -206,7 +206,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
                 if report.lost.count > 0 {
                     eprintln!("error: {} files listed by the database are neither local nor in the bucket (lost)", report.lost.count);
-                    return Ok(ExitCode::from(2));
+                    return Ok(ExitCode::from(3));
                 }
                 Ok(ExitCode::SUCCESS)
             }

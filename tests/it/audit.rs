@@ -475,3 +475,42 @@ async fn s3_or_database_errors_abort_the_audit_and_delete_nothing() {
     assert!(msg.contains("PostgreSQL"), "{msg}");
     assert_eq!(objects(&env, &f.bucket).await, before, "nothing deleted");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_command_prints_json_and_exits_3_when_media_are_lost() {
+    let env = s3_env();
+    let f = fixture(&env).await;
+    let yaml = format!(
+        "media_store_path: {}\nstate_dir: {}\ns3:\n  bucket: {}\n  prefix: media/\n  endpoint_url: {}\n  region_name: us-east-1\n  access_key_id: {}\n  secret_access_key: {}\ndatabase:\n  host: {}\n  port: {}\n  user: {}\n  database: {}\n  sslmode: disable\n",
+        f.store.root.display(),
+        f.store.state.display(),
+        f.bucket,
+        env.endpoint,
+        env.access_key,
+        env.secret_key,
+        f.db.host,
+        f.db.port,
+        f.db.user,
+        f.db.name
+    );
+    let path = f.store.state.with_extension("yaml");
+    write_yaml(&path, &yaml);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_synapse-s3-offload"))
+        .args(["--config", path.to_str().unwrap(), "audit", "--json"])
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["lost"]["count"], 2, "{json}");
+    assert_eq!(json["orphans"]["count"], 3, "{json}");
+    assert!(stderr.contains("lost"), "{stderr}");
+    // Pruning needs its grace period spelled out.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_synapse-s3-offload"))
+        .args(["--config", path.to_str().unwrap(), "audit", "--delete-orphans"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "clap usage error");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--older-than"));
+}
