@@ -394,8 +394,26 @@ fn to_enqueue(s: &Shared, item: Item) -> Option<(MediaPath, u64, bool)> {
         Item::File(_) => None,
         Item::Problem(p) => {
             tracing::warn!(problem = %p, "Scan problem.");
+            if matches!(p, scan::Problem::Unreadable { .. }) {
+                unreadable(s);
+            }
             None
         }
+    }
+}
+
+/// A directory of the store could not be read. notify silently skips a new directory it cannot
+/// watch and never tries again, so files written there later, even once it is readable, may have
+/// no events at all: from now on scan every `scan_interval_when_degraded` (as when the watch limit
+/// is reached), instead of finding them only at the next `scan_interval` (hours).
+fn unreadable(s: &Shared) {
+    if !s.degraded.swap(true, Ordering::SeqCst) {
+        tracing::error!(
+            "Part of the media store cannot be read (see the scan problem above); it may not be watched either: scanning every scan_interval_when_degraded from now on. Fix the permissions, then restart the daemon to watch everything again."
+        );
+        // Not a rescan (the store may still be unreadable): the scan task picks the shorter
+        // interval now rather than after its current wait.
+        s.wake_scan.notify_one();
     }
 }
 
