@@ -3,9 +3,11 @@
 
 use std::time::Duration;
 
+use rand::SeedableRng;
 use synapse_s3_offload::state::State;
 
 use crate::faults_support::*;
+use crate::support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_state_dir_stops_the_daemon_loudly_without_corrupting_its_state() {
@@ -43,4 +45,132 @@ async fn a_full_state_dir_stops_the_daemon_loudly_without_corrupting_its_state()
     let state = State::open(&config.state_dir).unwrap();
     assert_eq!(state.record_count().unwrap(), files.len() as u64);
     drop(mount);
+}
+
+/// Writes a file of `len` pseudo-random bytes at each relative path, created with `mode`.
+fn write_files(root: &std::path::Path, rels: &[String], seed: u64, mode: u32) -> Files {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    rels.iter()
+        .enumerate()
+        .map(|(i, rel)| {
+            let data = bytes(seed * 100_000 + i as u64, 300 + i * 101);
+            let p = root.join(rel);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(mode)
+                .open(&p)
+                .unwrap();
+            f.write_all(&data).unwrap();
+            (rel.clone(), data)
+        })
+        .collect()
+}
+
+fn chmod(path: &std::path::Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// The media store unreadable for a while. We run as root, whose CAP_DAC_OVERRIDE and
+/// CAP_DAC_READ_SEARCH ignore permissions, so the daemon runs as a child process without those two
+/// capabilities (`setpriv --bounding-set`): for it, `chmod 000` means EACCES, exactly as for the
+/// unprivileged user a real daemon runs as. (Overmounting a directory would make the files vanish
+/// rather than be unreadable: another case, which the queue handles as a deleted file.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_media_store_fails_loudly_and_recovers() {
+    require_root("an unreadable media store (setpriv)");
+    let rig = Rig::new("unreadable", 9).await;
+    let root = rig.store.root.clone();
+    let state_dir = rig.store.state.clone();
+    let cfg = rig.store.dir.path().join("config.yaml");
+    write_yaml(
+        &cfg,
+        &format!(
+            "media_store_path: {}\nstate_dir: {}\nscan_interval_when_degraded: 1s\nshutdown_grace: 3s\ns3:\n  bucket: {}\n  endpoint_url: {}\n  region_name: us-east-1\n  access_key_id: {}\n  secret_access_key: {}\nupload:\n  settle: 300ms\n  max_backoff: 1s\n  failed_retry_interval: 1s\n",
+            root.display(),
+            state_dir.display(),
+            rig.bucket,
+            rig.proxy.endpoint(),
+            rig.env.access_key,
+            rig.env.secret_key
+        ),
+    );
+    let daemon = ChildDaemon::spawn(
+        &cfg,
+        &rig.store.dir.path().join("daemon.log"),
+        &["setpriv", "--bounding-set=-dac_override,-dac_read_search"],
+    );
+    let mut files = join(stream(&root, 5, Duration::ZERO, 90));
+    rig.nothing_lost(&files).await;
+
+    // Files that cannot be read: reported as failed, with the reason; uploaded once readable.
+    let mut rng = rand::rngs::StdRng::seed_from_u64(91);
+    let names: Vec<String> = (0..10).map(|_| media_name(&mut rng)).collect();
+    let locked = write_files(&root, &names, 91, 0o000);
+    eventually(
+        "the unreadable files reported",
+        Duration::from_secs(30),
+        || async {
+            let s = status(&state_dir).await;
+            let why = s
+                .failures
+                .iter()
+                .all(|f| f.last_error.contains("Permission denied"));
+            if s.failed == locked.len() && why {
+                Ok(())
+            } else {
+                Err(format!("{s:?}"))
+            }
+        },
+    )
+    .await;
+    for (rel, _) in &locked {
+        chmod(&root.join(rel), 0o644);
+    }
+    files.extend(locked);
+    rig.nothing_lost(&files).await;
+
+    // The whole store unreadable while files arrive, in directories the daemon watches and in
+    // new ones (which it can neither watch nor scan meanwhile).
+    chmod(&root, 0o000);
+    let watched_dir = std::path::Path::new(&files[0].0)
+        .parent()
+        .unwrap()
+        .to_owned();
+    let in_watched: Vec<String> = (0..5)
+        .map(|i| format!("{}/during{i}", watched_dir.display()))
+        .collect();
+    let mut during = write_files(&root, &in_watched, 92, 0o644);
+    during.extend(join(stream(&root, 10, Duration::from_millis(30), 93)));
+    // It lasts a while: the files with events failed twice.
+    eventually("failed retries", Duration::from_secs(30), || async {
+        let s = status(&state_dir).await;
+        if s.failed == in_watched.len() && s.failures.iter().all(|f| f.attempts >= 2) {
+            Ok(())
+        } else {
+            Err(format!("{s:?}"))
+        }
+    })
+    .await;
+    chmod(&root, 0o755);
+    files.extend(during.clone());
+    rig.nothing_lost(&files).await;
+
+    // Later files below a directory created during the outage: its watch could not be added then,
+    // so they have no events at all; the daemon must still find them.
+    let new_ab = std::path::Path::new(&during.last().unwrap().0)
+        .parent()
+        .and_then(|p| p.parent())
+        .unwrap()
+        .to_owned();
+    let later: Vec<String> = (0..3)
+        .map(|i| format!("{}/zz/later{i}", new_ab.display()))
+        .collect();
+    files.extend(write_files(&root, &later, 94, 0o644));
+    rig.nothing_lost(&files).await;
+    drained(&state_dir).await;
+    daemon.stop();
 }

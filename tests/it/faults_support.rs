@@ -102,23 +102,12 @@ impl Daemon {
 
     /// The daemon's status over its control socket.
     pub async fn status(&self) -> Status {
-        match control::request(&self.state_dir, &Request::Status).await {
-            Ok(Some(Response::Status(s))) => s,
-            other => panic!("status: {other:?}"),
-        }
+        status(&self.state_dir).await
     }
 
     /// Waits until nothing is queued (every file uploaded and recorded).
     pub async fn drained(&self) {
-        eventually("an empty queue", Duration::from_secs(30), || async {
-            let s = self.status().await;
-            if s.queued == 0 {
-                Ok(())
-            } else {
-                Err(format!("{s:?}"))
-            }
-        })
-        .await;
+        drained(&self.state_dir).await
     }
 
     /// Stops the daemon; it must exit cleanly, with an empty queue in its state.
@@ -132,6 +121,88 @@ impl Daemon {
             state.queue_items().unwrap().is_empty(),
             "nothing left queued"
         );
+    }
+}
+
+/// The status of the daemon running with `state_dir`, over its control socket.
+pub async fn status(state_dir: &Path) -> Status {
+    match control::request(state_dir, &Request::Status).await {
+        Ok(Some(Response::Status(s))) => s,
+        other => panic!("status: {other:?}"),
+    }
+}
+
+/// Waits until the daemon running with `state_dir` has nothing queued.
+pub async fn drained(state_dir: &Path) {
+    eventually("an empty queue", Duration::from_secs(30), || async {
+        let s = status(state_dir).await;
+        if s.queued == 0 {
+            Ok(())
+        } else {
+            Err(format!("{s:?}"))
+        }
+    })
+    .await;
+}
+
+/// The daemon binary as a child process (`run`), logging to `log`; killed if dropped running.
+pub struct ChildDaemon {
+    child: std::process::Child,
+    pub log: PathBuf,
+}
+
+impl ChildDaemon {
+    /// Starts `wrapper… synapse-s3-offload --config config run`.
+    pub fn spawn(config: &Path, log: &Path, wrapper: &[&str]) -> ChildDaemon {
+        let bin = env!("CARGO_BIN_EXE_synapse-s3-offload");
+        let out = std::fs::File::create(log).unwrap();
+        let mut cmd = match wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(bin);
+                c
+            }
+            None => Command::new(bin),
+        };
+        let child = cmd
+            .arg("--config")
+            .arg(config)
+            .arg("run")
+            .env("RUST_LOG", "info")
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .stdout(std::process::Stdio::null())
+            .stderr(out)
+            .spawn()
+            .unwrap();
+        ChildDaemon {
+            child,
+            log: log.to_owned(),
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM; it must exit 0.
+    pub fn stop(mut self) {
+        assert!(
+            self.child.try_wait().unwrap().is_none(),
+            "the daemon exited: {}",
+            self.log()
+        );
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let status = tokio::task::block_in_place(|| self.child.wait().unwrap());
+        assert!(status.success(), "{status:?}: {}", self.log());
+    }
+}
+
+impl Drop for ChildDaemon {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
     }
 }
 
