@@ -174,3 +174,149 @@ async fn an_unreadable_media_store_fails_loudly_and_recovers() {
     drained(&state_dir).await;
     daemon.stop();
 }
+
+/// PostgreSQL (a private server: restarting the machine's one would disturb the other tests)
+/// restarts in the middle of a sweep run by the daemon while files keep arriving. The sweep may
+/// stop or go on, but it deletes only files confirmed in the bucket, and the next one completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_restarting_during_a_sweep_deletes_only_confirmed_files() {
+    use synapse_s3_offload::control::{self, Request, Response};
+
+    let pg = tokio::task::block_in_place(PrivatePg::start);
+    let db = TestDb::create_on("127.0.0.1", pg.port, "postgres").await;
+    let rig = Rig::new("pgrestart", 10).await;
+    let old = days_ago(60);
+    let mut aged = Files::new();
+    let mut gone_from_bucket = Files::new();
+    let mut fresh = Files::new();
+    for i in 0..300u64 {
+        let id = format!("pgAG{i:020}");
+        db.local(&id, old, None, None).await;
+        let rel = format!("local_content/pg/AG/{i:020}");
+        let data = rig
+            .store
+            .write_bytes(&rel, bytes(100_000 + i, 300 + i as usize));
+        // Every 15th will have lost its object by the time of the sweep.
+        if i % 15 == 7 {
+            gone_from_bucket.push((rel, data));
+        } else {
+            aged.push((rel, data));
+        }
+    }
+    for i in 0..20u64 {
+        let fsid = format!("rmAG{i:020}");
+        db.remote("example.org", &format!("remote{i}"), &fsid, old, Some(old))
+            .await;
+        let rel = format!("remote_content/example.org/rm/AG/{i:020}");
+        aged.push((
+            rel.clone(),
+            rig.store.write_bytes(&rel, bytes(200_000 + i, 700)),
+        ));
+        let id = format!("pgFR{i:020}");
+        db.local(&id, days_ago(1), None, None).await;
+        let rel = format!("local_content/pg/FR/{i:020}");
+        fresh.push((
+            rel.clone(),
+            rig.store.write_bytes(&rel, bytes(300_000 + i, 500)),
+        ));
+    }
+    let config = rig.config(|r| {
+        let mut d = db.raw();
+        d.connect_timeout = Some(synapse_s3_offload::config::DurationValue::Seconds(2));
+        r.database = Some(d);
+        r.sweep.enabled = Some(false);
+        r.sweep.keep_local_for = Some("30d".into());
+        r.sweep.confirm_synapse_reads_from_bucket = Some(true);
+        r.sweep.concurrency = Some(1);
+    });
+    let d = Daemon::start(config);
+    let all: Files = [&aged, &gone_from_bucket, &fresh]
+        .into_iter()
+        .flatten()
+        .cloned()
+        .collect();
+    rig.nothing_lost(&all).await;
+    d.drained().await;
+    let s3 = client(&rig.env).await;
+    for (rel, _) in &gone_from_bucket {
+        s3.delete_object()
+            .bucket(&rig.bucket)
+            .key(rel)
+            .send()
+            .await
+            .unwrap();
+    }
+
+    // A slow sweep (every HEAD waits), new files arriving meanwhile.
+    rig.proxy.latency(Duration::from_millis(50));
+    let writer = stream(&rig.store.root, 30, Duration::from_millis(100), 100);
+    let state_dir = rig.store.state.clone();
+    let sweep = tokio::spawn(async move {
+        control::request(&state_dir, &Request::Sweep { dry_run: false }).await
+    });
+    let root = rig.store.root.clone();
+    wait_until("the first deletions", Duration::from_secs(30), || {
+        aged.iter().any(|(rel, _)| !root.join(rel).exists())
+    })
+    .await;
+    tokio::task::block_in_place(|| pg.restart());
+    assert!(
+        !sweep.is_finished(),
+        "the restart happened during the sweep"
+    );
+    rig.proxy.latency(Duration::ZERO);
+    let first = match sweep.await.unwrap() {
+        Ok(Some(Response::Sweep(r))) => r,
+        other => panic!("sweep: {other:?}"),
+    };
+    if let Some(why) = &first.stopped {
+        assert!(why.contains("PostgreSQL"), "{first}");
+    }
+    let deleted_ok = |r: &synapse_s3_offload::sweep::Report| {
+        for p in &r.deleted {
+            assert!(
+                aged.iter()
+                    .chain(&gone_from_bucket)
+                    .any(|(rel, _)| rel == p),
+                "{p} is not an aged media: {r}"
+            );
+        }
+    };
+    deleted_ok(&first);
+    assert!(!first.deleted.is_empty(), "{first}");
+    for (rel, _) in &gone_from_bucket {
+        assert!(root.join(rel).exists(), "{rel} deleted without its object");
+    }
+    let in_bucket = |files: &Files, objects: &std::collections::BTreeMap<String, Vec<u8>>| {
+        for (rel, data) in files {
+            if !root.join(rel).exists() {
+                assert!(
+                    objects.get(rel) == Some(data),
+                    "{rel} deleted but not in the bucket, identical"
+                );
+            }
+        }
+    };
+    in_bucket(&aged, &objects(&rig.env, &rig.bucket).await);
+
+    // The first sweep queued the files whose objects were gone: the daemon uploads them again.
+    rig.nothing_lost(&gone_from_bucket).await;
+    // The next sweep completes and deletes every aged file, each confirmed in the bucket.
+    let second = match control::request(&rig.store.state, &Request::Sweep { dry_run: false }).await
+    {
+        Ok(Some(Response::Sweep(r))) => r,
+        other => panic!("sweep: {other:?}"),
+    };
+    assert!(second.stopped.is_none(), "{second}");
+    deleted_ok(&second);
+    assert_eq!(second.kept_not_in_bucket, 0, "{second}");
+    let swept: Files = aged.iter().chain(&gone_from_bucket).cloned().collect();
+    for (rel, _) in &swept {
+        assert!(!root.join(rel).exists(), "{rel} should be swept by now");
+    }
+    in_bucket(&swept, &objects(&rig.env, &rig.bucket).await);
+    let files = join(writer);
+    rig.nothing_lost(&fresh).await;
+    rig.nothing_lost(&files).await;
+    d.stop().await;
+}
