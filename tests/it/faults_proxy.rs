@@ -75,8 +75,9 @@ impl S3Fault {
 pub enum HeadAnswer {
     /// The error's status, without a body (S3 sends none for HEAD, so the SDK sees no code).
     Error(S3Fault),
-    /// 200 for an object of this size (and an ETag that is nobody's MD5).
-    WrongSize(u64),
+    /// The server's real answer (status, ETag, digest metadata), but a Content-Length one byte
+    /// larger: the same object, seemingly of another size.
+    WrongSize,
 }
 
 /// The faults in force; see the setters of [`FaultProxy`].
@@ -127,7 +128,7 @@ impl Plan {
             && let Some(n) = self.reset_every
         {
             self.puts += 1;
-            if self.puts % n == 0 {
+            if self.puts.is_multiple_of(n) {
                 return Action::Reset;
             }
         }
@@ -150,7 +151,7 @@ enum Action {
 #[derive(Debug, Clone, Default)]
 pub struct Stats {
     pub requests: u64,
-    /// Answered by the proxy with an S3 error (including HEAD answers).
+    /// Answered by the proxy itself (errors, and the HEAD answers).
     pub answered: u64,
     pub slowdowns: u64,
     /// Connections reset in the middle of a request body.
@@ -162,6 +163,7 @@ pub struct Stats {
 }
 
 struct Shared {
+    upstream: SocketAddr,
     plan: Mutex<Plan>,
     stats: Mutex<Stats>,
     log: Mutex<Vec<Request>>,
@@ -186,6 +188,7 @@ impl FaultProxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let shared = Arc::new(Shared {
+            upstream,
             plan: Mutex::new(Plan {
                 latency: Duration::ZERO,
                 fail: None,
@@ -368,10 +371,7 @@ async fn requests(
                 s.stats.lock().unwrap().answered += 1;
                 let response = match answer {
                     HeadAnswer::Error(fault) => error_response(fault, &req, n),
-                    HeadAnswer::WrongSize(size) => format!(
-                        "HTTP/1.1 200 OK\r\nx-amz-request-id: fault-{n}\r\nContent-Type: application/octet-stream\r\nETag: \"00000000000000000000000000000000\"\r\nLast-Modified: Wed, 01 Jan 2025 00:00:00 GMT\r\nContent-Length: {size}\r\n\r\n"
-                    )
-                    .into_bytes(),
+                    HeadAnswer::WrongSize => resized_head(s.upstream, &head).await?,
                 };
                 client_w.lock().await.write_all(&response).await?;
             }
@@ -480,6 +480,29 @@ async fn drain(reader: &mut BufReader<OwnedReadHalf>, len: u64) -> std::io::Resu
         return Err(std::io::ErrorKind::UnexpectedEof.into());
     }
     Ok(())
+}
+
+/// Sends the HEAD request `head` to the server on a connection of its own and returns its answer
+/// with a Content-Length one larger (a HEAD answer has no body, so nothing else changes).
+async fn resized_head(upstream: SocketAddr, head: &[u8]) -> std::io::Result<Vec<u8>> {
+    let mut server = BufReader::new(TcpStream::connect(upstream).await?);
+    server.get_mut().write_all(head).await?;
+    let mut out = Vec::new();
+    loop {
+        let mut line = String::new();
+        if server.read_line(&mut line).await? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        let resized = line.split_once(':').and_then(|(k, v)| {
+            let len: u64 = v.trim().parse().ok()?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| format!("{k}: {}\r\n", len + 1))
+        });
+        out.extend_from_slice(resized.unwrap_or_else(|| line.clone()).as_bytes());
+        if line == "\r\n" {
+            return Ok(out);
+        }
+    }
 }
 
 /// The status, headers and XML body S3 sends for `fault` (no body for HEAD).

@@ -40,12 +40,13 @@ impl Rig {
     }
 
     /// A config through the proxy with short timeouts and retry delays (the whole matrix must run
-    /// in well under two minutes), then `tweak`.
+    /// in well under two minutes), then `tweak`. Permanent failures wait an hour: a transient fault
+    /// taken for a permanent one would hold its file past every test's deadline.
     pub fn config(&self, tweak: impl FnOnce(&mut RawConfig)) -> Config {
         let mut raw = raw_config(&self.env, &self.proxy.endpoint(), &self.bucket, &self.store);
         raw.upload.settle = Some("300ms".into());
         raw.upload.max_backoff = Some("1s".into());
-        raw.upload.failed_retry_interval = Some("1s".into());
+        raw.upload.failed_retry_interval = Some("1h".into());
         raw.s3.connect_timeout = Some("1s".into());
         raw.s3.request_timeout = Some("2s".into());
         raw.shutdown_grace = Some("3s".into());
