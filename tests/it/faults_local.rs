@@ -47,7 +47,7 @@ async fn a_full_state_dir_stops_the_daemon_loudly_without_corrupting_its_state()
     drop(mount);
 }
 
-/// Writes a file of `len` pseudo-random bytes at each relative path, created with `mode`.
+/// Writes a small file of pseudo-random bytes at each relative path, created with `mode`.
 fn write_files(root: &std::path::Path, rels: &[String], seed: u64, mode: u32) -> Files {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
@@ -260,6 +260,7 @@ async fn postgres_restarting_during_a_sweep_deletes_only_confirmed_files() {
     })
     .await;
     tokio::task::block_in_place(|| pg.restart());
+    // A precondition, not a timing claim: 320 HEADs one at a time, 50 ms each, outlast a restart.
     assert!(
         !sweep.is_finished(),
         "the restart happened during the sweep"
