@@ -373,8 +373,9 @@ impl Sweeper {
         // A record of a file whose object is gone or different (deleted by hand, a lifecycle rule,
         // another tool) is wrong now: forget it, or the upload would trust it and skip the file.
         // Forgetting first: a crash in between leaves a file without record, which the next scan
-        // queues; never a record that hides a missing object.
-        if !stale.is_empty()
+        // queues; never a record that hides a missing object. A dry run leaves the records alone.
+        if !dry_run
+            && !stale.is_empty()
             && let Err(e) = self.committer.apply(stale).await
         {
             out.error(format!("cannot forget records: {e}"));
