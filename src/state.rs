@@ -387,9 +387,14 @@ impl State {
 /// Ops are committed in the order they were submitted. [`Committer::submit`] does not block, so a
 /// caller can submit while holding a lock that orders its ops against other callers' (the queue
 /// relies on this: an enqueue can never be overtaken by an earlier removal of the same item).
+///
+/// A failed commit is final for this process: redb refuses every later operation after an I/O
+/// error (disk full, EIO) until the database is opened again. [`Committer::failure`] tells the
+/// daemon, which then stops instead of running on without being able to record anything.
 #[derive(Clone)]
 pub struct Committer {
     tx: tokio::sync::mpsc::UnboundedSender<CommitRequest>,
+    failure: tokio::sync::watch::Receiver<Option<String>>,
 }
 
 /// Ops to commit, and where to say whether they were.
@@ -415,6 +420,7 @@ impl Committer {
     /// committing what was handed to it.
     pub fn start(state: State) -> (Committer, std::thread::JoinHandle<()>) {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<CommitRequest>();
+        let (failed, failure) = tokio::sync::watch::channel(None);
         let handle = std::thread::Builder::new()
             .name("state-commit".into())
             .spawn(move || {
@@ -430,14 +436,29 @@ impl Committer {
                         .iter()
                         .flat_map(|(ops, _)| ops.iter().cloned())
                         .collect();
-                    let result = state.apply(&ops).map_err(|e| e.to_string());
+                    // The whole chain: the cause (e.g. "No space left on device") is at its end.
+                    let result = state.apply(&ops).map_err(|e| crate::Chain(&e).to_string());
+                    if let Err(e) = &result {
+                        failed.send_if_modified(|f| f.is_none() && f.replace(e.clone()).is_none());
+                    }
                     for (_, done) in batch {
                         let _ = done.send(result.clone());
                     }
                 }
             })
             .expect("spawning the state commit thread");
-        (Committer { tx }, handle)
+        (Committer { tx, failure }, handle)
+    }
+
+    /// Resolves with the error of the first commit that failed (never, while commits succeed).
+    pub async fn failure(&self) -> String {
+        let mut rx = self.failure.clone();
+        let failed = rx.wait_for(Option::is_some).await.map(|e| e.clone());
+        match failed {
+            Ok(e) => e.expect("waited for Some"),
+            // The commit thread has ended without a failure.
+            Err(_) => std::future::pending().await,
+        }
     }
 
     /// Queues `ops` for the next transaction, in submission order. Never blocks.

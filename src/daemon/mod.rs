@@ -205,7 +205,18 @@ pub async fn run_with(
     }
     let dispatcher = tokio::spawn(workers::dispatch(shared.clone(), intake.clone()));
 
-    shutdown.cancelled().await;
+    // A failed commit means the state database cannot record anything any more (redb needs to
+    // be opened again after an I/O error): stop, loudly, rather than run on without being able to
+    // record an upload or queue a file. Nothing is lost: queued files stay in the last committed
+    // state, and the next start's scan finds the files that could not be queued. The supervisor
+    // restarts the daemon (systemd: Restart=on-failure), which works again once space returns.
+    let failed = tokio::select! {
+        _ = shutdown.cancelled() => None,
+        e = committer.failure() => Some(e),
+    };
+    if let Some(e) = &failed {
+        tracing::error!(error = %e, state_dir = %shared.config.state_dir.display(), "The state database cannot be written (full or failing disk?); stopping. Free space or fix the disk, then start the daemon again.");
+    }
     tracing::info!(grace = ?shared.config.shutdown_grace, "Shutting down: finishing uploads in flight.");
     intake.cancel();
     let watch = watcher.await.ok().flatten();
@@ -218,7 +229,10 @@ pub async fn run_with(
     // The uploader's last committer clone went with `shared`: the thread flushes and ends.
     let _ = tokio::task::spawn_blocking(move || commit_thread.join()).await;
     tracing::info!(queued = depth.queued, "Stopped.");
-    Ok(())
+    match failed {
+        Some(e) => Err(DaemonError::State(StateError::Commit(e))),
+        None => Ok(()),
+    }
 }
 
 fn watch_failed(s: &Shared, e: &notify::Error) {
@@ -380,8 +394,26 @@ fn to_enqueue(s: &Shared, item: Item) -> Option<(MediaPath, u64, bool)> {
         Item::File(_) => None,
         Item::Problem(p) => {
             tracing::warn!(problem = %p, "Scan problem.");
+            if matches!(p, scan::Problem::Unreadable { .. }) {
+                unreadable(s);
+            }
             None
         }
+    }
+}
+
+/// A directory of the store could not be read. notify silently skips a new directory it cannot
+/// watch and never tries again, so files written there later, even once it is readable, may have
+/// no events at all: from now on scan every `scan_interval_when_degraded` (as when the watch limit
+/// is reached), instead of finding them only at the next `scan_interval` (hours).
+fn unreadable(s: &Shared) {
+    if !s.degraded.swap(true, Ordering::SeqCst) {
+        tracing::error!(
+            "Part of the media store cannot be read (see the scan problem above); it may not be watched either: scanning every scan_interval_when_degraded from now on. Fix the permissions, then restart the daemon to watch everything again."
+        );
+        // Not a rescan (the store may still be unreadable): the scan task picks the shorter
+        // interval now rather than after its current wait.
+        s.wake_scan.notify_one();
     }
 }
 

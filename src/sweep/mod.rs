@@ -319,6 +319,7 @@ impl Sweeper {
             verdicts.push((path, v));
         }
         let mut to_upload = Vec::new();
+        let mut stale = Vec::new();
         for (path, v) in verdicts {
             match v {
                 Verdict::Confirmed { snapshot, record } => {
@@ -357,15 +358,27 @@ impl Sweeper {
                 }
                 Verdict::Missing => {
                     out.kept_not_in_bucket += 1;
+                    stale.push(crate::state::Op::Forget(path.clone()));
                     to_upload.push(path);
                 }
                 Verdict::Different => {
                     out.kept_different += 1;
+                    stale.push(crate::state::Op::Forget(path.clone()));
                     to_upload.push(path);
                 }
                 Verdict::Gone => {}
                 Verdict::Error(_) => unreachable!("returned above"),
             }
+        }
+        // A record of a file whose object is gone or different (deleted by hand, a lifecycle rule,
+        // another tool) is wrong now: forget it, or the upload would trust it and skip the file.
+        // Forgetting first: a crash in between leaves a file without record, which the next scan
+        // queues; never a record that hides a missing object. A dry run leaves the records alone.
+        if !dry_run
+            && !stale.is_empty()
+            && let Err(e) = self.committer.apply(stale).await
+        {
+            out.error(format!("cannot forget records: {e}"));
         }
         if !to_upload.is_empty() {
             let now = now_ms();

@@ -162,6 +162,13 @@ impl Store {
         p
     }
 
+    /// [`Store::write`], returning the content.
+    #[allow(dead_code)]
+    pub fn write_bytes(&self, rel: &str, data: Vec<u8>) -> Vec<u8> {
+        self.write(rel, &data);
+        data
+    }
+
     /// Relative path → content of every file written under `root`.
     pub fn read_all(&self, rel_prefix: &str) -> Vec<(String, Vec<u8>)> {
         let mut out = Vec::new();
