@@ -60,9 +60,14 @@ if command -v pg_isready >/dev/null; then
     for _ in $(seq 1 50); do pg_isready -q -h 127.0.0.1 -p 5432 && break; sleep 0.2; done
   fi
   pg_isready -h 127.0.0.1 -p 5432 >&2 || log "PostgreSQL is not running (tests that need it will fail)"
-  # Databases left by earlier runs (each test creates its own t_db_<pid>_<n>).
+  # Databases left by earlier runs (each test creates its own t_db_<pid>_<n>); those of a test
+  # process still alive belong to a concurrent run and are left alone.
   psql -X -h 127.0.0.1 -U postgres -d postgres -Atc "SELECT datname FROM pg_database WHERE datname LIKE 't\_db\_%'" 2>/dev/null |
-    while read -r db; do psql -X -q -h 127.0.0.1 -U postgres -d postgres -c "DROP DATABASE IF EXISTS \"$db\"" >/dev/null 2>&1 || true; done
+    while read -r db; do
+      pid=$(cut -d_ -f3 <<<"$db")
+      if [[ "$pid" =~ ^[0-9]+$ && -d "/proc/$pid" ]]; then continue; fi
+      psql -X -q -h 127.0.0.1 -U postgres -d postgres -c "DROP DATABASE IF EXISTS \"$db\"" >/dev/null 2>&1 || true
+    done
 fi
 
 # --- systemd-analyze (the unit-file test) ----------------------------------------------------
