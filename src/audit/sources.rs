@@ -392,10 +392,14 @@ fn walk(root: &Path, tx: &WalkTx) {
     }
 }
 
+/// Reads up to `n` entries after a key.
+type PageReader<T> =
+    fn(&State, Option<&str>, usize) -> Result<Vec<(String, T)>, crate::state::StateError>;
+
 /// Our records, or the orphan sightings: pages of the state database in key order.
 pub struct StateStream<T> {
     state: State,
-    read: fn(&State, Option<&str>, usize) -> Result<Vec<(String, T)>, crate::state::StateError>,
+    read: PageReader<T>,
     after: Option<String>,
     pub items: Buffered<T>,
 }

@@ -508,7 +508,12 @@ async fn the_command_prints_json_and_exits_3_when_media_are_lost() {
     assert!(stderr.contains("lost"), "{stderr}");
     // Pruning needs its grace period spelled out.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_synapse-s3-offload"))
-        .args(["--config", path.to_str().unwrap(), "audit", "--delete-orphans"])
+        .args([
+            "--config",
+            path.to_str().unwrap(),
+            "audit",
+            "--delete-orphans",
+        ])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2), "clap usage error");

@@ -538,6 +538,7 @@ impl TestDb {
     }
 
     /// A thumbnail row of a remote media.
+    #[allow(clippy::too_many_arguments)]
     pub async fn remote_thumb(
         &self,
         origin: &str,
