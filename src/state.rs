@@ -318,6 +318,15 @@ impl State {
     }
 }
 
+#[cfg(test)]
+impl State {
+    /// Holds redb's write lock until the transaction is dropped (never committed): commits wait
+    /// meanwhile, so the file on disk is exactly what a crash at this instant would leave.
+    pub(crate) fn block_writes(&self) -> redb::WriteTransaction {
+        self.db.begin_write().expect("begin a write transaction")
+    }
+}
+
 /// Group commit: callers hand over ops and await their durability; a dedicated thread applies
 /// everything that queued up meanwhile in one transaction (one fsync for many uploads).
 ///
