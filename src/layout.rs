@@ -107,6 +107,33 @@ impl MediaPath {
         root.join(&self.0)
     }
 
+    /// Whether every directory between `root` and this path's file is a real directory, not a
+    /// symlink (`false` too when one is missing: there is nothing to read or delete then).
+    ///
+    /// `O_NOFOLLOW` and `symlink_metadata` only refuse a symlink in the *last* component; the kernel
+    /// still follows one in the directory part, so a symlinked `local_content/ab` would lead an
+    /// upload's read or a sweep's unlink out of the store (invariant 5). Callers check this right
+    /// before they read or unlink. A symlink swapped in between the check and the syscall is not
+    /// caught; the daemon runs as Synapse's user, so that needs someone who could already delete
+    /// those files.
+    pub fn parents_are_dirs(&self, root: &Path) -> std::io::Result<bool> {
+        let mut dir = root.to_path_buf();
+        let mut components = self.0.split('/').peekable();
+        while let Some(c) = components.next() {
+            if components.peek().is_none() {
+                break;
+            }
+            dir.push(c);
+            match std::fs::symlink_metadata(&dir) {
+                Ok(m) if m.is_dir() => {}
+                Ok(_) => return Ok(false),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(true)
+    }
+
     /// The top-level folder (`local_content`, `remote_thumbnail`, …).
     pub fn top_dir(&self) -> &str {
         self.0.split('/').next().unwrap_or_default()
@@ -131,6 +158,25 @@ impl fmt::Debug for MediaPath {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "MediaPath({:?})", self.0)
     }
+}
+
+/// Splits a Synapse media id (or a remote media's `filesystem_id`) into its three path components
+/// the way Synapse does: `id[0:2]`, `id[2:4]`, `id[4:]`, counted in characters (Python `str`
+/// slicing), not bytes, so an id starting with a multi-byte character is split where Synapse split
+/// it instead of panicking on a char boundary. `None` when a component would be empty, `.`, `..`,
+/// or hold a `/` or a control character: such an id cannot name a file inside the store.
+pub fn split_id(id: &str) -> Option<(&str, &str, &str)> {
+    let mut bounds = id.char_indices().map(|(i, _)| i).skip(2).step_by(2);
+    let (two, four) = (bounds.next()?, bounds.next()?);
+    let parts = (&id[..two], &id[two..four], &id[four..]);
+    let ok = |c: &str| {
+        !c.is_empty()
+            && c != "."
+            && c != ".."
+            && !c.contains('/')
+            && !c.chars().any(char::is_control)
+    };
+    (ok(parts.0) && ok(parts.1) && ok(parts.2)).then_some(parts)
 }
 
 /// The top-level folders to upload from, given the url-cache setting.
@@ -230,6 +276,61 @@ mod tests {
             p.to_path(Path::new("/m")),
             PathBuf::from("/m/local_content/ab/cd/ef")
         );
+    }
+
+    #[test]
+    fn parents_must_be_real_directories() {
+        let store = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let root = store.path();
+        std::fs::create_dir_all(root.join("local_content/ab/cd")).unwrap();
+        std::fs::create_dir_all(outside.path().join("cd")).unwrap();
+        std::os::unix::fs::symlink(outside.path(), root.join("local_content/xy")).unwrap();
+        std::fs::write(root.join("local_content/fi"), b"").unwrap();
+        let ok = |p: &str| MediaPath::parse(p).unwrap().parents_are_dirs(root).unwrap();
+        assert!(
+            ok("local_content/ab/cd/efgh"),
+            "the file itself need not exist"
+        );
+        assert!(
+            ok("local_content/ab/cd"),
+            "the last component may be anything"
+        );
+        assert!(!ok("local_content/xy/cd/efgh"), "a symlinked directory");
+        assert!(
+            !ok("local_content/fi/cd/efgh"),
+            "a file where a directory should be"
+        );
+        assert!(!ok("local_content/zz/cd/efgh"), "a missing directory");
+    }
+
+    #[test]
+    fn split_id_counts_characters_like_python() {
+        assert_eq!(split_id("abcdefgh"), Some(("ab", "cd", "efgh")));
+        assert_eq!(split_id("abcde"), Some(("ab", "cd", "e")));
+        // Multi-byte characters in the first four: split by character, as Synapse's id[0:2].
+        assert_eq!(split_id("éabcdef"), Some(("éa", "bc", "def")));
+        assert_eq!(
+            split_id("日本語のファイル"),
+            Some(("日本", "語の", "ファイル"))
+        );
+        assert_eq!(split_id("😀😀😀😀😀"), Some(("😀😀", "😀😀", "😀")));
+        for bad in [
+            "",
+            "a",
+            "abcd",
+            "日本語の",
+            "..cdefg",
+            "ab..efg",
+            "abcd..",
+            "abcd.",
+            "a/cdefg",
+            "abcd/x",
+            "abcd\nx",
+            "ab\0defg",
+        ] {
+            assert_eq!(split_id(bad), None, "{bad:?}");
+        }
     }
 
     #[test]

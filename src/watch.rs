@@ -88,7 +88,10 @@ pub fn start(
             wake.notify_one();
         }
     };
-    let mut watcher = notify::RecommendedWatcher::new(handler, notify::Config::default())?;
+    // notify follows symlinked directories by default: their events would then name files outside
+    // the store under store paths. Never follow them (invariant 5); scans do not either.
+    let config = notify::Config::default().with_follow_symlinks(false);
+    let mut watcher = notify::RecommendedWatcher::new(handler, config)?;
     watcher.watch(root, RecursiveMode::Recursive)?;
     Ok(Watch { _watcher: watcher })
 }

@@ -149,8 +149,13 @@ impl Uploader {
         };
         for _round in 0..MAX_ROUNDS {
             let snap = match blocking({
-                let abs = abs.clone();
-                move || digest::stat(&abs)
+                let (abs, root, path) = (abs.clone(), self.root.clone(), path.clone());
+                // A symlinked directory on the way would make us read a file outside the store.
+                move || match path.parents_are_dirs(&root) {
+                    Ok(true) => digest::stat(&abs),
+                    Ok(false) => Ok(Stat::NotRegular),
+                    Err(e) => Err(e),
+                }
             })
             .await?
             .map_err(read_err)?
