@@ -44,6 +44,16 @@ pub enum StateError {
     )]
     Locked { path: PathBuf },
     #[error(
+        "state_dir {} is not writable by this user: make it owned by the user the daemon runs as (e.g. chown -R matrix-synapse {})",
+        dir.display(),
+        dir.display()
+    )]
+    NotWritable {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
         "cannot open state database {path} (if it is corrupted, move it aside and run `upload` to rebuild the records from the bucket: objects already there are recognised, not re-uploaded)"
     )]
     Open {
@@ -180,6 +190,18 @@ impl State {
                 .map_err(|_| StateError::Corrupted { path: path.clone() })?;
         let db = opened.map_err(|source| match source {
             redb::DatabaseError::DatabaseAlreadyOpen => StateError::Locked { path: path.clone() },
+            // Not a corruption: say so, instead of the recovery steps of `Open`.
+            redb::DatabaseError::Storage(redb::StorageError::Io(e))
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::ReadOnlyFilesystem
+                ) =>
+            {
+                StateError::NotWritable {
+                    dir: state_dir.to_owned(),
+                    source: e,
+                }
+            }
             source => StateError::Open {
                 path: path.clone(),
                 source,

@@ -1,5 +1,6 @@
 //! Integration tests against a real S3-protocol server (s3s-fs, started by scripts/test.sh).
 
+mod bad_input;
 mod check;
 mod cli;
 mod control;
