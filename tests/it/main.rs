@@ -7,6 +7,7 @@ mod control;
 mod daemon;
 mod metrics;
 mod proxy;
+mod security;
 mod support;
 mod sweep;
 mod synapse_config;
