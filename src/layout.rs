@@ -345,4 +345,75 @@ mod tests {
         let dirs: Vec<_> = upload_dirs(true).collect();
         assert_eq!(dirs.len(), 6);
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Path-like strings: separators, dots and a few multi-byte characters are frequent.
+        fn pathish() -> impl Strategy<Value = String> {
+            prop_oneof![
+                "[a-z./é日\\-]{0,6}(/[a-z./é日 ]{0,5}){0,5}",
+                any::<String>(),
+            ]
+        }
+
+        fn check_valid(p: &MediaPath, prefix: &str) -> Result<(), TestCaseError> {
+            let s = p.as_str();
+            prop_assert!(!s.is_empty() && !s.starts_with('/'));
+            for c in s.split('/') {
+                prop_assert!(!c.is_empty() && c != "." && c != "..", "{:?}", s);
+            }
+            prop_assert!(!s.chars().any(char::is_control));
+            let again = MediaPath::parse(s);
+            prop_assert_eq!(again.as_ref(), Ok(p), "parse(as_str()) round trip");
+            prop_assert_eq!(p.key(prefix), format!("{prefix}{s}"));
+            // Joined to a root it stays below it, component by component.
+            let root = Path::new("/srv/media");
+            let joined = p.to_path(root);
+            let rel = joined.strip_prefix(root).unwrap();
+            prop_assert!(rel.components().all(|c| matches!(c, Component::Normal(_))));
+            prop_assert_eq!(rel.components().count(), s.split('/').count());
+            Ok(())
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 1024, failure_persistence: None, ..ProptestConfig::default() })]
+
+            #[test]
+            fn parse_accepts_only_normal_relative_paths(s in pathish(), prefix in "[a-z/]{0,8}") {
+                if let Ok(p) = MediaPath::parse(&s) {
+                    prop_assert_eq!(p.as_str(), s.as_str());
+                    check_valid(&p, &prefix)?;
+                }
+            }
+
+            #[test]
+            fn from_relative_accepts_only_normal_utf8_paths(
+                bytes in proptest::collection::vec(
+                    prop_oneof![Just(b'/'), Just(b'.'), Just(b'a'), Just(0xffu8), any::<u8>()],
+                    0..16,
+                ),
+            ) {
+                use std::os::unix::ffi::OsStrExt;
+                let rel = Path::new(std::ffi::OsStr::from_bytes(&bytes));
+                if let Ok(p) = MediaPath::from_relative(rel) {
+                    prop_assert!(!rel.has_root());
+                    prop_assert!(!rel.components().any(|c| c == Component::ParentDir));
+                    check_valid(&p, "")?;
+                }
+            }
+
+            #[test]
+            fn split_id_reassembles_the_id_in_characters(id in pathish()) {
+                if let Some((a, b, c)) = split_id(&id) {
+                    prop_assert_eq!(format!("{a}{b}{c}"), id.clone());
+                    prop_assert_eq!((a.chars().count(), b.chars().count()), (2, 2));
+                    let joined = format!("local_content/{a}/{b}/{c}");
+                    let p = MediaPath::parse(&joined);
+                    prop_assert!(p.is_ok(), "{:?} makes {:?}", id, joined);
+                }
+            }
+        }
+    }
 }
