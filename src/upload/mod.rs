@@ -172,7 +172,8 @@ impl Uploader {
                 return Ok(Outcome::Unchanged);
             }
             // Files below the multipart threshold are sent in one PUT; the smaller ones from memory.
-            let part_size = (snap.size >= self.multipart_threshold).then_some(self.part_size);
+            let part_size = (snap.size >= self.multipart_threshold)
+                .then(|| s3::part_size_for(snap.size, self.part_size));
             let hashed = match blocking({
                 let abs = abs.clone();
                 move || digest::read_and_hash(&abs, digest::INLINE_MAX, part_size)
