@@ -151,10 +151,9 @@ impl Uploader {
             let snap = match blocking({
                 let (abs, root, path) = (abs.clone(), self.root.clone(), path.clone());
                 // A symlinked directory on the way would make us read a file outside the store.
-                move || match path.parents_are_dirs(&root) {
-                    Ok(true) => digest::stat(&abs),
-                    Ok(false) => Ok(Stat::NotRegular),
-                    Err(e) => Err(e),
+                move || match (path.parents_are_dirs(&root)?, digest::stat(&abs)?) {
+                    (true, stat) | (false, stat @ Stat::Vanished) => Ok(stat),
+                    (false, _) => Ok(Stat::NotRegular),
                 }
             })
             .await?
