@@ -76,6 +76,16 @@ if ! command -v systemd-analyze >/dev/null; then
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd) >&2 || log "could not install systemd"
 fi
 
+# --- cargo audit (offline only) ---------------------------------------------------------------
+# The RustSec advisory database is fetched from GitHub, which CI cannot reach: audit against a
+# local copy only (SSO_ADVISORY_DB, e.g. a clone of rustsec/advisory-db), else say it was skipped.
+if [[ -n "${SSO_ADVISORY_DB:-}" && -d "${SSO_ADVISORY_DB:-}" ]] && cargo audit --version >/dev/null 2>&1; then
+  log "cargo audit (advisory database $SSO_ADVISORY_DB)"
+  cargo audit --no-fetch --stale --db "$SSO_ADVISORY_DB"
+else
+  log "cargo audit skipped: needs cargo-audit and SSO_ADVISORY_DB=<local copy of the RustSec advisory database> (README, Development)"
+fi
+
 # --- Lint and test -------------------------------------------------------------------------------
 if [[ "${SSO_SKIP_LINT:-0}" != 1 ]]; then
   log "cargo fmt --check"

@@ -107,6 +107,33 @@ impl MediaPath {
         root.join(&self.0)
     }
 
+    /// Whether every directory between `root` and this path's file is a real directory, not a
+    /// symlink (`false` too when one is missing: there is nothing to read or delete then).
+    ///
+    /// `O_NOFOLLOW` and `symlink_metadata` only refuse a symlink in the *last* component; the kernel
+    /// still follows one in the directory part, so a symlinked `local_content/ab` would lead an
+    /// upload's read or a sweep's unlink out of the store (invariant 5). Callers check this right
+    /// before they read or unlink. A symlink swapped in between the check and the syscall is not
+    /// caught; the daemon runs as Synapse's user, so that needs someone who could already delete
+    /// those files.
+    pub fn parents_are_dirs(&self, root: &Path) -> std::io::Result<bool> {
+        let mut dir = root.to_path_buf();
+        let mut components = self.0.split('/').peekable();
+        while let Some(c) = components.next() {
+            if components.peek().is_none() {
+                break;
+            }
+            dir.push(c);
+            match std::fs::symlink_metadata(&dir) {
+                Ok(m) if m.is_dir() => {}
+                Ok(_) => return Ok(false),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(true)
+    }
+
     /// The top-level folder (`local_content`, `remote_thumbnail`, …).
     pub fn top_dir(&self) -> &str {
         self.0.split('/').next().unwrap_or_default()
@@ -131,6 +158,25 @@ impl fmt::Debug for MediaPath {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "MediaPath({:?})", self.0)
     }
+}
+
+/// Splits a Synapse media id (or a remote media's `filesystem_id`) into its three path components
+/// the way Synapse does: `id[0:2]`, `id[2:4]`, `id[4:]`, counted in characters (Python `str`
+/// slicing), not bytes, so an id starting with a multi-byte character is split where Synapse split
+/// it instead of panicking on a char boundary. `None` when a component would be empty, `.`, `..`,
+/// or hold a `/` or a control character: such an id cannot name a file inside the store.
+pub fn split_id(id: &str) -> Option<(&str, &str, &str)> {
+    let mut bounds = id.char_indices().map(|(i, _)| i).skip(2).step_by(2);
+    let (two, four) = (bounds.next()?, bounds.next()?);
+    let parts = (&id[..two], &id[two..four], &id[four..]);
+    let ok = |c: &str| {
+        !c.is_empty()
+            && c != "."
+            && c != ".."
+            && !c.contains('/')
+            && !c.chars().any(char::is_control)
+    };
+    (ok(parts.0) && ok(parts.1) && ok(parts.2)).then_some(parts)
 }
 
 /// The top-level folders to upload from, given the url-cache setting.
@@ -233,6 +279,61 @@ mod tests {
     }
 
     #[test]
+    fn parents_must_be_real_directories() {
+        let store = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let root = store.path();
+        std::fs::create_dir_all(root.join("local_content/ab/cd")).unwrap();
+        std::fs::create_dir_all(outside.path().join("cd")).unwrap();
+        std::os::unix::fs::symlink(outside.path(), root.join("local_content/xy")).unwrap();
+        std::fs::write(root.join("local_content/fi"), b"").unwrap();
+        let ok = |p: &str| MediaPath::parse(p).unwrap().parents_are_dirs(root).unwrap();
+        assert!(
+            ok("local_content/ab/cd/efgh"),
+            "the file itself need not exist"
+        );
+        assert!(
+            ok("local_content/ab/cd"),
+            "the last component may be anything"
+        );
+        assert!(!ok("local_content/xy/cd/efgh"), "a symlinked directory");
+        assert!(
+            !ok("local_content/fi/cd/efgh"),
+            "a file where a directory should be"
+        );
+        assert!(!ok("local_content/zz/cd/efgh"), "a missing directory");
+    }
+
+    #[test]
+    fn split_id_counts_characters_like_python() {
+        assert_eq!(split_id("abcdefgh"), Some(("ab", "cd", "efgh")));
+        assert_eq!(split_id("abcde"), Some(("ab", "cd", "e")));
+        // Multi-byte characters in the first four: split by character, as Synapse's id[0:2].
+        assert_eq!(split_id("éabcdef"), Some(("éa", "bc", "def")));
+        assert_eq!(
+            split_id("日本語のファイル"),
+            Some(("日本", "語の", "ファイル"))
+        );
+        assert_eq!(split_id("😀😀😀😀😀"), Some(("😀😀", "😀😀", "😀")));
+        for bad in [
+            "",
+            "a",
+            "abcd",
+            "日本語の",
+            "..cdefg",
+            "ab..efg",
+            "abcd..",
+            "abcd.",
+            "a/cdefg",
+            "abcd/x",
+            "abcd\nx",
+            "ab\0defg",
+        ] {
+            assert_eq!(split_id(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
     fn uploadable_dirs() {
         let ok = |p: &str, url| MediaPath::parse(p).unwrap().is_uploadable(url);
         assert!(ok("local_content/ab/cd/ef", false));
@@ -243,5 +344,76 @@ mod tests {
         assert!(!ok("something_else/x", true));
         let dirs: Vec<_> = upload_dirs(true).collect();
         assert_eq!(dirs.len(), 6);
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Path-like strings: separators, dots and a few multi-byte characters are frequent.
+        fn pathish() -> impl Strategy<Value = String> {
+            prop_oneof![
+                "[a-z./é日\\-]{0,6}(/[a-z./é日 ]{0,5}){0,5}",
+                any::<String>(),
+            ]
+        }
+
+        fn check_valid(p: &MediaPath, prefix: &str) -> Result<(), TestCaseError> {
+            let s = p.as_str();
+            prop_assert!(!s.is_empty() && !s.starts_with('/'));
+            for c in s.split('/') {
+                prop_assert!(!c.is_empty() && c != "." && c != "..", "{:?}", s);
+            }
+            prop_assert!(!s.chars().any(char::is_control));
+            let again = MediaPath::parse(s);
+            prop_assert_eq!(again.as_ref(), Ok(p), "parse(as_str()) round trip");
+            prop_assert_eq!(p.key(prefix), format!("{prefix}{s}"));
+            // Joined to a root it stays below it, component by component.
+            let root = Path::new("/srv/media");
+            let joined = p.to_path(root);
+            let rel = joined.strip_prefix(root).unwrap();
+            prop_assert!(rel.components().all(|c| matches!(c, Component::Normal(_))));
+            prop_assert_eq!(rel.components().count(), s.split('/').count());
+            Ok(())
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 1024, failure_persistence: None, ..ProptestConfig::default() })]
+
+            #[test]
+            fn parse_accepts_only_normal_relative_paths(s in pathish(), prefix in "[a-z/]{0,8}") {
+                if let Ok(p) = MediaPath::parse(&s) {
+                    prop_assert_eq!(p.as_str(), s.as_str());
+                    check_valid(&p, &prefix)?;
+                }
+            }
+
+            #[test]
+            fn from_relative_accepts_only_normal_utf8_paths(
+                bytes in proptest::collection::vec(
+                    prop_oneof![Just(b'/'), Just(b'.'), Just(b'a'), Just(0xffu8), any::<u8>()],
+                    0..16,
+                ),
+            ) {
+                use std::os::unix::ffi::OsStrExt;
+                let rel = Path::new(std::ffi::OsStr::from_bytes(&bytes));
+                if let Ok(p) = MediaPath::from_relative(rel) {
+                    prop_assert!(!rel.has_root());
+                    prop_assert!(!rel.components().any(|c| c == Component::ParentDir));
+                    check_valid(&p, "")?;
+                }
+            }
+
+            #[test]
+            fn split_id_reassembles_the_id_in_characters(id in pathish()) {
+                if let Some((a, b, c)) = split_id(&id) {
+                    prop_assert_eq!(format!("{a}{b}{c}"), id.clone());
+                    prop_assert_eq!((a.chars().count(), b.chars().count()), (2, 2));
+                    let joined = format!("local_content/{a}/{b}/{c}");
+                    let p = MediaPath::parse(&joined);
+                    prop_assert!(p.is_ok(), "{:?} makes {:?}", id, joined);
+                }
+            }
+        }
     }
 }

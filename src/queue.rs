@@ -218,11 +218,14 @@ impl Queue {
                     }
                 }
             }
-            (!ops.is_empty()).then(|| self.committer.submit(ops))
+            // Submitted even when empty: the committer answers in submission order, so once this
+            // batch is answered, everything submitted before it is durable too — in particular
+            // another caller's still-uncommitted `QueuePut` of a path found in memory above. Without
+            // this, the second of two concurrent enqueues of a new path returned before the path
+            // was durable, and a crash then lost an acknowledged item (model_tests found it).
+            self.committer.submit(ops)
         };
-        if let Some(p) = pending {
-            p.wait().await?;
-        }
+        pending.wait().await?;
         if !fresh.is_empty() {
             let mut inner = self.inner.lock().expect("queue lock");
             for (path, due) in fresh {
@@ -401,6 +404,9 @@ impl Queue {
         Some(s)
     }
 }
+
+#[cfg(test)]
+mod model_tests;
 
 #[cfg(test)]
 mod tests {

@@ -47,6 +47,16 @@ pub enum StateError {
     )]
     Locked { path: PathBuf },
     #[error(
+        "state_dir {} is not writable by this user: make it owned by the user the daemon runs as (e.g. chown -R matrix-synapse {})",
+        dir.display(),
+        dir.display()
+    )]
+    NotWritable {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
         "cannot open state database {path} (if it is corrupted, move it aside and run `upload` to rebuild the records from the bucket: objects already there are recognised, not re-uploaded)"
     )]
     Open {
@@ -186,6 +196,18 @@ impl State {
                 .map_err(|_| StateError::Corrupted { path: path.clone() })?;
         let db = opened.map_err(|source| match source {
             redb::DatabaseError::DatabaseAlreadyOpen => StateError::Locked { path: path.clone() },
+            // Not a corruption: say so, instead of the recovery steps of `Open`.
+            redb::DatabaseError::Storage(redb::StorageError::Io(e))
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::ReadOnlyFilesystem
+                ) =>
+            {
+                StateError::NotWritable {
+                    dir: state_dir.to_owned(),
+                    source: e,
+                }
+            }
             source => StateError::Open {
                 path: path.clone(),
                 source,
@@ -378,6 +400,15 @@ impl State {
         use redb::ReadableTableMetadata;
         let txn = self.db.begin_read()?;
         Ok(txn.open_table(UPLOADED)?.len()?)
+    }
+}
+
+#[cfg(test)]
+impl State {
+    /// Holds redb's write lock until the transaction is dropped (never committed): commits wait
+    /// meanwhile, so the file on disk is exactly what a crash at this instant would leave.
+    pub(crate) fn block_writes(&self) -> redb::WriteTransaction {
+        self.db.begin_write().expect("begin a write transaction")
     }
 }
 

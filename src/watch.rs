@@ -88,7 +88,10 @@ pub fn start(
             wake.notify_one();
         }
     };
-    let mut watcher = notify::RecommendedWatcher::new(handler, notify::Config::default())?;
+    // notify follows symlinked directories by default: their events would then name files outside
+    // the store under store paths. Never follow them (invariant 5); scans do not either.
+    let config = notify::Config::default().with_follow_symlinks(false);
+    let mut watcher = notify::RecommendedWatcher::new(handler, config)?;
     watcher.watch(root, RecursiveMode::Recursive)?;
     Ok(Watch { _watcher: watcher })
 }
@@ -178,6 +181,36 @@ mod tests {
         ];
         for (event, want) in cases {
             assert_eq!(classify(&event), want, "{event:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn symlinked_directories_are_not_watched() {
+        let store = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let root = store.path().canonicalize().unwrap();
+        std::fs::create_dir(root.join("local_content")).unwrap();
+        let link = root.join("local_content/li");
+        std::os::unix::fs::symlink(outside.path(), &link).unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::channel(1024);
+        let flag = Arc::new(AtomicBool::new(false));
+        let _watch = start(&root, tx, flag, Arc::new(tokio::sync::Notify::new())).unwrap();
+        std::fs::write(outside.path().join("behind"), b"x").unwrap();
+        std::fs::write(root.join("local_content/sentinel"), b"x").unwrap();
+        // One inotify descriptor delivers in order: an event for the file behind the symlink
+        // would come before the sentinel's close.
+        loop {
+            let msg = tokio::time::timeout(std::time::Duration::from_secs(10), rx.recv())
+                .await
+                .expect("the sentinel's events")
+                .expect("the watcher runs");
+            let Msg::Event(ev) = msg else { continue };
+            for p in &ev.paths {
+                assert!(!p.starts_with(&link), "an event behind the symlink: {ev:?}");
+            }
+            if classify(&ev) == [Action::File(root.join("local_content/sentinel"))] {
+                return;
+            }
         }
     }
 }

@@ -160,3 +160,114 @@ fn bad_values_name_their_key() {
         assert!(err.contains(key), "{err}");
     }
 }
+
+#[test]
+fn debug_of_every_config_type_redacts_every_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut raw = raw_with(dir.path());
+    raw.s3.access_key_id = Some("AKIDvisible".into());
+    raw.s3.secret_access_key = Some(Secret::new("s3-secret-value"));
+    raw.s3.session_token = Some(Secret::new("session-token-value"));
+    raw.s3.sse_customer_key = Some(Secret::new("sse-c-key-0123456789abcdefghijkl"));
+    raw.database = Some(RawDatabase {
+        database: Some("synapse".into()),
+        password: Some(Secret::new("db-password-value")),
+        ..Default::default()
+    });
+    let raw_debug = format!("{raw:?}");
+    assert!(raw_debug.contains("AKIDvisible"), "Debug prints the rest");
+    let c = validate(raw).unwrap();
+    for text in [
+        raw_debug,
+        format!("{c:?}"),
+        format!("{c:#?}"),
+        format!("{:?}", c.s3),
+        format!("{:?}", c.database.as_ref().unwrap()),
+    ] {
+        for secret in [
+            "s3-secret-value",
+            "session-token-value",
+            "sse-c-key-0123456789abcdefghijkl",
+            "db-password-value",
+        ] {
+            assert!(!text.contains(secret), "{secret} in {text}");
+        }
+    }
+}
+
+#[test]
+fn metrics_are_off_by_default_and_the_example_listens_on_loopback() {
+    let dir = tempfile::tempdir().unwrap();
+    assert!(
+        validate(raw_with(dir.path()))
+            .unwrap()
+            .metrics
+            .listen
+            .is_none()
+    );
+    let example = include_str!("../../config/example.yaml");
+    let listen = example
+        .lines()
+        .find_map(|l| l.trim_start().strip_prefix("# listen: "))
+        .expect("the example shows metrics.listen");
+    let addr: std::net::SocketAddr = listen.trim().parse().unwrap();
+    assert!(addr.ip().is_loopback(), "{addr}");
+}
+
+#[test]
+fn a_config_file_readable_by_its_group_is_warned_about() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "media_store_path: {}\nstate_dir: /tmp/x-state\ns3:\n  bucket: b-ucket\n  endpoint_url: http://127.0.0.1:9\n  sse_customer_key: 0123456789abcdef0123456789abcdef\n",
+            dir.path().display()
+        ),
+    )
+    .unwrap();
+    for (mode, warned) in [(0o640, true), (0o604, true), (0o600, false), (0o400, false)] {
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        let w = load(&path).unwrap().warnings;
+        assert_eq!(
+            w.iter().any(|w| w.contains("chmod 600")),
+            warned,
+            "{mode:o}: {w:?}"
+        );
+    }
+}
+
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 512, failure_persistence: None, ..ProptestConfig::default() })]
+
+        #[test]
+        fn durations_never_panic_and_read_back_what_humantime_prints(
+            s in ".{0,24}",
+            secs in 1u64..10_000_000_000,
+            nanos in 0u32..1_000_000_000,
+        ) {
+            let _ = parse_duration(&s);
+            let d = Duration::new(secs, nanos);
+            let printed = humantime::format_duration(d).to_string();
+            prop_assert_eq!(parse_duration(&printed), Ok(d), "{}", printed);
+        }
+
+        #[test]
+        fn sizes_never_panic_and_read_back_plain_and_binary_units(
+            s in ".{0,24}",
+            n in any::<u64>(),
+            mib in 0u64..(1 << 40),
+        ) {
+            let _ = parse_size(&SizeValue::Text(s));
+            prop_assert_eq!(parse_size(&SizeValue::Bytes(n)), Ok(n));
+            prop_assert_eq!(parse_size(&SizeValue::Text(n.to_string())), Ok(n));
+            prop_assert_eq!(parse_size(&SizeValue::Text(format!("{mib}MiB"))), Ok(mib << 20));
+            prop_assert_eq!(parse_size(&SizeValue::Text(format!("{mib} KiB"))), Ok(mib << 10));
+        }
+    }
+}

@@ -5,7 +5,7 @@ use std::path::Path;
 use super::Report;
 use super::Sweeper;
 use super::db::AgedMedia;
-use crate::layout::MediaPath;
+use crate::layout::{self, MediaPath};
 use crate::state::Record;
 use crate::upload::digest::{self, ReadOutcome, Snapshot, Stat};
 
@@ -57,8 +57,8 @@ pub enum Verdict {
 }
 
 /// Synapse's ids become path components: refuse anything that could step out of its folder.
-fn safe_component(s: &str, min_len: usize) -> Result<&str, String> {
-    let ok = s.len() >= min_len
+fn safe_component(s: &str) -> Result<&str, String> {
+    let ok = !s.is_empty()
         && s != "."
         && s != ".."
         && !s.contains('/')
@@ -70,15 +70,21 @@ fn safe_component(s: &str, min_len: usize) -> Result<&str, String> {
     }
 }
 
+/// `AB/CD/REST` of an id, split by characters as Synapse does ([`layout::split_id`]).
+fn split(id: &str) -> Result<String, String> {
+    let (a, b, c) = layout::split_id(id)
+        .ok_or_else(|| format!("refusing the unsafe id {id:?} from the database"))?;
+    Ok(format!("{a}/{b}/{c}"))
+}
+
 /// (original, thumbnail directory) of a media, relative to the store.
 pub fn media_paths(media: &AgedMedia) -> Result<(String, String), String> {
     match media {
         AgedMedia::Local { media_id } => {
-            let id = safe_component(media_id, 5)?;
-            let split = format!("{}/{}/{}", &id[..2], &id[2..4], &id[4..]);
+            let dirs = split(media_id)?;
             Ok((
-                format!("local_content/{split}"),
-                format!("local_thumbnails/{split}"),
+                format!("local_content/{dirs}"),
+                format!("local_thumbnails/{dirs}"),
             ))
         }
         AgedMedia::Remote {
@@ -86,12 +92,11 @@ pub fn media_paths(media: &AgedMedia) -> Result<(String, String), String> {
             filesystem_id,
             ..
         } => {
-            let origin = safe_component(origin, 1)?;
-            let id = safe_component(filesystem_id, 5)?;
-            let split = format!("{}/{}/{}", &id[..2], &id[2..4], &id[4..]);
+            let origin = safe_component(origin)?;
+            let dirs = split(filesystem_id)?;
             Ok((
-                format!("remote_content/{origin}/{split}"),
-                format!("remote_thumbnail/{origin}/{split}"),
+                format!("remote_content/{origin}/{dirs}"),
+                format!("remote_thumbnail/{origin}/{dirs}"),
             ))
         }
     }
@@ -105,12 +110,17 @@ pub async fn media_files(root: &Path, media: &AgedMedia) -> Result<Vec<MediaPath
     let root = root.to_owned();
     tokio::task::spawn_blocking(move || {
         let mut out = Vec::new();
-        if matches!(digest::stat(&original.to_path(&root)), Ok(Stat::File(_))) {
+        // A symlinked directory anywhere on the way is not followed (it may lead out of the store).
+        let real = |p: &MediaPath| {
+            p.parents_are_dirs(&root)
+                .map_err(|e| format!("cannot check {p}: {e}"))
+        };
+        if real(&original)? && matches!(digest::stat(&original.to_path(&root)), Ok(Stat::File(_))) {
             out.push(original);
         }
         let dir = thumbs.to_path(&root);
         // symlink_metadata: a symlinked thumbnail directory is not followed.
-        if std::fs::symlink_metadata(&dir).is_ok_and(|m| m.is_dir()) {
+        if real(&thumbs)? && std::fs::symlink_metadata(&dir).is_ok_and(|m| m.is_dir()) {
             let entries = std::fs::read_dir(&dir)
                 .map_err(|e| format!("cannot list {}: {e}", dir.display()))?;
             for entry in entries {
@@ -179,12 +189,20 @@ pub async fn delete_if_unchanged(
     confirmed: Snapshot,
 ) -> std::io::Result<bool> {
     let abs = path.to_path(root);
-    tokio::task::spawn_blocking(move || match digest::stat(&abs)? {
-        Stat::File(now) if now == confirmed => {
-            std::fs::remove_file(&abs)?;
-            Ok(true)
+    let (root, path) = (root.to_owned(), path.clone());
+    tokio::task::spawn_blocking(move || {
+        // Checked again right before the unlink: a directory swapped for a symlink since the media's
+        // files were listed must not lead the unlink out of the store.
+        if !path.parents_are_dirs(&root)? {
+            return Ok(false);
         }
-        _ => Ok(false),
+        match digest::stat(&abs)? {
+            Stat::File(now) if now == confirmed => {
+                std::fs::remove_file(&abs)?;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
     })
     .await
     .map_err(std::io::Error::other)?
@@ -257,6 +275,24 @@ mod tests {
                 media_id: "../../../etc/passwd".into()
             })
             .is_err()
+        );
+        // Multi-byte characters are split where Synapse splits them (by character), not panicked on.
+        let local = |id: &str| {
+            media_paths(&AgedMedia::Local {
+                media_id: id.into(),
+            })
+        };
+        assert_eq!(
+            local("éabcdef").unwrap().0,
+            "local_content/éa/bc/def".to_owned()
+        );
+        assert_eq!(
+            local("日本語のファイル").unwrap().1,
+            "local_thumbnails/日本/語の/ファイル".to_owned()
+        );
+        assert!(
+            local("日本語の").is_err(),
+            "too short: the last level would be empty"
         );
     }
 }

@@ -149,8 +149,12 @@ impl Uploader {
         };
         for _round in 0..MAX_ROUNDS {
             let snap = match blocking({
-                let abs = abs.clone();
-                move || digest::stat(&abs)
+                let (abs, root, path) = (abs.clone(), self.root.clone(), path.clone());
+                // A symlinked directory on the way would make us read a file outside the store.
+                move || match (path.parents_are_dirs(&root)?, digest::stat(&abs)?) {
+                    (true, stat) | (false, stat @ Stat::Vanished) => Ok(stat),
+                    (false, _) => Ok(Stat::NotRegular),
+                }
             })
             .await?
             .map_err(read_err)?
@@ -167,7 +171,8 @@ impl Uploader {
                 return Ok(Outcome::Unchanged);
             }
             // Files below the multipart threshold are sent in one PUT; the smaller ones from memory.
-            let part_size = (snap.size >= self.multipart_threshold).then_some(self.part_size);
+            let part_size = (snap.size >= self.multipart_threshold)
+                .then(|| s3::part_size_for(snap.size, self.part_size));
             let hashed = match blocking({
                 let abs = abs.clone();
                 move || digest::read_and_hash(&abs, digest::INLINE_MAX, part_size)

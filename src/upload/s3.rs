@@ -40,6 +40,20 @@ pub const META_MD5: &str = "md5";
 pub const PROBE_MARK: &str = "synapse-s3-offload-check-";
 /// Parts uploaded at once for one multipart upload.
 const PART_CONCURRENCY: usize = 4;
+/// S3 accepts at most this many parts in one multipart upload.
+pub const MAX_PARTS: u64 = 10_000;
+
+/// The part size for a file of `size` bytes: `configured`, unless the file would need more than
+/// [`MAX_PARTS`] parts (above 156 GiB with the default 16 MiB): then the smallest whole number of
+/// MiB that fits, instead of a rejection at part 10 001 after uploading the first 156 GiB. Hashing
+/// ([`crate::upload::digest`]) and sending both use this, so their part boundaries agree.
+pub fn part_size_for(size: u64, configured: u64) -> u64 {
+    if size.div_ceil(configured) <= MAX_PARTS {
+        configured
+    } else {
+        size.div_ceil(MAX_PARTS).div_ceil(1 << 20) << 20
+    }
+}
 
 /// What a HEAD says about an object.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -383,6 +397,16 @@ impl ObjectStore {
         md5: &[u8; 16],
         part_md5s: &[[u8; 16]],
     ) -> Result<(), S3Error> {
+        let part_size = part_size_for(size, self.part_size);
+        if part_md5s.len() as u64 != size.div_ceil(part_size) {
+            // Hashed with another plan: the file's size changed between its stat and its read
+            // across the 10 000-part boundary. Retried with a fresh look at the file.
+            return Err(read_error(
+                "CreateMultipartUpload",
+                key,
+                "the file changed while it was read",
+            ));
+        }
         let mut req = self
             .client
             .create_multipart_upload()
@@ -407,7 +431,7 @@ impl ObjectStore {
             });
         };
         let result = self
-            .upload_parts(key, &upload_id, path, size, part_md5s)
+            .upload_parts(key, &upload_id, path, size, part_size, part_md5s)
             .await;
         let result = match result {
             Ok(parts) => self
@@ -453,13 +477,14 @@ impl ObjectStore {
         upload_id: &str,
         path: &Path,
         size: u64,
+        part_size: u64,
         part_md5s: &[[u8; 16]],
     ) -> Result<Vec<CompletedPart>, S3Error> {
         let mut parts: Vec<CompletedPart> =
             futures::stream::iter(part_md5s.iter().copied().enumerate())
                 .map(|(i, part_md5)| async move {
-                    let offset = i as u64 * self.part_size;
-                    let len = self.part_size.min(size - offset);
+                    let offset = i as u64 * part_size;
+                    let len = part_size.min(size - offset);
                     let number = i as i32 + 1;
                     let body = ByteStream::read_from()
                         .path(path)
@@ -502,6 +527,27 @@ impl ObjectStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn part_plan_stays_within_s3_limits() {
+        const MIB: u64 = 1 << 20;
+        const GIB: u64 = 1 << 30;
+        // A 5 GiB file: 1024 parts of 5 MiB, or 320 of 16 MiB (the default).
+        assert_eq!(part_size_for(5 * GIB, 5 * MIB), 5 * MIB);
+        assert_eq!((5 * GIB).div_ceil(part_size_for(5 * GIB, 5 * MIB)), 1024);
+        assert_eq!((5 * GIB).div_ceil(part_size_for(5 * GIB, 16 * MIB)), 320);
+        // Exactly 10 000 parts still fits; one byte more takes a larger part.
+        assert_eq!(part_size_for(10_000 * 16 * MIB, 16 * MIB), 16 * MIB);
+        assert_eq!(part_size_for(10_000 * 16 * MIB + 1, 16 * MIB), 17 * MIB);
+        // Up to S3's largest object (5 TiB), parts stay within 5 MiB..5 GiB and 10 000.
+        for size in [200 * GIB, 1024 * GIB, 5 * 1024 * GIB] {
+            for configured in [5 * MIB, 16 * MIB, 5 * GIB] {
+                let p = part_size_for(size, configured);
+                assert!(p >= configured && p <= 5 * GIB, "{size} {configured}: {p}");
+                assert!(size.div_ceil(p) <= MAX_PARTS, "{size} {configured}: {p}");
+            }
+        }
+    }
 
     #[test]
     fn confirms_needs_size_and_digest() {

@@ -46,6 +46,33 @@ where
 {
     let status = err.raw_response().map(|r| r.status().as_u16());
     let code = err.code().map(str::to_owned);
+    // Without credentials the request never leaves: the SDK reports a dispatch failure, which
+    // would read as "cannot connect, check s3.endpoint_url", with a multi-line chain. Say what it is.
+    if let Some(cred) = credentials_error(&err) {
+        use aws_credential_types::provider::error::CredentialsError;
+        let (kind, detail, hint) = match cred {
+            CredentialsError::CredentialsNotLoaded(_) => (
+                ErrorKind::Permanent,
+                "no S3 credentials found".to_owned(),
+                "set s3.access_key_id and s3.secret_access_key, or provide AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or an instance role",
+            ),
+            // A provider that failed (instance metadata timed out, …) may work next time.
+            other => (
+                ErrorKind::Transient,
+                format!("loading S3 credentials failed: {}", one_line(other)),
+                "check the AWS credential provider (AWS_PROFILE, web identity, instance role) or set s3.access_key_id and s3.secret_access_key",
+            ),
+        };
+        return S3Error {
+            op,
+            target: target.to_owned(),
+            kind,
+            status,
+            code,
+            detail,
+            hint: format!(" — {hint}"),
+        };
+    }
     let (kind, detail) = match &err {
         SdkError::TimeoutError(_) => (ErrorKind::Transient, "timed out".to_owned()),
         SdkError::DispatchFailure(f) => {
@@ -109,6 +136,32 @@ where
         detail,
         hint,
     }
+}
+
+/// The credential provider's error, if that is why the request failed.
+fn credentials_error<'a>(
+    err: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a aws_credential_types::provider::error::CredentialsError> {
+    let mut cur = err.source();
+    while let Some(e) = cur {
+        if let Some(c) = e.downcast_ref() {
+            return Some(c);
+        }
+        cur = e.source();
+    }
+    None
+}
+
+/// An error and its sources on one line (the SDK's credential chain lists providers on lines).
+fn one_line(err: &dyn std::error::Error) -> String {
+    let mut s = err.to_string();
+    let mut cur = err.source();
+    while let Some(e) = cur {
+        s.push_str(": ");
+        s.push_str(&e.to_string());
+        cur = e.source();
+    }
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 fn source_chain(err: &dyn std::error::Error) -> String {

@@ -1,6 +1,7 @@
 //! Integration tests against a real S3-protocol server (s3s-fs, started by scripts/test.sh).
 
 mod audit;
+mod bad_input;
 mod check;
 mod cli;
 mod control;
@@ -11,6 +12,7 @@ mod faults_proxy;
 mod faults_support;
 mod metrics;
 mod proxy;
+mod security;
 mod support;
 mod sweep;
 mod synapse_config;

@@ -8,7 +8,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::support::*;
 
-async fn get(addr: &str, path: &str) -> (u16, String) {
+pub(crate) async fn get(addr: &str, path: &str) -> (u16, String) {
     let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else {
         return (0, String::new());
     };
