@@ -128,7 +128,8 @@ loopback_only
     >"$work/smu.out" 2>&1
 ) || { tail -5 "$work/smu.out" >&2; exit 1; }
 grep -E '^(Uploaded|Deleted) ' "$work/smu.out" | tr '\n' ';' | sed 's/;$/\n/'
-pleft=$(find "$work/media/local_content" -type f | wc -l)
+# s3_media_upload's os.removedirs also removes emptied AB/CD levels and local_content itself.
+pleft=$(find "$work/media" -type f 2>/dev/null | wc -l)
 python3 - "$work/time.txt" "$work/time-smu.txt" "$aged" "$paged" "$pleft" <<'PY'
 import re, sys
 def read(path):
