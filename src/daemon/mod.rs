@@ -101,6 +101,7 @@ pub async fn run_with(
     shutdown: CancellationToken,
     opts: Options,
 ) -> Result<(), DaemonError> {
+    crate::upload::limit_malloc_arenas();
     let state = State::open_waiting(&config.state_dir, Duration::from_secs(10)).await?;
     let (committer, commit_thread) = Committer::start(state.clone());
     let queue = Arc::new(Queue::open(&state, committer.clone(), &config.upload)?);
