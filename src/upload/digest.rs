@@ -209,7 +209,10 @@ fn hash_parts(
             Err(e) => return Err(e),
         };
         whole.update(&buf[..n]);
-        part.update(&buf[..n]);
+        // Without parts this would be a second MD5 of every byte, thrown away.
+        if multipart {
+            part.update(&buf[..n]);
+        }
         in_part += n as u64;
         total += n as u64;
         if total > snapshot.size {
@@ -220,7 +223,7 @@ fn hash_parts(
             in_part = 0;
         }
     }
-    if in_part > 0 {
+    if multipart && in_part > 0 {
         parts.push(part.finalize().into());
     }
     if total != snapshot.size {
