@@ -86,7 +86,8 @@ pub async fn run(
     let state = State::open(&config.state_dir)?;
     let store = Arc::new(ObjectStore::new(&config.s3, config.upload.multipart_part_size).await);
     store.check_bucket().await.map_err(BackfillError::Bucket)?;
-    let (committer, commit_thread) = Committer::start(state.clone());
+    // Records may wait a little for their commit: fewer, larger transactions (see below).
+    let (committer, commit_thread) = Committer::start_lingering(state.clone(), COMMIT_LINGER);
     // An empty prefix has nothing to adopt: skip the HEAD before every PUT (half the requests).
     let empty = store
         .prefix_is_empty()
@@ -212,6 +213,10 @@ pub async fn run(
     }
     Ok(summary)
 }
+
+/// How long the commit thread gathers records before each commit. A crash loses only records not
+/// yet committed: the next run finds those objects by HEAD and records them without a PUT.
+const COMMIT_LINGER: Duration = Duration::from_millis(25);
 
 /// Records waiting for their commit at most; beyond that, no new upload result is taken.
 const MAX_COMMITS_WAITING: usize = 1024;
