@@ -5,8 +5,8 @@
 # remote_thumbnail/ORIGIN; one small original and one thumbnail per media), uploads it once with
 # `upload` so every file is recorded, then starts `synapse-s3-offload run` and measures:
 # - time until the watches are registered (log line "Watching the media store.", dirs=N);
-# - time until the startup scan is done (the first "Scan finished." after the watches are in place:
-#   the daemon scans at once and again once the watch covers the store);
+# - time until the startup scan is done: the first "Scan finished." with watched=true (the daemon
+#   scans at once and again once the watch covers the store; that scan ends the startup);
 # - CPU seconds and RSS while idle for SECONDS with nothing happening in the store.
 # One inotify watch per directory: fs.inotify.max_user_watches is raised (sysctl) when it is too
 # low for DIRS plus what other processes of this user may hold.
@@ -106,19 +106,17 @@ def reader():
             seen["lines"].append(line.rstrip())
             if "Watching the media store" in line:
                 seen["watch"] = now
-            elif "Scan finished" in line:
+            elif "Scan finished" in line and "watched=true" in line:
                 seen["scans"].append(now)
             cond.notify_all()
 threading.Thread(target=reader, daemon=True).start()
 def ready():
-    w = seen["watch"]
-    return w is not None and any(s >= w for s in seen["scans"])
+    return seen["watch"] is not None and bool(seen["scans"])
 with cond:
     if not cond.wait_for(ready, timeout=600):
         p.kill()
         sys.exit("the daemon did not finish its startup scan within 600 s:\n" + "\n".join(seen["lines"][-20:]))
-    watch = seen["watch"]
-    scan = next(s for s in seen["scans"] if s >= watch)
+    watch, scan = seen["watch"], seen["scans"][0]
 startup_cpu = cpu()
 time.sleep(1)  # let the last startup work (commits, log lines) drain before measuring idle
 c0, i0 = cpu(), time.monotonic()

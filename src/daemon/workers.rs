@@ -86,7 +86,12 @@ async fn process(s: Arc<Shared>, path: MediaPath, settle: bool) {
     }
     let started = std::time::Instant::now();
     let enqueued_ms = s.queue.enqueued_at(&path);
-    let result = s.uploader.upload(&path).await;
+    // A file reported by its close event is new: no HEAD for an object that is not there yet.
+    let result = if settle {
+        s.uploader.upload(&path).await
+    } else {
+        s.uploader.upload_new(&path).await
+    };
     if let Ok(Outcome::Uploaded { .. } | Outcome::Adopted { .. }) = &result {
         s.health.s3_ok();
         metrics::histogram!(m::UPLOAD_DURATION).record(started.elapsed().as_secs_f64());

@@ -8,7 +8,10 @@
 //!    Steps 1–3 run in one blocking task: one thread hand-off per file instead of three (the
 //!    hand-offs' futex wake-ups were the largest system-call count of a backfill).
 //! 4. HEAD the key: an object with the same size and digest (uploaded by us before a crash, by
-//!    `s3_media_upload`, or an identical rewrite by Synapse) is recorded without a PUT.
+//!    `s3_media_upload`, or an identical rewrite by Synapse) is recorded without a PUT. Skipped
+//!    where an object is not expected: a backfill into an empty prefix, and a file the daemon
+//!    just saw being closed after writing ([`Uploader::upload_new`]). At worst the same bytes are
+//!    PUT once more, which is harmless; the HEAD would cost a request per file every time.
 //! 5. PUT with `Content-MD5` (multipart with per-part `Content-MD5` above the threshold, then a HEAD
 //!    to confirm size and digest). The provider rejects a body that differs from the digest.
 //! 6. stat again: if size or mtime moved, the file changed during the upload: go back to 1.
@@ -144,6 +147,22 @@ impl Uploader {
 
     /// Uploads `path` if it is not verified in the bucket yet (see the module docs for the steps).
     pub async fn upload(&self, path: &MediaPath) -> Result<Outcome, UploadError> {
+        self.upload_with(path, !self.assume_absent).await
+    }
+
+    /// Like [`Uploader::upload`], for a file that was just closed after writing (an inotify
+    /// event): it is new, so its object is almost never in the bucket yet, and the HEAD that would
+    /// look for it first is skipped (step 4). Files found by a scan, or queued before a restart,
+    /// go through [`Uploader::upload`]: those may well be in the bucket already.
+    pub async fn upload_new(&self, path: &MediaPath) -> Result<Outcome, UploadError> {
+        self.upload_with(path, false).await
+    }
+
+    async fn upload_with(
+        &self,
+        path: &MediaPath,
+        look_first: bool,
+    ) -> Result<Outcome, UploadError> {
         let abs = path.to_path(&self.root);
         let key = path.key(self.store.prefix());
         let read_err = |source| UploadError::Read {
@@ -165,7 +184,7 @@ impl Uploader {
             let size = hashed.snapshot.size;
             let record = Record::new(size, hashed.snapshot.mtime_ns, hashed.md5);
 
-            if !self.assume_absent
+            if look_first
                 && let Some(info) = self.store.head(&key).await?
                 && info.confirms(size, &hashed.md5)
             {

@@ -356,6 +356,70 @@ async fn sigterm_with_uploads_in_flight_exits_zero_and_loses_nothing() {
     assert!(child.wait().unwrap().success());
 }
 
+/// A file reported by its close event is new: it goes straight to PUT, without a HEAD looking
+/// for an object that is not there (one request per file instead of two). A file found by the
+/// startup scan may be in the bucket already (uploaded before a crash, or by s3_media_upload): it
+/// is looked up first and adopted without a PUT.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closed_files_go_straight_to_put_and_files_found_at_startup_are_adopted() {
+    let env = s3_env();
+    let proxy = Proxy::start(env.addr).await;
+    let bucket = create_bucket(&env, "nohead").await;
+    let store = Store::new();
+    let old = bytes(21, 30_000);
+    store.write("local_content/ol/dd/alreadythere", &old);
+    client(&env)
+        .await
+        .put_object()
+        .bucket(&bucket)
+        .key("local_content/ol/dd/alreadythere")
+        .body(old.into())
+        .send()
+        .await
+        .unwrap();
+    std::fs::create_dir_all(store.root.join("local_content/ne/ww")).unwrap();
+    let cfg = config_yaml(&store, &env, &proxy.endpoint(), &bucket, "");
+    let log = store.dir.path().join("daemon.log");
+    let mut child = spawn_daemon(&cfg, &log, &[]);
+    // From the end of the first scan made with the watch in place, new files reach the daemon by
+    // their events only (the next periodic scan is hours away).
+    wait_until(
+        "the startup scan under the watch",
+        Duration::from_secs(60),
+        || {
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .lines()
+                .any(|l| l.contains("Scan finished") && l.contains("watched=true"))
+        },
+    )
+    .await;
+    let new = [(
+        "local_content/ne/ww/closedfile".to_owned(),
+        bytes(22, 40_000),
+    )];
+    store.write(&new[0].0, &new[0].1);
+    eventually("the closed file", Duration::from_secs(30), || {
+        listed(&env, &bucket, &new)
+    })
+    .await;
+    all_uploaded(&env, &bucket, &new).await.unwrap();
+    unsafe { libc_kill(child.id() as i32, 15) };
+    assert!(child.wait().unwrap().success());
+
+    let on = |method: &str, key: &str| {
+        proxy
+            .object_requests(method)
+            .into_iter()
+            .filter(|r| r.path.contains(key))
+            .count()
+    };
+    assert_eq!(on("HEAD", "ne/ww/closedfile"), 0, "no HEAD before the PUT");
+    assert!(on("PUT", "ne/ww/closedfile") >= 1);
+    assert!(on("HEAD", "ol/dd/alreadythere") >= 1, "looked up first");
+    assert_eq!(on("PUT", "ol/dd/alreadythere"), 0, "adopted, not uploaded");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_inotify_watch_limit_degrades_to_scans_and_loses_nothing() {
     let env = s3_env();
