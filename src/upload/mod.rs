@@ -10,7 +10,7 @@
 //! 4. HEAD the key: an object with the same size and digest (uploaded by us before a crash, by
 //!    `s3_media_upload`, or an identical rewrite by Synapse) is recorded without a PUT. Skipped
 //!    where an object is not expected: a backfill into an empty prefix, and a file the daemon
-//!    just saw being closed after writing ([`Uploader::upload_new`]). At worst the same bytes are
+//!    saw just written ([`Uploader::upload_new`]). At worst the same bytes are
 //!    PUT once more, which is harmless; the HEAD would cost a request per file every time.
 //! 5. PUT with `Content-MD5` (multipart with per-part `Content-MD5` above the threshold, then a HEAD
 //!    to confirm size and digest). The provider rejects a body that differs from the digest.
@@ -150,10 +150,10 @@ impl Uploader {
         self.upload_with(path, !self.assume_absent).await
     }
 
-    /// Like [`Uploader::upload`], for a file that was just closed after writing (an inotify
-    /// event): it is new, so its object is almost never in the bucket yet, and the HEAD that would
-    /// look for it first is skipped (step 4). Files found by a scan, or queued before a restart,
-    /// go through [`Uploader::upload`]: those may well be in the bucket already.
+    /// Like [`Uploader::upload`], for a file that was just written (the daemon saw it closed, or
+    /// found it younger than `upload.settle`): its object is almost never in the bucket yet, so
+    /// the HEAD that would look for it first is skipped (step 4). Older files go through
+    /// [`Uploader::upload`]: those may well be in the bucket already.
     pub async fn upload_new(&self, path: &MediaPath) -> Result<Outcome, UploadError> {
         self.upload_with(path, false).await
     }
