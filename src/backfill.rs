@@ -82,10 +82,12 @@ pub async fn run(
     cancel: CancellationToken,
 ) -> Result<Summary, BackfillError> {
     let started = Instant::now();
+    crate::upload::limit_malloc_arenas();
     let state = State::open(&config.state_dir)?;
     let store = Arc::new(ObjectStore::new(&config.s3, config.upload.multipart_part_size).await);
     store.check_bucket().await.map_err(BackfillError::Bucket)?;
-    let (committer, commit_thread) = Committer::start(state.clone());
+    // Records may wait a little for their commit: fewer, larger transactions (see below).
+    let (committer, commit_thread) = Committer::start_lingering(state.clone(), COMMIT_LINGER);
     // An empty prefix has nothing to adopt: skip the HEAD before every PUT (half the requests).
     let empty = store
         .prefix_is_empty()
@@ -149,51 +151,47 @@ pub async fn run(
         let files = futures::stream::poll_fn(|cx| rx.poll_recv(cx));
         let mut results = files
             .map(|found| {
-                let (uploader, committer) = (&uploader, &committer);
-                async move {
-                    let mut result = uploader.upload(&found.path).await;
-                    if let Ok(Outcome::Uploaded { record } | Outcome::Adopted { record }) = &result
-                        && let Err(e) = committer
-                            .apply(vec![Op::Record(found.path.clone(), *record)])
-                            .await
-                    {
-                        result = Err(e.into());
-                    }
-                    (result, found)
-                }
+                let uploader = &uploader;
+                async move { (uploader.upload(&found.path).await, found) }
             })
             .buffer_unordered(config.upload.concurrency);
+        // Records waiting for their commit. A file counts as uploaded only once its record is
+        // durable, but its upload slot does not wait for that fsync: the slot takes the next file,
+        // and the records that pile up meanwhile share the next transaction (fewer, larger
+        // commits).
+        let mut commits = futures::stream::FuturesUnordered::new();
+        let mut walking = true;
         loop {
-            let next = tokio::select! {
+            if !walking && commits.is_empty() {
+                break;
+            }
+            let (result, found) = tokio::select! {
                 _ = cancel.cancelled(), if !stop_walk.load(Ordering::Relaxed) => {
                     tracing::warn!("Interrupted: finishing the uploads in flight, the rest waits for the next run.");
                     stop_walk.store(true, Ordering::Relaxed);
                     continue;
                 }
-                next = results.next() => next,
+                next = results.next(), if walking && commits.len() < MAX_COMMITS_WAITING => {
+                    let Some((result, found)) = next else {
+                        walking = false;
+                        continue;
+                    };
+                    if let Ok(Outcome::Uploaded { record } | Outcome::Adopted { record }) = &result {
+                        let pending = committer.submit(vec![Op::Record(found.path.clone(), *record)]);
+                        commits.push(async move {
+                            match pending.wait().await {
+                                Ok(()) => (result, found),
+                                Err(e) => (Err(e.into()), found),
+                            }
+                        });
+                        continue;
+                    }
+                    (result, found)
+                }
+                Some(committed) = commits.next(), if !commits.is_empty() => committed,
             };
-            let Some((result, found)) = next else { break };
             done += 1;
-            match result {
-                Ok(Outcome::Uploaded { record }) => {
-                    summary.uploaded += 1;
-                    summary.bytes += record.size;
-                    tracing::debug!(path = %found.path, bytes = record.size, "Uploaded.");
-                }
-                Ok(Outcome::Adopted { .. }) => summary.adopted += 1,
-                Ok(Outcome::Unchanged) => summary.unchanged += 1,
-                Ok(Outcome::Vanished) => summary.vanished += 1,
-                Ok(Outcome::NotRegular) => summary.skipped += 1,
-                Err(e) if e.is_fatal_for_run() => {
-                    summary.failed += 1;
-                    stop_walk.store(true, Ordering::Relaxed);
-                    fatal.get_or_insert(e);
-                }
-                Err(e) => {
-                    summary.failed += 1;
-                    tracing::error!(path = %found.path, error = %crate::Chain(&e), "Upload failed.");
-                }
-            }
+            tally(&mut summary, &mut fatal, &stop_walk, result, &found);
             bar.done(found.snapshot.size);
             while let Ok(p) = problem_rx.try_recv() {
                 report_problem(&p, &mut summary);
@@ -214,6 +212,43 @@ pub async fn run(
         return Err(BackfillError::Fatal { done, source });
     }
     Ok(summary)
+}
+
+/// How long the commit thread gathers records before each commit. A crash loses only records not
+/// yet committed: the next run finds those objects by HEAD and records them without a PUT.
+const COMMIT_LINGER: Duration = Duration::from_millis(25);
+
+/// Records waiting for their commit at most; beyond that, no new upload result is taken.
+const MAX_COMMITS_WAITING: usize = 1024;
+
+/// Counts one finished file.
+fn tally(
+    summary: &mut Summary,
+    fatal: &mut Option<UploadError>,
+    stop_walk: &AtomicBool,
+    result: Result<Outcome, UploadError>,
+    found: &scan::Found,
+) {
+    match result {
+        Ok(Outcome::Uploaded { record }) => {
+            summary.uploaded += 1;
+            summary.bytes += record.size;
+            tracing::debug!(path = %found.path, bytes = record.size, "Uploaded.");
+        }
+        Ok(Outcome::Adopted { .. }) => summary.adopted += 1,
+        Ok(Outcome::Unchanged) => summary.unchanged += 1,
+        Ok(Outcome::Vanished) => summary.vanished += 1,
+        Ok(Outcome::NotRegular) => summary.skipped += 1,
+        Err(e) if e.is_fatal_for_run() => {
+            summary.failed += 1;
+            stop_walk.store(true, Ordering::Relaxed);
+            fatal.get_or_insert(e);
+        }
+        Err(e) => {
+            summary.failed += 1;
+            tracing::error!(path = %found.path, error = %crate::Chain(&e), "Upload failed.");
+        }
+    }
 }
 
 fn report_problem(p: &scan::Problem, summary: &mut Summary) {

@@ -450,12 +450,27 @@ impl Committer {
     /// Starts the commit thread. It ends when the last `Committer` clone is dropped, after
     /// committing what was handed to it.
     pub fn start(state: State) -> (Committer, std::thread::JoinHandle<()>) {
+        Self::start_lingering(state, std::time::Duration::ZERO)
+    }
+
+    /// Like [`Committer::start`], but once ops arrive the thread waits `linger` before
+    /// committing, so that the ops submitted meanwhile share the transaction (and its fsync).
+    /// For callers that can wait: the backfill, whose records gate nothing but its summary
+    /// (25 ms there: ~18 records per commit instead of ~2, fdatasync calls per 2,002 small files
+    /// 886 → 109 under strace). Not for the daemon's queue, whose enqueue delays the upload.
+    pub fn start_lingering(
+        state: State,
+        linger: std::time::Duration,
+    ) -> (Committer, std::thread::JoinHandle<()>) {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<CommitRequest>();
         let (failed, failure) = tokio::sync::watch::channel(None);
         let handle = std::thread::Builder::new()
             .name("state-commit".into())
             .spawn(move || {
                 while let Some(first) = rx.blocking_recv() {
+                    if !linger.is_zero() {
+                        std::thread::sleep(linger);
+                    }
                     let mut batch = vec![first];
                     while batch.len() < MAX_BATCH {
                         match rx.try_recv() {

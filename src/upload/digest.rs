@@ -103,13 +103,22 @@ pub enum ReadOutcome {
     Changed,
 }
 
-/// Opens `path` without following a symlink, snapshots it, and hashes it in one pass. With a
-/// `part_size` (multipart upload) the MD5 of every part is computed too.
-pub fn read_and_hash(
-    path: &Path,
-    inline_max: u64,
-    part_size: Option<u64>,
-) -> io::Result<ReadOutcome> {
+/// A regular file opened for reading (without following a symlink), with its snapshot taken from
+/// the open descriptor: what is read afterwards is the file that was snapshotted.
+pub struct Opened {
+    file: File,
+    pub snapshot: Snapshot,
+}
+
+#[derive(Debug)]
+pub enum Open {
+    File(Opened),
+    Vanished,
+    NotRegular,
+}
+
+/// Opens `path` for reading without following a symlink, and snapshots it (fstat).
+pub fn open(path: &Path) -> io::Result<Open> {
     let file = match std::fs::OpenOptions::new()
         .read(true)
         // O_NOFOLLOW: a symlink swapped in after the scan is refused, never followed out of the
@@ -118,30 +127,63 @@ pub fn read_and_hash(
         .open(path)
     {
         Ok(f) => f,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(ReadOutcome::Vanished),
-        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => return Ok(ReadOutcome::NotRegular),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Open::Vanished),
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => return Ok(Open::NotRegular),
         Err(e) => return Err(e),
     };
     let meta = file.metadata()?;
     if !meta.file_type().is_file() {
-        return Ok(ReadOutcome::NotRegular);
+        return Ok(Open::NotRegular);
     }
-    let snapshot = Snapshot::of(&meta);
-    if part_size.is_none() && snapshot.size <= inline_max {
-        let mut body = Vec::with_capacity(snapshot.size as usize + 1);
-        // Read one byte past the expected size so a file that grew is noticed.
-        (&file).take(snapshot.size + 1).read_to_end(&mut body)?;
-        if body.len() as u64 != snapshot.size {
-            return Ok(ReadOutcome::Changed);
+    Ok(Open::File(Opened {
+        snapshot: Snapshot::of(&meta),
+        file,
+    }))
+}
+
+impl std::fmt::Debug for Opened {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Opened")
+            .field("snapshot", &self.snapshot)
+            .finish()
+    }
+}
+
+impl Opened {
+    /// Reads the file once and hashes it. With a `part_size` (multipart upload) the MD5 of every
+    /// part is computed too; otherwise files up to `inline_max` are kept in memory.
+    pub fn read_and_hash(self, inline_max: u64, part_size: Option<u64>) -> io::Result<ReadOutcome> {
+        let Opened { file, snapshot } = self;
+        if part_size.is_none() && snapshot.size <= inline_max {
+            let mut body = Vec::with_capacity(snapshot.size as usize + 1);
+            // Read one byte past the expected size so a file that grew is noticed.
+            (&file).take(snapshot.size + 1).read_to_end(&mut body)?;
+            if body.len() as u64 != snapshot.size {
+                return Ok(ReadOutcome::Changed);
+            }
+            let md5 = Md5::digest(&body).into();
+            return Ok(ReadOutcome::Hashed(Hashed {
+                snapshot,
+                md5,
+                content: Content::Inline(Bytes::from(body)),
+            }));
         }
-        let md5 = Md5::digest(&body).into();
-        return Ok(ReadOutcome::Hashed(Hashed {
-            snapshot,
-            md5,
-            content: Content::Inline(Bytes::from(body)),
-        }));
+        hash_parts(file, snapshot, part_size)
     }
-    hash_parts(file, snapshot, part_size)
+}
+
+/// Opens `path` without following a symlink, snapshots it, and hashes it in one pass (see
+/// [`open`] and [`Opened::read_and_hash`]).
+pub fn read_and_hash(
+    path: &Path,
+    inline_max: u64,
+    part_size: Option<u64>,
+) -> io::Result<ReadOutcome> {
+    match open(path)? {
+        Open::File(f) => f.read_and_hash(inline_max, part_size),
+        Open::Vanished => Ok(ReadOutcome::Vanished),
+        Open::NotRegular => Ok(ReadOutcome::NotRegular),
+    }
 }
 
 fn hash_parts(
@@ -167,7 +209,10 @@ fn hash_parts(
             Err(e) => return Err(e),
         };
         whole.update(&buf[..n]);
-        part.update(&buf[..n]);
+        // Without parts this would be a second MD5 of every byte, thrown away.
+        if multipart {
+            part.update(&buf[..n]);
+        }
         in_part += n as u64;
         total += n as u64;
         if total > snapshot.size {
@@ -178,7 +223,7 @@ fn hash_parts(
             in_part = 0;
         }
     }
-    if in_part > 0 {
+    if multipart && in_part > 0 {
         parts.push(part.finalize().into());
     }
     if total != snapshot.size {

@@ -356,6 +356,87 @@ async fn sigterm_with_uploads_in_flight_exits_zero_and_loses_nothing() {
     assert!(child.wait().unwrap().success());
 }
 
+/// A new file goes straight to PUT, without a HEAD looking for an object that is not there (one
+/// request per file instead of two): one reported by its close event, and one a scan finds while
+/// younger than `upload.settle`. An older file found by the startup scan may be in the bucket
+/// already (uploaded before a crash, or by s3_media_upload): it is looked up first and adopted
+/// without a PUT.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_files_go_straight_to_put_and_older_ones_found_at_startup_are_adopted() {
+    let env = s3_env();
+    let proxy = Proxy::start(env.addr).await;
+    let bucket = create_bucket(&env, "nohead").await;
+    let store = Store::new();
+    let old = bytes(21, 30_000);
+    let path = store.write("local_content/ol/dd/alreadythere", &old);
+    std::fs::File::options()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_modified(std::time::SystemTime::now() - Duration::from_secs(3600))
+        .unwrap();
+    client(&env)
+        .await
+        .put_object()
+        .bucket(&bucket)
+        .key("local_content/ol/dd/alreadythere")
+        .body(old.into())
+        .send()
+        .await
+        .unwrap();
+    let young = [("local_content/yo/un/gfile".to_owned(), bytes(23, 20_000))];
+    store.write(&young[0].0, &young[0].1);
+    std::fs::create_dir_all(store.root.join("local_content/ne/ww")).unwrap();
+    let cfg = config_yaml(&store, &env, &proxy.endpoint(), &bucket, "");
+    // Every file written during the test stays "young"; a read lease says it is complete.
+    let yaml = std::fs::read_to_string(&cfg).unwrap();
+    write_yaml(&cfg, &yaml.replace("settle: 300ms", "settle: 1h"));
+    let log = store.dir.path().join("daemon.log");
+    let mut child = spawn_daemon(&cfg, &log, &[]);
+    // From the end of the first scan made with the watch in place, new files reach the daemon by
+    // their events only (the next periodic scan is hours away).
+    wait_until(
+        "the startup scan under the watch",
+        Duration::from_secs(60),
+        || {
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .lines()
+                .any(|l| l.contains("Scan finished") && l.contains("watched=true"))
+        },
+    )
+    .await;
+    let new = [(
+        "local_content/ne/ww/closedfile".to_owned(),
+        bytes(22, 40_000),
+    )];
+    store.write(&new[0].0, &new[0].1);
+    let both = [young[0].clone(), new[0].clone()];
+    eventually(
+        "the young and the closed file",
+        Duration::from_secs(30),
+        || listed(&env, &bucket, &both),
+    )
+    .await;
+    all_uploaded(&env, &bucket, &both).await.unwrap();
+    unsafe { libc_kill(child.id() as i32, 15) };
+    assert!(child.wait().unwrap().success());
+
+    let on = |method: &str, key: &str| {
+        proxy
+            .object_requests(method)
+            .into_iter()
+            .filter(|r| r.path.contains(key))
+            .count()
+    };
+    for key in ["ne/ww/closedfile", "yo/un/gfile"] {
+        assert_eq!(on("HEAD", key), 0, "{key}: no HEAD before the PUT");
+        assert!(on("PUT", key) >= 1, "{key}");
+    }
+    assert!(on("HEAD", "ol/dd/alreadythere") >= 1, "looked up first");
+    assert_eq!(on("PUT", "ol/dd/alreadythere"), 0, "adopted, not uploaded");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_inotify_watch_limit_degrades_to_scans_and_loses_nothing() {
     let env = s3_env();

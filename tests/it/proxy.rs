@@ -1,5 +1,5 @@
-//! A recording (and delaying) HTTP/1.1 proxy between the code under test and the real S3 server.
-//! It forwards bytes unchanged; it parses each request head so tests can see exactly which
+//! A recording (and delaying, and optionally corrupting) HTTP/1.1 proxy between the code under test and the real S3 server.
+//! It forwards bytes unchanged unless told to damage PUT bodies; it parses each request head so tests can see exactly which
 //! requests and headers reached the server (PUT counts, checksum headers, SSE-C, storage class).
 
 use std::net::SocketAddr;
@@ -36,6 +36,8 @@ struct Shared {
     put_delay: Mutex<Duration>,
     /// Object requests still forwarded before the proxy starts dropping connections.
     budget: Mutex<Option<usize>>,
+    /// Flip one byte of every PUT body on its way (data damaged in transit).
+    corrupt_puts: std::sync::atomic::AtomicBool,
 }
 
 pub struct Proxy {
@@ -93,6 +95,13 @@ impl Proxy {
     /// `None` heals it.
     pub fn fail_after(&self, n: Option<usize>) {
         *self.shared.budget.lock().unwrap() = n;
+    }
+
+    /// Alters one byte of every PUT body (object or part) before forwarding it.
+    pub fn corrupt_puts(&self, on: bool) {
+        self.shared
+            .corrupt_puts
+            .store(on, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Holds every PUT this long before forwarding it.
@@ -158,6 +167,10 @@ async fn relay(client: TcpStream, server: TcpStream, shared: Arc<Shared>) -> std
         } else {
             Duration::ZERO
         };
+        let corrupt = req.method == "PUT"
+            && shared
+                .corrupt_puts
+                .load(std::sync::atomic::Ordering::SeqCst);
         shared.log.lock().unwrap().push(req);
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
@@ -169,6 +182,13 @@ async fn relay(client: TcpStream, server: TcpStream, shared: Arc<Shared>) -> std
             return Ok(());
         }
         let mut body = (&mut reader).take(len);
+        if corrupt && len > 0 {
+            let mut buf = Vec::with_capacity(len as usize);
+            body.read_to_end(&mut buf).await?;
+            buf[0] ^= 0xff;
+            server_w.write_all(&buf).await?;
+            continue;
+        }
         tokio::io::copy(&mut body, &mut server_w).await?;
     }
 }
