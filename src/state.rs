@@ -347,52 +347,51 @@ impl State {
         Ok(out)
     }
 
-    /// Up to `limit` records with keys after `after` (all from the start when `None`), in key
-    /// (byte) order: lets `audit` stream the records in pages, each its own short read transaction.
-    pub fn records_after(
+    /// Up to `limit` entries of `table` with keys after `after` (from the start when `None`), in
+    /// key (byte) order, each value turned into a `T` by `decode`: lets `audit` stream a table in
+    /// pages, each its own short read transaction.
+    fn page_after<V: redb::Value + 'static, T>(
         &self,
+        table: TableDefinition<&str, V>,
         after: Option<&str>,
         limit: usize,
-    ) -> Result<Vec<(String, Record)>, StateError> {
+        decode: impl Fn(&str, V::SelfType<'_>) -> Result<T, StateError>,
+    ) -> Result<Vec<(String, T)>, StateError> {
+        use std::ops::Bound;
         let txn = self.db.begin_read()?;
-        let table = txn.open_table(UPLOADED)?;
+        let table = txn.open_table(table)?;
         let range = match after {
-            Some(a) => {
-                table.range::<&str>((std::ops::Bound::Excluded(a), std::ops::Bound::Unbounded))?
-            }
+            Some(a) => table.range::<&str>((Bound::Excluded(a), Bound::Unbounded))?,
             None => table.range::<&str>(..)?,
         };
         let mut out = Vec::new();
         for entry in range.take(limit) {
             let (k, v) = entry?;
             let key = k.value().to_owned();
-            let rec = Record::decode(v.value())
-                .ok_or_else(|| StateError::BadRecord { key: key.clone() })?;
-            out.push((key, rec));
+            let t = decode(&key, v.value())?;
+            out.push((key, t));
         }
         Ok(out)
     }
 
-    /// Like [`State::records_after`], for the orphan sightings (path → first seen, ms).
+    /// A page of the records (see [`State::page_after`]).
+    pub fn records_after(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, Record)>, StateError> {
+        self.page_after(UPLOADED, after, limit, |key, v| {
+            Record::decode(v).ok_or_else(|| StateError::BadRecord { key: key.to_owned() })
+        })
+    }
+
+    /// A page of the orphan sightings (path → first seen, ms).
     pub fn sightings_after(
         &self,
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<(String, u64)>, StateError> {
-        let txn = self.db.begin_read()?;
-        let table = txn.open_table(ORPHANS)?;
-        let range = match after {
-            Some(a) => {
-                table.range::<&str>((std::ops::Bound::Excluded(a), std::ops::Bound::Unbounded))?
-            }
-            None => table.range::<&str>(..)?,
-        };
-        let mut out = Vec::new();
-        for entry in range.take(limit) {
-            let (k, v) = entry?;
-            out.push((k.value().to_owned(), v.value()));
-        }
-        Ok(out)
+        self.page_after(ORPHANS, after, limit, |_, v| Ok(v))
     }
 
     /// Number of recorded files.
