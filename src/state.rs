@@ -381,7 +381,9 @@ impl State {
         limit: usize,
     ) -> Result<Vec<(String, Record)>, StateError> {
         self.page_after(UPLOADED, after, limit, |key, v| {
-            Record::decode(v).ok_or_else(|| StateError::BadRecord { key: key.to_owned() })
+            Record::decode(v).ok_or_else(|| StateError::BadRecord {
+                key: key.to_owned(),
+            })
         })
     }
 
