@@ -70,9 +70,20 @@ async fn metrics_move_and_health_follows_s3() {
         listed(&penv, &bucket, &files)
     })
     .await;
-    let (status, m) = get(&addr, "/metrics").await;
-    assert_eq!(status, 200, "{m}");
-    assert!(value(&m, "synapse_s3_offload_uploaded_total") >= 5.0, "{m}");
+    // An object is visible a moment before its record is committed and counted.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let m = loop {
+        let (status, m) = get(&addr, "/metrics").await;
+        assert_eq!(status, 200, "{m}");
+        if value(&m, "synapse_s3_offload_uploaded_total") >= 5.0 {
+            break m;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "uploads not counted: {m}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     assert!(
         value(&m, "synapse_s3_offload_uploaded_bytes_total") >= 10_000.0,
         "{m}"
