@@ -100,7 +100,9 @@ cpu = float(re.search(r"User time \(seconds\): (\S+)", t)[1]) + float(re.search(
 rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", t)[1]) / 1024
 print(f"{tool}\t{rnd}\t{n / secs:.0f}\t{b / 1e6 / secs:.1f}\t{cpu:.1f}\t{rss:.0f}\t{got}")
 PY
-    rm -rf "${s3root:?}/$bucket" "$s3root"/.bucket-* 2>/dev/null || true
+    # s3s-fs keeps a sidecar file per object beside the buckets: too many for a shell glob.
+    rm -rf "${s3root:?}/$bucket"
+    find "$s3root" -maxdepth 1 -name '.bucket-*' -delete
   done
 done
 python3 - "$results" "$nfiles" "$bytes" <<'PY'
