@@ -3,7 +3,7 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
-use md5::{Digest, Md5};
+use crate::md5::Md5;
 
 use crate::config::Config;
 use crate::upload::s3::{ObjectStore, PROBE_MARK};
@@ -67,7 +67,7 @@ async fn check_s3(config: &Config, c: &mut Checks) {
         crate::state::now_ms()
     );
     let body = bytes::Bytes::from(format!("synapse-s3-offload check probe {key}"));
-    let md5: [u8; 16] = Md5::digest(&body).into();
+    let md5: [u8; 16] = Md5::digest(&body);
     let steps = async {
         store
             .put_bytes(&key, body.clone(), &md5)

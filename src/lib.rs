@@ -10,6 +10,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod layout;
+pub mod md5;
 pub mod metrics;
 pub mod queue;
 pub mod scan;

@@ -10,8 +10,8 @@ use std::io::{self, Read};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::Path;
 
+use crate::md5::Md5;
 use bytes::Bytes;
-use md5::{Digest, Md5};
 
 /// Files up to this size are read into memory and sent from there.
 pub const INLINE_MAX: u64 = 1 << 20;
@@ -161,7 +161,7 @@ impl Opened {
             if body.len() as u64 != snapshot.size {
                 return Ok(ReadOutcome::Changed);
             }
-            let md5 = Md5::digest(&body).into();
+            let md5 = Md5::digest(&body);
             return Ok(ReadOutcome::Hashed(Hashed {
                 snapshot,
                 md5,
@@ -219,19 +219,19 @@ fn hash_parts(
             return Ok(ReadOutcome::Changed);
         }
         if in_part == part_size {
-            parts.push(std::mem::take(&mut part).finalize().into());
+            parts.push(std::mem::take(&mut part).finalize());
             in_part = 0;
         }
     }
     if multipart && in_part > 0 {
-        parts.push(part.finalize().into());
+        parts.push(part.finalize());
     }
     if total != snapshot.size {
         return Ok(ReadOutcome::Changed);
     }
     Ok(ReadOutcome::Hashed(Hashed {
         snapshot,
-        md5: whole.finalize().into(),
+        md5: whole.finalize(),
         content: if multipart {
             Content::Parts(parts)
         } else {
@@ -243,6 +243,7 @@ fn hash_parts(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ::md5::Digest as _;
     use std::io::Write;
 
     fn write(dir: &Path, name: &str, data: &[u8]) -> std::path::PathBuf {
@@ -263,12 +264,12 @@ mod tests {
             panic!()
         };
         assert_eq!(inline.md5, parts.md5);
-        assert_eq!(inline.md5, <[u8; 16]>::from(Md5::digest(&data)));
+        assert_eq!(inline.md5, <[u8; 16]>::from(::md5::Md5::digest(&data)));
         let Content::Parts(p) = parts.content else {
             panic!()
         };
         assert_eq!(p.len(), 3);
-        assert_eq!(p[2], <[u8; 16]>::from(Md5::digest(&data[8192..])));
+        assert_eq!(p[2], <[u8; 16]>::from(::md5::Md5::digest(&data[8192..])));
         let ReadOutcome::Hashed(streamed) = read_and_hash(&p_path(&dir), 0, None).unwrap() else {
             panic!()
         };

@@ -14,6 +14,7 @@
 use std::path::Path;
 use std::time::Duration;
 
+use crate::md5::Md5;
 use aws_sdk_s3::Client;
 use aws_sdk_s3::config::retry::RetryConfig;
 use aws_sdk_s3::config::timeout::TimeoutConfig;
@@ -27,7 +28,6 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
-use md5::{Digest, Md5};
 
 use crate::config::{ChecksumMode, S3Config};
 
