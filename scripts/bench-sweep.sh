@@ -129,7 +129,7 @@ loopback_only
 ) || { tail -5 "$work/smu.out" >&2; exit 1; }
 grep -E '^(Uploaded|Deleted) ' "$work/smu.out" | tr '\n' ';' | sed 's/;$/\n/'
 # s3_media_upload's os.removedirs also removes emptied AB/CD levels and local_content itself.
-pleft=$(find "$work/media" -type f 2>/dev/null | wc -l)
+pleft=$( (find "$work/media" -type f 2>/dev/null || true) | wc -l)
 python3 - "$work/time.txt" "$work/time-smu.txt" "$aged" "$paged" "$pleft" <<'PY'
 import re, sys
 def read(path):

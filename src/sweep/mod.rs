@@ -300,17 +300,21 @@ impl Sweeper {
         cancel: &CancellationToken,
     ) -> files::MediaOutcome {
         let mut out = files::MediaOutcome::default();
-        let paths = match files::media_files(&self.config.media_store_path, &media).await {
-            Ok(p) => p,
+        let examined = match files::examine(self, &media).await {
+            Ok(f) => f,
             Err(e) => {
                 out.error(format!("{media:?}: {e}"));
                 return out;
             }
         };
         // Confirm every file first: an error on any of them keeps the whole media.
-        let mut verdicts = Vec::with_capacity(paths.len());
-        for path in paths {
-            let v = files::confirm(self, &path).await;
+        let mut verdicts = Vec::with_capacity(examined.len());
+        for (path, local) in examined {
+            let v = match local {
+                Ok(Some(l)) => files::confirm(self, &path, l).await,
+                Ok(None) => Verdict::Gone,
+                Err(e) => Verdict::Error(e),
+            };
             if let Verdict::Error(e) = &v {
                 out.error(format!("{path}: {e}"));
                 out.kept_error += 1;
@@ -320,6 +324,7 @@ impl Sweeper {
         }
         let mut to_upload = Vec::new();
         let mut stale = Vec::new();
+        let mut to_delete = Vec::new();
         for (path, v) in verdicts {
             match v {
                 Verdict::Confirmed { snapshot, record } => {
@@ -337,24 +342,7 @@ impl Sweeper {
                         out.deleted.push((path.to_string(), snapshot.size));
                         continue;
                     }
-                    match files::delete_if_unchanged(&self.config.media_store_path, &path, snapshot)
-                        .await
-                    {
-                        Ok(true) => {
-                            tracing::debug!(path = %path, bytes = snapshot.size, "Deleted local copy.");
-                            out.deleted.push((path.to_string(), snapshot.size));
-                        }
-                        Ok(false) => {
-                            deletions.fetch_sub(1, Ordering::SeqCst);
-                            out.kept_changed += 1;
-                            to_upload.push(path);
-                        }
-                        Err(e) => {
-                            deletions.fetch_sub(1, Ordering::SeqCst);
-                            out.kept_error += 1;
-                            out.error(format!("{path}: cannot delete: {e}"));
-                        }
-                    }
+                    to_delete.push((path, snapshot));
                 }
                 Verdict::Missing => {
                     out.kept_not_in_bucket += 1;
@@ -368,6 +356,27 @@ impl Sweeper {
                 }
                 Verdict::Gone => {}
                 Verdict::Error(_) => unreachable!("returned above"),
+            }
+        }
+        // Each file is checked unchanged again right before its unlink (same size and mtime as
+        // confirmed), all in one blocking task with the removal of the emptied thumbnail directory.
+        let root = &self.config.media_store_path;
+        for (path, snapshot, r) in files::delete_unchanged(root, &media, to_delete).await {
+            match r {
+                Ok(true) => {
+                    tracing::debug!(path = %path, bytes = snapshot.size, "Deleted local copy.");
+                    out.deleted.push((path.to_string(), snapshot.size));
+                }
+                Ok(false) => {
+                    deletions.fetch_sub(1, Ordering::SeqCst);
+                    out.kept_changed += 1;
+                    to_upload.push(path);
+                }
+                Err(e) => {
+                    deletions.fetch_sub(1, Ordering::SeqCst);
+                    out.kept_error += 1;
+                    out.error(format!("{path}: cannot delete: {e}"));
+                }
             }
         }
         // A record of a file whose object is gone or different (deleted by hand, a lifecycle rule,
@@ -386,9 +395,6 @@ impl Sweeper {
             if let Err(e) = self.queue.enqueue(items).await {
                 out.error(format!("cannot queue uploads: {e}"));
             }
-        }
-        if !dry_run && !out.deleted.is_empty() {
-            files::remove_empty_dirs(&self.config.media_store_path, &media).await;
         }
         out
     }
