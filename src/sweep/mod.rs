@@ -35,6 +35,30 @@ use crate::upload::s3::ObjectStore;
 
 const PAGE: i64 = 1000;
 
+/// Where the next page of aged media starts: after this local media id, or after this remote
+/// (origin, media id).
+enum Cursor {
+    Local(String),
+    Remote(String, String),
+}
+
+/// Where the page after `page` (fetched at `cursor`) starts; `None` after the last one. A short
+/// page ends its table: local media first, then remote.
+fn next_cursor(page: &[AgedMedia], cursor: &Cursor) -> Option<Cursor> {
+    let full = page.len() as i64 == PAGE;
+    match (page.last(), cursor) {
+        (Some(AgedMedia::Local { media_id }), _) if full => Some(Cursor::Local(media_id.clone())),
+        (
+            Some(AgedMedia::Remote {
+                origin, media_id, ..
+            }),
+            _,
+        ) if full => Some(Cursor::Remote(origin.clone(), media_id.clone())),
+        (_, Cursor::Local(_)) => Some(Cursor::Remote(String::new(), String::new())),
+        (_, Cursor::Remote(..)) => None,
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum SweepError {
     #[error("refusing to sweep: {0}")]
@@ -225,48 +249,55 @@ impl Sweeper {
         report: &mut Report,
         cancel: &CancellationToken,
     ) -> Result<(), DbError> {
-        let mut after_local = String::new();
-        let mut after_remote = (String::new(), String::new());
-        for remote in [false, true] {
-            loop {
-                if cancel.is_cancelled() {
-                    report.stopped.get_or_insert("shutting down".into());
-                    return Ok(());
-                }
-                if self.limit_reached(deletions) {
-                    report.limit_reached = true;
-                    return Ok(());
-                }
-                let page = if remote {
-                    self.db
-                        .aged_remote(cutoff, (&after_remote.0, &after_remote.1), PAGE)
-                        .await?
-                } else {
-                    self.db.aged_local(cutoff, &after_local, PAGE).await?
-                };
-                let Some(last) = page.last() else { break };
-                match last {
-                    AgedMedia::Local { media_id } => after_local = media_id.clone(),
-                    AgedMedia::Remote {
-                        origin, media_id, ..
-                    } => after_remote = (origin.clone(), media_id.clone()),
-                }
-                let full = page.len() as i64 == PAGE;
-                let outcomes: Vec<_> = futures::stream::iter(page)
-                    .map(|m| self.sweep_media(m, dry_run, deletions, cancel))
-                    .buffer_unordered(self.config.sweep.concurrency)
-                    .collect()
-                    .await;
-                for o in outcomes {
-                    report.media_examined += 1;
-                    o.add_to(report);
-                }
-                if !full {
-                    break;
-                }
+        // The next page is fetched while this page's media are swept. Querying only once a page
+        // was done stalled the sweep at every page boundary: the query walks the media_id index
+        // and filters on last access, 50-90 ms per 1,000 aged media among 1,000,000 rows (EXPLAIN
+        // ANALYZE), ~6 s of a 27 s sweep.
+        let mut cursor = Cursor::Local(String::new());
+        let mut page = None;
+        loop {
+            if cancel.is_cancelled() {
+                report.stopped.get_or_insert("shutting down".into());
+                return Ok(());
             }
+            if self.limit_reached(deletions) {
+                report.limit_reached = true;
+                return Ok(());
+            }
+            let media = match page.take() {
+                Some(p) => p,
+                None => self.aged_page(&cursor, cutoff).await?,
+            };
+            let next = next_cursor(&media, &cursor);
+            let fetch_next = async {
+                match &next {
+                    Some(c) => Some(self.aged_page(c, cutoff).await),
+                    None => None,
+                }
+            };
+            let sweep_page = futures::stream::iter(media)
+                .map(|m| self.sweep_media(m, dry_run, deletions, cancel))
+                .buffer_unordered(self.config.sweep.concurrency)
+                .collect::<Vec<_>>();
+            let (outcomes, fetched) = tokio::join!(sweep_page, fetch_next);
+            for o in outcomes {
+                report.media_examined += 1;
+                o.add_to(report);
+            }
+            let (Some(c), Some(fetched)) = (next, fetched) else {
+                return Ok(());
+            };
+            page = Some(fetched?);
+            cursor = c;
         }
-        Ok(())
+    }
+
+    /// Up to PAGE aged media from where `cursor` points.
+    async fn aged_page(&self, cursor: &Cursor, cutoff: i64) -> Result<Vec<AgedMedia>, DbError> {
+        match cursor {
+            Cursor::Local(after) => self.db.aged_local(cutoff, after, PAGE).await,
+            Cursor::Remote(origin, id) => self.db.aged_remote(cutoff, (origin, id), PAGE).await,
+        }
     }
 
     fn limit_reached(&self, deletions: &AtomicU64) -> bool {
@@ -397,5 +428,50 @@ impl Sweeper {
             }
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn local(n: usize) -> Vec<AgedMedia> {
+        (0..n)
+            .map(|i| AgedMedia::Local {
+                media_id: format!("m{i:05}"),
+            })
+            .collect()
+    }
+
+    fn remote(n: usize) -> Vec<AgedMedia> {
+        (0..n)
+            .map(|i| AgedMedia::Remote {
+                origin: "a.org".into(),
+                media_id: format!("r{i:05}"),
+                filesystem_id: format!("f{i:05}"),
+            })
+            .collect()
+    }
+
+    /// Pages walk the local table to its end, then the remote one, then stop; a full page
+    /// continues after its last media.
+    #[test]
+    fn pages_walk_local_then_remote() {
+        let start = Cursor::Local(String::new());
+        let full = local(PAGE as usize);
+        assert!(matches!(next_cursor(&full, &start), Some(Cursor::Local(m)) if m == "m00999"));
+        for short in [local(0), local(3)] {
+            assert!(matches!(
+                next_cursor(&short, &start),
+                Some(Cursor::Remote(o, m)) if o.is_empty() && m.is_empty()
+            ));
+        }
+        let at_remote = Cursor::Remote(String::new(), String::new());
+        assert!(matches!(
+            next_cursor(&remote(PAGE as usize), &at_remote),
+            Some(Cursor::Remote(o, m)) if o == "a.org" && m == "r00999"
+        ));
+        assert!(next_cursor(&remote(999), &at_remote).is_none());
+        assert!(next_cursor(&[], &at_remote).is_none());
     }
 }
