@@ -274,9 +274,10 @@ fn delete_one(root: &Path, path: &MediaPath, confirmed: Snapshot) -> std::io::Re
     if !path.parents_are_dirs(root)? {
         return Ok(false);
     }
-    match digest::stat(&path.to_path(root))? {
+    let abs = path.to_path(root);
+    match digest::stat(&abs)? {
         Stat::File(now) if now == confirmed => {
-            std::fs::remove_file(path.to_path(root))?;
+            std::fs::remove_file(&abs)?;
             Ok(true)
         }
         _ => Ok(false),
