@@ -395,8 +395,11 @@ impl Auditor<'_> {
         Ok(info.is_some_and(|i| !i.confirms(rec.size, &rec.md5)))
     }
 
-    /// `--fix`: forget the records of these files (so the upload does not trust them) and queue
-    /// them; the daemon uploads them at once, or at its next start.
+    /// `--fix`: mark the records of these files stale (so the upload does not trust their size and
+    /// mtime, but still knows which bytes were verified) and queue them; the daemon handles them
+    /// at once, or at its next start. The upload decides (DESIGN.md invariant 8): a missing
+    /// object is uploaded, a bad local copy of a verified object is healed from it, a conflict is
+    /// reported; a verified object is never overwritten with different bytes.
     async fn fix(&self, m: &mut Merge) -> Result<(), AuditError> {
         let paths = std::mem::take(&mut m.fix);
         if !m.report.fix || paths.is_empty() {
@@ -406,9 +409,13 @@ impl Auditor<'_> {
             m.report.fix_queued += paths.len() as u64;
             return Ok(());
         }
-        self.committer
-            .apply(paths.iter().cloned().map(Op::Forget).collect())
-            .await?;
+        let mut stale = Vec::new();
+        for p in &paths {
+            if let Some(r) = self.state.record_or_none(p)?.filter(|r| !r.stale) {
+                stale.push(Op::Record(p.clone(), r.stale()));
+            }
+        }
+        self.committer.apply(stale).await?;
         let now = now_ms();
         m.report.fix_queued += paths.len() as u64;
         self.queue
