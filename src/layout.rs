@@ -183,12 +183,11 @@ impl MediaPath {
             ("local_content", 4) | ("local_thumbnails", 5) => {
                 id(parts[1], parts[2], parts[3]).map(MediaRef::Local)
             }
-            ("remote_content", 5) | ("remote_thumbnail", 6) => {
-                id(parts[2], parts[3], parts[4]).map(|fs_id| MediaRef::Remote {
+            ("remote_content", 5) | ("remote_thumbnail", 6) => id(parts[2], parts[3], parts[4])
+                .map(|fs_id| MediaRef::Remote {
                     origin: parts[1].to_owned(),
                     fs_id,
-                })
-            }
+                }),
             _ => None,
         }
     }

@@ -84,7 +84,10 @@ pub fn walk(root: &Path, include_url_cache: bool, mut visit: impl FnMut(Item) ->
 fn remove_if_stale(path: &Path) {
     let stale = std::fs::symlink_metadata(path)
         .and_then(|m| m.modified())
-        .is_ok_and(|t| t.elapsed().is_ok_and(|age| age > std::time::Duration::from_secs(86_400)));
+        .is_ok_and(|t| {
+            t.elapsed()
+                .is_ok_and(|age| age > std::time::Duration::from_secs(86_400))
+        });
     if stale {
         let _ = std::fs::remove_file(path);
     }

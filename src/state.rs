@@ -720,7 +720,10 @@ mod tests {
         assert!(r.matches(5, 6));
         assert!(!r.stale().matches(5, 6), "a stale record is no shortcut");
         assert!(!r.provisional().matches(5, 6));
-        assert!(r.stale().same_bytes(5, &[7; 16]), "but it still knows the bytes");
+        assert!(
+            r.stale().same_bytes(5, &[7; 16]),
+            "but it still knows the bytes"
+        );
         // A record as version 1 wrote it (before the SHA-256 was kept).
         let mut v1 = Vec::from([RECORD_V1]);
         v1.extend(5u64.to_le_bytes());

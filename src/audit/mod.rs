@@ -293,9 +293,44 @@ impl Auditor<'_> {
                 n,
             );
         }
-        // Mismatch: the object is not what the local file or our record says.
+        // A bad local copy: the object is the one we verified, the local file is not (DESIGN.md
+        // invariant 8); or an upload found one (same size, other bytes) or a conflict.
+        let verified = |o: &crate::upload::s3::Listed| {
+            record.is_some_and(|rec| !rec.provisional && rec.size == o.size)
+        };
+        let problem = match &file {
+            Some(_) => self.state.problem(&path)?,
+            None => None,
+        };
         let mut mismatched = false;
-        if let Some(o) = &object {
+        if let (Some(f), Some(o)) = (&file, &object)
+            && f.size != o.size
+            && verified(o)
+        {
+            mismatched = true;
+            r.bad_local_copies.add(
+                key,
+                f.size,
+                &format!(
+                    "the local file has {} bytes, the verified object {}",
+                    f.size, o.size
+                ),
+                n,
+            );
+            m.fix.push(path.clone());
+        } else if let (Some(f), Some(p)) = (&file, &problem) {
+            mismatched = true;
+            let c = match p.kind {
+                crate::state::ProblemKind::BadLocalCopy => &mut r.bad_local_copies,
+                crate::state::ProblemKind::Conflict => &mut r.conflicts,
+            };
+            c.add(key, f.size, &p.detail, n);
+            m.fix.push(path.clone());
+        }
+        // Mismatch: the object is not what the local file or our record says.
+        if let Some(o) = &object
+            && !mismatched
+        {
             let why = match (&file, &record) {
                 (Some(f), _) if f.size != o.size => Some(format!(
                     "object has {} bytes, the local file {}",

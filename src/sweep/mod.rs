@@ -54,7 +54,9 @@ enum Cursor {
 fn next_cursor(page: &[AgedMedia], cursor: &Cursor) -> Option<Cursor> {
     let full = page.len() as i64 == PAGE;
     match (page.last(), cursor) {
-        (Some(AgedMedia::Local { media_id, .. }), _) if full => Some(Cursor::Local(media_id.clone())),
+        (Some(AgedMedia::Local { media_id, .. }), _) if full => {
+            Some(Cursor::Local(media_id.clone()))
+        }
         (
             Some(AgedMedia::Remote {
                 origin, media_id, ..

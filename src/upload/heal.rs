@@ -101,7 +101,9 @@ pub async fn heal(
             let chunk = chunk.map_err(|e| io_err(io::Error::other(e)))?;
             size += chunk.len() as u64;
             if size > limit {
-                return Ok(Err(format!("the object is larger than the {limit} bytes verified")));
+                return Ok(Err(format!(
+                    "the object is larger than the {limit} bytes verified"
+                )));
             }
             md5.update(&chunk);
             sha.update(&chunk);
@@ -235,6 +237,9 @@ mod tests {
         let t = temp_path(Path::new("/s/local_content/ab/cd/efgh"));
         assert_eq!(t.parent(), Some(Path::new("/s/local_content/ab/cd")));
         let name = t.file_name().unwrap().to_str().unwrap();
-        assert!(name.starts_with(TEMP_PREFIX) && name.contains("efgh"), "{name}");
+        assert!(
+            name.starts_with(TEMP_PREFIX) && name.contains("efgh"),
+            "{name}"
+        );
     }
 }

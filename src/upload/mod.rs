@@ -301,11 +301,7 @@ impl Uploader {
             }
             match hashed.content {
                 Content::Inline(body) => self.store.put_bytes(&key, body, &hashed.md5).await?,
-                Content::File(file) => {
-                    self.store
-                        .put_file(&key, &file, size, &hashed.md5)
-                        .await?
-                }
+                Content::File(file) => self.store.put_file(&key, &file, size, &hashed.md5).await?,
                 Content::Parts(parts, file) => {
                     self.store
                         .put_multipart(&key, &file, size, &hashed.md5, &parts)
@@ -390,7 +386,11 @@ impl Uploader {
         object: Option<&ObjectInfo>,
         expect: Expect,
     ) -> Result<Option<Outcome>, UploadError> {
-        let detail = describe("the local file differs from the verified object", local, object);
+        let detail = describe(
+            "the local file differs from the verified object",
+            local,
+            object,
+        );
         let Some(settle) = self.heal else {
             metrics::counter!(m::BAD_LOCAL_COPIES, "outcome" => "reported").increment(1);
             tracing::error!(path = %path, detail = %detail, "Bad local copy: it differs from its verified object (healing is off); the object is kept.");

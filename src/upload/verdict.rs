@@ -16,6 +16,7 @@
 //! | written by us in this upload, or provisional (the file changed during our upload) | PUT: it was never the file's final content |
 //! | other bytes, Synapse's hash known | the local file matches it: PUT; else heal from the object if *its* bytes match the hash (checked on the GET), else conflict |
 //! | other bytes, verified by us | bad local copy: heal from the object (GET checked against our digest) |
+//! | other bytes, while the local file holds the bytes we verified (the object was replaced behind our back) | PUT: restores the verified bytes |
 //! | other bytes, never verified by us (e.g. uploaded by `s3_media_upload`) | conflict: keep both, report |
 
 use super::s3::ObjectInfo;
@@ -96,6 +97,11 @@ pub fn decide(
             md5: verified.map(|r| r.md5),
             sha256: Some(h),
         });
+    }
+    // The local file still holds the bytes we verified: the object was replaced behind our back
+    // (by hand, another tool); putting the verified bytes back overwrites nothing verified.
+    if record.is_some_and(|r| !r.provisional && r.same_bytes(local.size, &local.md5)) {
+        return Decision::Put;
     }
     match verified {
         Some(r) => Decision::BadCopy(Expect {
@@ -211,6 +217,25 @@ mod tests {
             decide(&local(4), Some(&record(9)), None, Some(&object(3)), None),
             Decision::Conflict(_)
         ));
+    }
+
+    #[test]
+    fn verified_bytes_replaced_behind_our_back_are_put_back() {
+        // We verified 4, the local file still holds 4, the object now holds 3.
+        assert_eq!(
+            decide(&local(4), Some(&record(4)), None, Some(&object(3)), None),
+            Decision::Put
+        );
+        assert_eq!(
+            decide(
+                &local(4),
+                Some(&record(4).stale()),
+                None,
+                Some(&object(3)),
+                None
+            ),
+            Decision::Put
+        );
     }
 
     #[test]
