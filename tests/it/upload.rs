@@ -452,3 +452,34 @@ async fn odd_store_entries_are_uploaded_with_stable_keys_or_skipped() {
 unsafe extern "C" {
     fn mkfifo(path: *const std::ffi::c_char, mode: u32) -> i32;
 }
+
+/// An undecodable record (a damaged page, a bug) does not fail its file forever: the object is
+/// looked up again and a good record written over it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_record_is_verified_again_and_rewritten() {
+    let env = s3_env();
+    let bucket = create_bucket(&env, "badrecord").await;
+    let store = Store::new();
+    let rel = "local_content/ba/DR/ecord";
+    store.write(rel, &bytes(3, 5_000));
+    let config = validated(raw_config(&env, &env.endpoint, &bucket, &store));
+    assert_eq!(backfill(&config).await.uploaded, 1);
+    {
+        const UPLOADED: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("uploaded");
+        let db = redb::Database::create(store.state.join("state.redb")).unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.open_table(UPLOADED)
+            .unwrap()
+            .insert(rel, b"\x09garbage".as_slice())
+            .unwrap();
+        txn.commit().unwrap();
+    }
+    let p = synapse_s3_offload::layout::MediaPath::parse(rel).unwrap();
+    let state = synapse_s3_offload::state::State::open(&config.state_dir).unwrap();
+    assert!(state.record(&p).is_err(), "the record is unreadable");
+    drop(state);
+    let s = backfill(&config).await;
+    assert_eq!((s.adopted, s.failed), (1, 0), "{s}");
+    let state = synapse_s3_offload::state::State::open(&config.state_dir).unwrap();
+    assert!(state.record(&p).unwrap().is_some(), "rewritten");
+}
