@@ -343,6 +343,18 @@ impl Auditor<'_> {
                 (_, Some(rec)) if self.digest_differs(o, rec, &path).await? => {
                     Some("object's digest differs from our upload record".to_owned())
                 }
+                // What we verified (and the object still holds, by size and digest above) is
+                // not what Synapse hashed: the object confirms nothing (DESIGN.md invariant 8).
+                (_, Some(rec))
+                    if !rec.provisional
+                        && rec.size == o.size
+                        && matches!(
+                            (rec.sha256, row.and_then(|r| r.sha256)),
+                            (Some(ours), Some(synapse)) if ours != synapse
+                        ) =>
+                {
+                    Some("the verified object's sha256 differs from Synapse's".to_owned())
+                }
                 _ => None,
             };
             if let Some(why) = why {

@@ -103,7 +103,7 @@ async fn process(s: Arc<Shared>, path: MediaPath, settle: bool) {
             metrics::counter!(m::UPLOADED, "outcome" => "uploaded").increment(1);
             metrics::counter!(m::UPLOADED_BYTES).increment(record.size);
             tracing::debug!(path = %path, bytes = record.size, ms = started.elapsed().as_millis() as u64, "Uploaded.");
-            s.queue.finish(&path, Some(record)).await
+            s.queue.finish_written(&path, record).await
         }
         Ok(Outcome::Adopted { record }) => {
             s.stats.adopted.fetch_add(1, Ordering::Relaxed);

@@ -340,6 +340,19 @@ async fn synapse_hash_overrules_a_wrong_object_and_the_sweep_never_trusts_it() {
     let r = sweep_now(&config).await;
     assert_eq!((r.files_deleted, r.kept_bad_copy), (0, 1), "{r}");
     assert_eq!(c.local(), truncated, "never deleted as confirmed");
+    // The audit compares the SHA-256 we recorded with Synapse's, without reading the object.
+    let r = audit::run_standalone(
+        &config,
+        &audit::Options {
+            examples: 5,
+            ..audit::Options::default()
+        },
+        &CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.mismatched.count, 1, "{r}");
+    assert!(r.mismatched.examples[0].detail.contains("sha256"), "{r}");
 
     // The complete original comes back locally (Synapse re-fetched it from a remote, or an
     // operator restored it): it matches the hash, so it replaces the wrong object.
