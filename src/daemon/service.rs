@@ -45,8 +45,12 @@ pub(super) async fn sweep(s: &Shared, dry_run: bool, cancel: &CancellationToken)
                 metrics::counter!(m::SWEEP_DELETED_FILES).increment(report.files_deleted);
                 metrics::counter!(m::SWEEP_DELETED_BYTES).increment(report.bytes_freed);
             }
-            metrics::counter!(m::SWEEP_KEPT)
-                .increment(report.kept_not_in_bucket + report.kept_different + report.kept_error);
+            metrics::counter!(m::SWEEP_KEPT).increment(
+                report.kept_not_in_bucket
+                    + report.kept_different
+                    + report.kept_error
+                    + report.kept_bad_copy,
+            );
             if outcome == "done" {
                 metrics::gauge!(m::LAST_SWEEP).set(report.started_at_ms as f64 / 1000.0);
             }
