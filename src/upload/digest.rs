@@ -250,6 +250,61 @@ fn hash_parts(
     }))
 }
 
+/// Part sizes other tools use for multipart uploads, to recognise their objects by ETag: boto3's
+/// and the aws CLI's 8 MiB (`s3_media_upload`), rclone's and s5cmd's 5 MiB, our 16 MiB default,
+/// and a few common settings.
+pub const COMMON_PART_SIZES: &[u64] = &[
+    8 << 20,
+    5 << 20,
+    16 << 20,
+    15 << 20,
+    10 << 20,
+    32 << 20,
+    64 << 20,
+    100 << 20,
+];
+
+/// Whether `etag` is the multipart ETag (`md5(md5(part 1) ‖ … ‖ md5(part N))-N`) of the file at
+/// `path` cut into parts of one of [`COMMON_PART_SIZES`], the file still being `snapshot`: a
+/// multipart object of another tool holds the same bytes as the file. Reads the file once per
+/// candidate part size that gives N parts (usually one). Blocking.
+pub fn multipart_etag_matches(path: &Path, snapshot: Snapshot, etag: &str) -> io::Result<bool> {
+    let Some((hex_digest, n)) = etag.trim_matches('"').split_once('-') else {
+        return Ok(false);
+    };
+    let (Ok(want), Ok(n)) = (hex::decode(hex_digest), n.parse::<u64>()) else {
+        return Ok(false);
+    };
+    if n == 0 {
+        return Ok(false);
+    }
+    for &part in COMMON_PART_SIZES {
+        if snapshot.size.div_ceil(part) != n {
+            continue;
+        }
+        let Open::File(opened) = open(path)? else {
+            return Ok(false);
+        };
+        if opened.snapshot != snapshot {
+            return Ok(false);
+        }
+        let ReadOutcome::Hashed(h) = hash_parts(opened.file, snapshot, Some(part))? else {
+            return Ok(false);
+        };
+        let Content::Parts(parts, _) = h.content else {
+            return Ok(false);
+        };
+        let mut whole = Md5::new();
+        for p in &parts {
+            whole.update(p);
+        }
+        if whole.finalize().as_slice() == want.as_slice() {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -292,6 +347,27 @@ mod tests {
 
     fn p_path(dir: &tempfile::TempDir) -> std::path::PathBuf {
         dir.path().join("f")
+    }
+
+    #[test]
+    fn multipart_etags_of_other_tools_are_recognised() {
+        let dir = tempfile::tempdir().unwrap();
+        let data: Vec<u8> = (0..(17u32 << 20)).map(|i| (i * 13 % 251) as u8).collect();
+        let p = write(dir.path(), "f", &data);
+        let Stat::File(snap) = stat(&p).unwrap() else {
+            panic!()
+        };
+        // As boto3 computes it for 8 MiB parts: three parts.
+        let mut whole = ::md5::Md5::new();
+        for chunk in data.chunks(8 << 20) {
+            whole.update(::md5::Md5::digest(chunk));
+        }
+        let etag = format!("\"{}-3\"", hex::encode(whole.finalize()));
+        assert!(multipart_etag_matches(&p, snap, &etag).unwrap());
+        assert!(!multipart_etag_matches(&p, snap, &etag.replace("-3", "-4")).unwrap());
+        assert!(!multipart_etag_matches(&p, snap, &hex::encode([0u8; 16])).unwrap());
+        let other = format!("{}-3", hex::encode([7u8; 16]));
+        assert!(!multipart_etag_matches(&p, snap, &other).unwrap());
     }
 
     #[test]

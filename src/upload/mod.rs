@@ -273,6 +273,13 @@ impl Uploader {
             } else {
                 self.store.head(&key).await?
             };
+            let object = match object {
+                Some(o) => Some(
+                    self.recognise_multipart(&abs, hashed.snapshot, &local, o)
+                        .await?,
+                ),
+                None => None,
+            };
             let decision = self
                 .decide(path, &local, record.as_ref(), ours, object.as_ref())
                 .await?;
@@ -342,6 +349,37 @@ impl Uploader {
             }
         }
         Err(UploadError::Unstable { path: path.clone() })
+    }
+
+    /// An object without our digest metadata whose ETag is a multipart ETag (another tool's
+    /// multipart upload, e.g. `s3_media_upload`'s above 8 MiB) that matches the file: it holds the
+    /// file's bytes, so it is given the file's MD5 and adopted instead of being taken for other
+    /// bytes (a conflict) or uploaded again.
+    async fn recognise_multipart(
+        &self,
+        abs: &Path,
+        snapshot: digest::Snapshot,
+        local: &Local,
+        mut o: ObjectInfo,
+    ) -> Result<ObjectInfo, UploadError> {
+        let candidate = o.meta_md5.is_none()
+            && o.size == local.size
+            && o.etag.as_deref().is_some_and(|e| e.contains('-'));
+        if !candidate {
+            return Ok(o);
+        }
+        let etag = o.etag.clone().unwrap_or_default();
+        let path = abs.to_owned();
+        let same = blocking(move || digest::multipart_etag_matches(&path, snapshot, &etag))
+            .await?
+            .map_err(|source| UploadError::Read {
+                path: abs.to_owned(),
+                source,
+            })?;
+        if same {
+            o.meta_md5 = Some(local.md5);
+        }
+        Ok(o)
     }
 
     /// [`verdict::decide`], asking Synapse's database for the media's hash when it could change

@@ -483,3 +483,76 @@ async fn an_unreadable_record_is_verified_again_and_rewritten() {
     let state = synapse_s3_offload::state::State::open(&config.state_dir).unwrap();
     assert!(state.record(&p).unwrap().is_some(), "rewritten");
 }
+
+/// An object another tool uploaded in several parts (`s3_media_upload`: boto3's 8 MiB parts, no
+/// digest metadata) is recognised by its multipart ETag and recorded: neither a conflict nor a
+/// second upload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multipart_objects_of_other_tools_are_recognised_by_their_etag() {
+    use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+    let env = s3_env();
+    let proxy = Proxy::start(env.addr).await;
+    let bucket = create_bucket(&env, "mpetag").await;
+    let store = Store::new();
+    let rel = "local_content/mp/ET/agupload";
+    let data = bytes(8, 9 << 20);
+    store.write(rel, &data);
+    let c = client(&env).await;
+    let up = c
+        .create_multipart_upload()
+        .bucket(&bucket)
+        .key(rel)
+        .send()
+        .await
+        .unwrap();
+    let id = up.upload_id().unwrap();
+    let mut parts = Vec::new();
+    for (i, chunk) in data.chunks(8 << 20).enumerate() {
+        let n = i as i32 + 1;
+        let out = c
+            .upload_part()
+            .bucket(&bucket)
+            .key(rel)
+            .upload_id(id)
+            .part_number(n)
+            .body(chunk.to_vec().into())
+            .send()
+            .await
+            .unwrap();
+        parts.push(
+            CompletedPart::builder()
+                .part_number(n)
+                .set_e_tag(out.e_tag().map(str::to_owned))
+                .build(),
+        );
+    }
+    c.complete_multipart_upload()
+        .bucket(&bucket)
+        .key(rel)
+        .upload_id(id)
+        .multipart_upload(
+            CompletedMultipartUpload::builder()
+                .set_parts(Some(parts))
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    let head = c
+        .head_object()
+        .bucket(&bucket)
+        .key(rel)
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        head.e_tag()
+            .is_some_and(|e| e.ends_with("-2\"") || e.ends_with("-2")),
+        "the server gives a multipart ETag: {:?}",
+        head.e_tag()
+    );
+    let config = validated(raw_config(&env, &proxy.endpoint(), &bucket, &store));
+    let s = backfill(&config).await;
+    assert_eq!((s.adopted, s.uploaded, s.conflicts), (1, 0, 0), "{s}");
+    assert!(proxy.object_requests("PUT").is_empty());
+}
