@@ -82,8 +82,9 @@ enum Command {
         /// Examples listed per category.
         #[arg(long, default_value_t = 10)]
         examples: usize,
-        /// Delete orphans even when the sanity limits refuse (database without media, more
-        /// orphans than prune.max_orphan_percent, more than prune.max_deletions_per_run).
+        /// Delete orphans even when the sanity limits refuse (more orphans than
+        /// prune.max_orphan_percent, more than prune.max_deletions_per_run); never against a
+        /// database without media.
         #[arg(long, requires = "delete_orphans")]
         ignore_prune_limits: bool,
     },

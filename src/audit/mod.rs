@@ -234,7 +234,10 @@ impl Auditor<'_> {
                 deletions: m.candidates.len() as u64,
             };
             match limits::check(&self.config.prune, &counts) {
-                Err(why) if !opts.ignore_prune_limits => {
+                // No override for an empty database: nothing there could be worth keeping.
+                Err(why)
+                    if !opts.ignore_prune_limits || why == limits::PruneRefused::EmptyDatabase =>
+                {
                     tracing::error!(reason = %why, "Refusing to delete orphaned objects.");
                     m.report.orphans_waiting += counts.deletions;
                     m.report.prune_refused = Some(why.to_string());

@@ -36,6 +36,15 @@ async fn pruning_refuses_a_wrong_database_and_too_many_orphans_unless_overridden
     assert!(why.contains("lists no media"), "{r}");
     assert_eq!(r.orphans_deleted.count, 0, "{r}");
     assert!(r.to_string().contains("refused"), "{r}");
+    let forced = Options {
+        ignore_prune_limits: true,
+        ..prune()
+    };
+    let r = run(&on_empty, &forced).await;
+    assert!(
+        r.prune_refused.is_some(),
+        "no override for an empty database: {r}"
+    );
     assert_eq!(objects(&env, &f.bucket).await, before, "nothing deleted");
 
     empty.local("aaOKmedia00001", days_ago(1), None, None).await;
