@@ -307,9 +307,8 @@ media_storage_providers:
     fn compares_sse_c_without_printing_the_keys() {
         const OURS: &str = "k3yOURSk3yOURSk3yOURSk3yOURS0123";
         const THEIRS: &str = "k3yTHEIRSk3yTHEIRSk3yTHEIRS01234";
-        let hs = |key: Option<&str>, algo: Option<&str>| {
-            let mut hs = HomeserverYaml::default();
-            hs.media_storage_providers = Some(vec![ProviderEntry {
+        let hs = |key: Option<&str>, algo: Option<&str>| HomeserverYaml {
+            media_storage_providers: Some(vec![ProviderEntry {
                 module: PROVIDER_MODULE.into(),
                 store_local: None,
                 store_remote: None,
@@ -320,8 +319,8 @@ media_storage_providers:
                     sse_customer_algo: algo.map(Into::into),
                     ..Default::default()
                 },
-            }]);
-            hs
+            }]),
+            ..Default::default()
         };
         let ours = |key: Option<&str>| {
             let mut c = s3("media", "", None);

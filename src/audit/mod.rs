@@ -189,11 +189,8 @@ impl Auditor<'_> {
             let Some(key) = heads.into_iter().flatten().min().map(str::to_owned) else {
                 break;
             };
-            let mut row = None;
-            while let Some(r) = db.rows.take(&key) {
-                // Duplicate rows (two remote media sharing a filesystem id) count once.
-                row = Some(r);
-            }
+            // Duplicate rows (two remote media sharing a filesystem id) count once.
+            let row = db.take_all(&key, n).await?;
             let object = bucket.objects.take(&key);
             let file = disk.files.take(&key);
             let record = records.items.take(&key);

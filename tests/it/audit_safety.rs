@@ -119,3 +119,140 @@ async fn quarantined_media_are_not_orphans() {
         assert!(left.contains_key(kept), "{kept} must stay: {r}");
     }
 }
+
+/// Two remote media sharing a filesystem id give two rows with the same path; when they straddle
+/// the boundary of a 5,000-row FETCH, the second one must still count once with the first, not
+/// come back alone as a lost file (its object was taken by the first).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicate_rows_on_a_page_boundary_count_once() {
+    let env = s3_env();
+    let store = Store::new();
+    let db = TestDb::create().await;
+    let bucket = create_bucket(&env, "auditdup").await;
+    // 2,499 local media (a content row and a thumbnail-folder row each) and one thumbnail row:
+    // 4,999 rows sort before remote_content, so its two equal rows are rows 5,000 and 5,001.
+    db.client
+        .batch_execute(
+            "INSERT INTO local_media_repository (media_id, media_type, media_length, created_ts, upload_name, user_id) \
+               SELECT 'lm' || lpad(i::text, 10, '0'), 'image/png', 1, 0, 'x.png', '@u:example.com' FROM generate_series(1, 2499) i; \
+             INSERT INTO local_media_repository_thumbnails VALUES ('lm0000000001', 8, 8, 'image/png', 'crop', 1)",
+        )
+        .await
+        .unwrap();
+    for media_id in ["first", "second"] {
+        db.remote("dup.org", media_id, "duPLicate01", days_ago(1), None)
+            .await;
+    }
+    crate::audit::put(
+        &env,
+        &bucket,
+        "media/remote_content/dup.org/du/PL/icate01",
+        b"shared",
+    )
+    .await;
+    let config = crate::audit::config_for(&env, &bucket, &store, &db, |_| {});
+    let r = run(
+        &config,
+        &Options {
+            examples: 3000,
+            ..opts()
+        },
+    )
+    .await;
+    assert_eq!(
+        r.lost.count, 2500,
+        "the local media and thumbnail only: {}",
+        r.lost.count
+    );
+    assert!(
+        !paths(&r.lost).contains(&"remote_content/dup.org/du/PL/icate01"),
+        "the duplicate came back as lost"
+    );
+    assert_eq!(r.database_files, 2501, "{r}");
+    assert_eq!(r.orphans.count, 0, "{r}");
+}
+
+/// A top-level folder that is a symlink to elsewhere is not walked (the uploader and the sweep
+/// do not follow it either): its files are neither counted nor reported as the store's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_walk_does_not_follow_a_symlinked_top_level_folder() {
+    let env = s3_env();
+    let store = Store::new();
+    let db = TestDb::create().await;
+    let bucket = create_bucket(&env, "auditlink").await;
+    let outside = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(outside.path().join("ab/cd")).unwrap();
+    std::fs::write(outside.path().join("ab/cd/efgh"), b"not in the store").unwrap();
+    std::fs::create_dir_all(&store.root).unwrap();
+    std::os::unix::fs::symlink(outside.path(), store.root.join("local_content")).unwrap();
+    store.write("remote_content/a.org/ab/cd/real", b"in the store");
+    let config = crate::audit::config_for(&env, &bucket, &store, &db, |_| {});
+    let r = run(&config, &opts()).await;
+    assert_eq!(r.local_files, 1, "{r}");
+    assert_eq!(
+        paths(&r.unknown_local),
+        ["remote_content/a.org/ab/cd/real"],
+        "{r}"
+    );
+}
+
+/// The database is read through a REPEATABLE READ snapshot; held for a whole audit of millions of
+/// media it holds back Synapse's vacuum. The stream starts a new snapshot (going on after the
+/// last path read) once the current one is older than its bound (here zero: before every FETCH),
+/// and still yields every row once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_database_snapshot_is_renewed_and_yields_every_row_once() {
+    use synapse_s3_offload::audit::sources::DbStream;
+    use synapse_s3_offload::sweep::db::Db;
+    let env = s3_env();
+    let store = Store::new();
+    let db = TestDb::create().await;
+    db.client
+        .batch_execute(
+            "INSERT INTO local_media_repository (media_id, media_type, media_length, created_ts, upload_name, user_id) \
+               SELECT 'sn' || lpad(i::text, 10, '0'), 'image/png', 1, 0, 'x.png', '@u:example.com' FROM generate_series(1, 6000) i",
+        )
+        .await
+        .unwrap();
+    let config = crate::audit::config_for(&env, "unused", &store, &db, |_| {});
+    let pg = Db::new(config.database.as_ref().unwrap()).unwrap();
+    let mut stream = DbStream::open_with_max_age(&pg, Duration::ZERO)
+        .await
+        .unwrap();
+    // When the audit's transaction (the other session in this database) started.
+    let snapshot_started = || async {
+        db.client
+            .query_one(
+                "SELECT max(xact_start)::text FROM pg_stat_activity \
+                 WHERE datname = current_database() AND pid <> pg_backend_pid()",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, Option<String>>(0)
+    };
+    let (mut keys, mut rows) = (std::collections::BTreeSet::new(), 0);
+    let mut snapshots = std::collections::BTreeSet::new();
+    loop {
+        let fetching = stream.rows.peek().is_none();
+        stream.fill(0).await.unwrap();
+        if fetching {
+            snapshots.insert(snapshot_started().await);
+        }
+        let Some(key) = stream.rows.peek().map(str::to_owned) else {
+            break;
+        };
+        while stream.rows.take(&key).is_some() {
+            rows += 1;
+        }
+        assert!(keys.insert(key.clone()), "{key} yielded twice");
+    }
+    assert_eq!(
+        rows, 12_000,
+        "each media: a content row and a thumbnail-folder row"
+    );
+    assert!(
+        snapshots.len() >= 3,
+        "one snapshot per FETCH of 5,000 rows: {snapshots:?}"
+    );
+}
