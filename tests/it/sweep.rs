@@ -515,6 +515,28 @@ async fn a_lock_whose_reply_times_out_is_not_left_held() {
         },
     )
     .await;
+    // Held: confirmed as such. Its session ended by the server (as by a restart): noticed.
+    let lock = sweeps.try_lock().await.unwrap().expect("the lock is free");
+    lock.still_held().await.unwrap();
+    db.client
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' \
+             AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+            &[],
+        )
+        .await
+        .unwrap();
+    eventually("the lost lock noticed", Duration::from_secs(10), || async {
+        match lock.still_held().await {
+            Err(why) => {
+                assert!(why.contains("PostgreSQL"), "{why}");
+                Ok(())
+            }
+            Ok(()) => Err("still reported held".into()),
+        }
+    })
+    .await;
+    lock.release().await;
     // The next sweeps take and release it as usual, leaving it free.
     for _ in 0..2 {
         let lock = sweeps.try_lock().await.unwrap().expect("the lock is free");
