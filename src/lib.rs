@@ -14,6 +14,7 @@ pub mod md5;
 pub mod metrics;
 pub mod queue;
 pub mod scan;
+pub mod sha256;
 pub mod state;
 pub mod sweep;
 pub mod synapse;

@@ -370,11 +370,19 @@ impl Queue {
     pub async fn finish(&self, path: &MediaPath, record: Option<Record>) -> Result<(), StateError> {
         let pending = {
             let mut inner = self.inner.lock().expect("queue lock");
+            let dirty = inner.items.get(path).is_some_and(|e| e.dirty);
+            // Written again while its upload was in flight: the object holds bytes that were not
+            // the file's final content. Recorded provisional, so the next upload may replace it
+            // (a verified object never is, DESIGN.md invariant 8).
+            let record = record.map(|r| if dirty { r.provisional() } else { r });
             let mut ops: Vec<Op> = record
                 .map(|r| Op::Record(path.clone(), r))
                 .into_iter()
                 .collect();
-            let dirty = inner.items.get(path).is_some_and(|e| e.dirty);
+            // A verified upload ends any copy problem the path had (status, audit).
+            if record.is_some_and(|r| !r.provisional) {
+                ops.push(Op::ProblemClear(path.clone()));
+            }
             if dirty {
                 let e = inner.items.get_mut(path).expect("checked");
                 e.in_flight = false;

@@ -143,6 +143,7 @@ pub struct RawUpload {
     pub max_backoff: Option<String>,
     pub settle: Option<String>,
     pub failed_retry_interval: Option<String>,
+    pub heal_bad_local_copies: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -257,6 +258,9 @@ pub struct UploadConfig {
     pub settle: Duration,
     /// Retry interval of files whose upload failed permanently (403, unreadable, …).
     pub failed_retry_interval: Duration,
+    /// Replace a local file that differs from its verified object with the object's bytes
+    /// (false: report only).
+    pub heal_bad_local_copies: bool,
 }
 
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/synapse-s3-offload";
@@ -482,6 +486,7 @@ fn validate_upload(raw: RawUpload) -> Result<UploadConfig, ConfigError> {
             raw.failed_retry_interval,
             "10m",
         )?,
+        heal_bad_local_copies: raw.heal_bad_local_copies.unwrap_or(true),
     })
 }
 

@@ -58,9 +58,9 @@ pub(super) async fn dispatch(s: Arc<Shared>, intake: CancellationToken) {
 /// What the settle check decides about a file found by a scan.
 #[derive(Debug, PartialEq, Eq)]
 enum Settle {
-    /// Modified at least `settle` ago: upload (looked up first).
+    /// Modified at least `settle` ago: upload.
     Old,
-    /// Young, but nobody has it open for writing: complete, and new.
+    /// Young, but nobody has it open for writing: complete, upload.
     Complete,
     /// Look again at `until`; `once`: then upload without another settle check.
     Wait { until: u64, once: bool },
@@ -97,12 +97,6 @@ fn settle_decision(mtime_ms: u64, now: u64, settle_ms: u64, writing: Option<bool
 }
 
 async fn process(s: Arc<Shared>, path: MediaPath, settle: bool) {
-    // Whether the file is new (just written): then its object is almost never in the bucket yet,
-    // and the HEAD that would look for it before the PUT is skipped. New means reported by its
-    // close event, or found by a scan while younger than `settle` (a new directory's scan often
-    // finds a file before its close event is handled). Older files found by a scan may be in the
-    // bucket already (uploaded before a crash, or by s3_media_upload): they are looked up first.
-    let mut new = !settle;
     if settle {
         // Found by a scan, not by a close event: a file modified less than `settle` ago may still
         // be being written. If the kernel says nobody has it open for writing, it is complete
@@ -124,8 +118,7 @@ async fn process(s: Arc<Shared>, path: MediaPath, settle: bool) {
             _ => None,
         });
         match check.await.ok().flatten() {
-            None | Some(Settle::Old) => {}
-            Some(Settle::Complete) => new = true,
+            None | Some(Settle::Old | Settle::Complete) => {}
             Some(Settle::Wait { until, once }) => {
                 tracing::trace!(path = %path, "Not settled yet.");
                 if once {
@@ -139,12 +132,9 @@ async fn process(s: Arc<Shared>, path: MediaPath, settle: bool) {
     }
     let started = std::time::Instant::now();
     let enqueued_ms = s.queue.enqueued_at(&path);
-    let result = if new {
-        s.uploader.upload_new(&path).await
-    } else {
-        s.uploader.upload(&path).await
-    };
-    if let Ok(Outcome::Uploaded { .. } | Outcome::Adopted { .. }) = &result {
+    let result = s.uploader.upload(&path).await;
+    if let Ok(Outcome::Uploaded { .. } | Outcome::Adopted { .. } | Outcome::Healed { .. }) = &result
+    {
         s.health.s3_ok();
         metrics::histogram!(m::UPLOAD_DURATION).record(started.elapsed().as_secs_f64());
         if let Some(t) = enqueued_ms {
@@ -166,6 +156,10 @@ async fn process(s: Arc<Shared>, path: MediaPath, settle: bool) {
             metrics::counter!(m::UPLOADED, "outcome" => "adopted").increment(1);
             s.queue.finish(&path, Some(record)).await
         }
+        Ok(Outcome::Healed { record }) => {
+            s.stats.healed.fetch_add(1, Ordering::Relaxed);
+            s.queue.finish(&path, Some(record)).await
+        }
         Ok(Outcome::Unchanged | Outcome::Vanished | Outcome::NotRegular) => {
             s.queue.finish(&path, None).await
         }
@@ -182,6 +176,13 @@ async fn process(s: Arc<Shared>, path: MediaPath, settle: bool) {
                 "transient"
             };
             metrics::counter!(m::UPLOAD_FAILURES, "kind" => label).increment(1);
+            // A bad local copy or a conflict is remembered for `status` and `audit` until an
+            // upload of the path is verified.
+            if let Some(problem) = e.problem() {
+                let _ = s
+                    .committer
+                    .submit(vec![crate::state::Op::Problem(path.clone(), problem)]);
+            }
             match s.queue.retry_later(&path, kind, message).await {
                 Ok(delay) if kind == ErrorKind::Permanent => {
                     tracing::error!(path = %path, error = %crate::Chain(&e), retry_in = ?delay, "Upload failed; the operator must act.");
@@ -217,6 +218,7 @@ pub(super) async fn summaries(s: Arc<Shared>, intake: CancellationToken) {
             failed = d.failed,
             uploaded = s.stats.uploaded.load(Ordering::Relaxed),
             already_in_bucket = s.stats.adopted.load(Ordering::Relaxed),
+            healed = s.stats.healed.load(Ordering::Relaxed),
             mb = s.stats.bytes.load(Ordering::Relaxed) as f64 / 1e6,
             "Status."
         );
