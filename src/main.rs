@@ -82,6 +82,11 @@ enum Command {
         /// Examples listed per category.
         #[arg(long, default_value_t = 10)]
         examples: usize,
+        /// Delete orphans even when the sanity limits refuse (more orphans than
+        /// prune.max_orphan_percent, more than prune.max_deletions_per_run); never against a
+        /// database without media.
+        #[arg(long, requires = "delete_orphans")]
+        ignore_prune_limits: bool,
     },
     /// Upload every file of the media store that is not yet verified in the bucket, then exit.
     Upload {
@@ -184,14 +189,29 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
                 Ok(ExitCode::SUCCESS)
             }
-            Command::Audit { json, fix, delete_orphans, older_than, dry_run, examples } => {
+            Command::Audit {
+                json,
+                fix,
+                delete_orphans,
+                older_than,
+                dry_run,
+                examples,
+                ignore_prune_limits,
+            } => {
                 let cancel = CancellationToken::new();
                 let on_signal = cancel.clone();
                 tokio::spawn(async move {
                     shutdown_signal().await;
                     on_signal.cancel();
                 });
-                let options = audit::Options { fix, delete_orphans, older_than, dry_run, examples };
+                let options = audit::Options {
+                    fix,
+                    delete_orphans,
+                    older_than,
+                    dry_run,
+                    examples,
+                    ignore_prune_limits,
+                };
                 let req = Request::Audit { options: options.clone() };
                 let answer = daemon_or_local(&config.state_dir, req, async || {
                     match audit::run_standalone(&config, &options, &cancel).await {
@@ -214,6 +234,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 if report.lost.count > 0 {
                     eprintln!("error: {} files listed by the database are neither local nor in the bucket (lost)", report.lost.count);
                     return Ok(ExitCode::from(3));
+                }
+                if let Some(why) = &report.prune_refused {
+                    eprintln!("error: refusing to delete orphaned objects: {why}");
+                    return Ok(ExitCode::FAILURE);
                 }
                 Ok(ExitCode::SUCCESS)
             }

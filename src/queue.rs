@@ -84,6 +84,17 @@ pub fn backoff(attempts: u32, max: Duration, unit: f64) -> Duration {
     exp.min(max).mul_f64(unit.clamp(0.0, 1.0))
 }
 
+/// The latest an item may be due, `now` being the wall clock: its retry interval from now
+/// (`failed_retry` after a permanent failure, else `max_backoff`). No stored due time may exceed it.
+fn latest_due(item: &Item, now: u64, max_backoff: Duration, failed_retry: Duration) -> u64 {
+    let interval = if item.failed {
+        failed_retry
+    } else {
+        max_backoff
+    };
+    now.saturating_add(interval.as_millis() as u64)
+}
+
 struct Entry {
     item: Item,
     in_flight: bool,
@@ -113,6 +124,9 @@ struct Inner {
     /// (due ms, sequence) → path: FIFO among items due at the same time.
     ready: BTreeSet<(u64, u64, MediaPath)>,
     seq: u64,
+    /// The wall clock as last seen by `claim`/`next_due`: a later reading below it is a backward
+    /// step (see [`Queue::observe_clock`]).
+    last_now: u64,
 }
 
 impl Inner {
@@ -155,17 +169,25 @@ impl Queue {
         failed_retry: Duration,
     ) -> Result<Queue, StateError> {
         let mut inner = Inner::default();
+        let now = now_ms();
         for (key, raw) in state.queue_items()? {
             let (Ok(path), Some(item)) = (MediaPath::parse(&key), Item::decode(&raw)) else {
                 // Unreadable item: the startup scan finds its file anyway. Leave it for forensics.
                 tracing::warn!(key, "Ignoring an unreadable queue item.");
                 continue;
             };
+            let mut item = item;
+            // A clock that stepped back while we were down (VM resume, NTP correcting a clock
+            // that ran ahead) would otherwise delay the item by the size of the step.
+            item.next_attempt_ms =
+                item.next_attempt_ms
+                    .min(latest_due(&item, now, max_backoff, failed_retry));
             let due = item.next_attempt_ms;
             // After a restart we cannot tell how an item was found: let young files settle.
             inner.items.insert(path.clone(), Entry::new(item, true));
             inner.schedule(&path, due);
         }
+        inner.last_now = now;
         Ok(Queue {
             inner: Mutex::new(inner),
             committer,
@@ -173,6 +195,40 @@ impl Queue {
             max_backoff,
             failed_retry,
         })
+    }
+
+    /// Notices a backward step of the wall clock since the last reading and pulls every item that
+    /// is now due further ahead than its retry interval allows back to that bound. Due times are
+    /// wall-clock times (they are persisted), so without this a clock stepping back by hours
+    /// would strand every retrying item for hours, and new events do not pull retries forward.
+    fn observe_clock(&self, inner: &mut Inner, now: u64) {
+        let stepped_back = now < inner.last_now;
+        inner.last_now = now;
+        if !stepped_back {
+            return;
+        }
+        let late: Vec<(MediaPath, u64)> = inner
+            .items
+            .iter()
+            .filter(|(_, e)| !e.in_flight)
+            .filter_map(|(p, e)| {
+                let bound = latest_due(&e.item, now, self.max_backoff, self.failed_retry);
+                let due = e.slot.map(|s| s.0)?;
+                (due > bound).then(|| (p.clone(), bound))
+            })
+            .collect();
+        if !late.is_empty() {
+            tracing::warn!(
+                items = late.len(),
+                "The wall clock stepped back; retries rescheduled within their retry interval."
+            );
+        }
+        for (p, bound) in late {
+            if let Some(e) = inner.items.get_mut(&p) {
+                e.item.next_attempt_ms = e.item.next_attempt_ms.min(bound);
+            }
+            inner.schedule(&p, bound);
+        }
     }
 
     /// [`Queue::load`] with the retry settings of the `upload:` section.
@@ -242,8 +298,13 @@ impl Queue {
     /// Takes the next due item, if any, marking it in flight. Returns its path and whether it
     /// must be checked for having settled first.
     pub fn claim(&self) -> Option<(MediaPath, bool)> {
-        let now = now_ms();
+        self.claim_at(now_ms())
+    }
+
+    /// [`Queue::claim`] with the wall clock reading `now`.
+    fn claim_at(&self, now: u64) -> Option<(MediaPath, bool)> {
         let mut inner = self.inner.lock().expect("queue lock");
+        self.observe_clock(&mut inner, now);
         let first = inner.ready.first()?.clone();
         if first.0 > now {
             return None;
@@ -273,6 +334,15 @@ impl Queue {
         self.notify.notify_one();
     }
 
+    /// [`Queue::defer`], and the next claim skips the settle check: for a file whose age cannot
+    /// be told (its mtime is in the future), waiting once is all the settle check can do.
+    pub fn defer_once(&self, path: &MediaPath, due_ms: u64) {
+        if let Some(e) = self.inner.lock().expect("queue lock").items.get_mut(path) {
+            e.settle = false;
+        }
+        self.defer(path, due_ms);
+    }
+
     /// When `path` was first enqueued (ms), if it is queued.
     pub fn enqueued_at(&self, path: &MediaPath) -> Option<u64> {
         self.inner
@@ -285,12 +355,9 @@ impl Queue {
 
     /// When the next item becomes due (None: nothing is waiting).
     pub fn next_due(&self) -> Option<u64> {
-        self.inner
-            .lock()
-            .expect("queue lock")
-            .ready
-            .first()
-            .map(|r| r.0)
+        let mut inner = self.inner.lock().expect("queue lock");
+        self.observe_clock(&mut inner, now_ms());
+        inner.ready.first().map(|r| r.0)
     }
 
     /// Wakes when something was enqueued.
@@ -429,6 +496,8 @@ impl Queue {
     }
 }
 
+#[cfg(test)]
+mod clock_tests;
 #[cfg(test)]
 mod model_tests;
 

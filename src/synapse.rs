@@ -1,7 +1,8 @@
 //! What Synapse's own configuration says about reading media back from the bucket.
 //!
 //! Deleting a local copy is safe only if Synapse can fetch the file from the bucket again, through
-//! `s3_storage_provider` configured with the same bucket, prefix and endpoint as ours. Only the
+//! `s3_storage_provider` configured with the same bucket, prefix and endpoint as ours, and the same
+//! SSE-C key and algorithm. Only the
 //! keys we need are parsed (unknown keys are ignored; homeserver.yaml has hundreds).
 
 use std::path::{Path, PathBuf};
@@ -229,7 +230,40 @@ pub fn reads_from_our_bucket(hs: &HomeserverYaml, s3: &S3Config) -> Result<(), S
             theirs.0, theirs.1, theirs.2, ours.0, ours.1, ours.2
         ));
     }
-    Ok(())
+    same_sse_c(&p.config, s3)
+}
+
+/// Objects written with an SSE-C key can only be read with that key (and algorithm), and a
+/// request with a key for an object stored without one fails: Synapse's side must match ours
+/// exactly. The keys are compared, never printed.
+fn same_sse_c(theirs: &ProviderConfig, s3: &S3Config) -> Result<(), String> {
+    let their_key = theirs.sse_customer_key.as_ref().map(Secret::expose);
+    let our_key = s3.sse_customer_key.as_ref().map(Secret::expose);
+    let fix = "Synapse could not read back media whose local copy the sweep deletes; set the same sse_customer_key and sse_customer_algo in both (or leave both out) before sweeping";
+    match (their_key, our_key) {
+        (None, None) => Ok(()),
+        (None, Some(_)) => Err(format!(
+            "we upload with SSE-C (s3.sse_customer_key) but Synapse's s3_storage_provider has no sse_customer_key: {fix}"
+        )),
+        (Some(_), None) => Err(format!(
+            "Synapse's s3_storage_provider reads with an SSE-C key (sse_customer_key) but we upload without one (s3.sse_customer_key): {fix}"
+        )),
+        (Some(a), Some(b)) if a != b => Err(format!(
+            "Synapse's s3_storage_provider and we use different SSE-C keys (sse_customer_key; neither is shown): {fix}"
+        )),
+        (Some(_), Some(_)) => {
+            // s3_storage_provider's default algorithm, as ours.
+            let their_algo = theirs.sse_customer_algo.as_deref().unwrap_or("AES256");
+            if their_algo == s3.sse_customer_algo {
+                Ok(())
+            } else {
+                Err(format!(
+                    "Synapse's s3_storage_provider uses sse_customer_algo {their_algo:?}, we use {:?}: {fix}",
+                    s3.sse_customer_algo
+                ))
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -266,6 +300,52 @@ media_storage_providers:
     endpoint_url: https://S3.example.com/
     access_key_id: x
 "#;
+
+    /// An SSE-C key or algorithm that differs from Synapse's makes every swept media unreadable
+    /// to Synapse: refused, with neither key in the message.
+    #[test]
+    fn compares_sse_c_without_printing_the_keys() {
+        const OURS: &str = "k3yOURSk3yOURSk3yOURSk3yOURS0123";
+        const THEIRS: &str = "k3yTHEIRSk3yTHEIRSk3yTHEIRS01234";
+        let hs = |key: Option<&str>, algo: Option<&str>| HomeserverYaml {
+            media_storage_providers: Some(vec![ProviderEntry {
+                module: PROVIDER_MODULE.into(),
+                store_local: None,
+                store_remote: None,
+                store_synchronous: None,
+                config: ProviderConfig {
+                    bucket: Some("media".into()),
+                    sse_customer_key: key.map(Secret::new),
+                    sse_customer_algo: algo.map(Into::into),
+                    ..Default::default()
+                },
+            }]),
+            ..Default::default()
+        };
+        let ours = |key: Option<&str>| {
+            let mut c = s3("media", "", None);
+            c.sse_customer_key = key.map(Secret::new);
+            c
+        };
+        reads_from_our_bucket(&hs(None, None), &ours(None)).unwrap();
+        reads_from_our_bucket(&hs(Some(OURS), None), &ours(Some(OURS))).unwrap();
+        reads_from_our_bucket(&hs(Some(OURS), Some("AES256")), &ours(Some(OURS))).unwrap();
+        // Without a key, the algorithm is not used.
+        reads_from_our_bucket(&hs(None, Some("aws:kms")), &ours(None)).unwrap();
+        for (theirs, algo, mine) in [
+            (Some(THEIRS), None, Some(OURS)),
+            (None, None, Some(OURS)),
+            (Some(THEIRS), None, None),
+            (Some(OURS), Some("AES128"), Some(OURS)),
+        ] {
+            let e = reads_from_our_bucket(&hs(theirs, algo), &ours(mine)).unwrap_err();
+            assert!(e.contains("sse_customer"), "{e}");
+            assert!(
+                !e.contains(OURS) && !e.contains(THEIRS),
+                "a key printed: {e}"
+            );
+        }
+    }
 
     #[test]
     fn finds_the_provider_and_compares() {

@@ -15,6 +15,7 @@
 //! Orphan sightings are recorded by every audit; an orphan is deletable only once an earlier
 //! audit saw it orphaned at least the grace period ago, and this one still does.
 
+pub mod limits;
 mod prune;
 mod report;
 pub mod sources;
@@ -77,6 +78,9 @@ pub struct Options {
     pub dry_run: bool,
     /// Examples kept per category.
     pub examples: usize,
+    /// Prune even when [`limits`] refuse (the admin checked that the orphans are real).
+    #[serde(default)]
+    pub ignore_prune_limits: bool,
 }
 
 /// What an audit reads and writes.
@@ -185,11 +189,8 @@ impl Auditor<'_> {
             let Some(key) = heads.into_iter().flatten().min().map(str::to_owned) else {
                 break;
             };
-            let mut row = None;
-            while let Some(r) = db.rows.take(&key) {
-                // Duplicate rows (two remote media sharing a filesystem id) count once.
-                row = Some(r);
-            }
+            // Duplicate rows (two remote media sharing a filesystem id) count once.
+            let row = db.take_all(&key, n).await?;
             let object = bucket.objects.take(&key);
             let file = disk.files.take(&key);
             let record = records.items.take(&key);
@@ -223,7 +224,29 @@ impl Auditor<'_> {
         }
         drop(db);
         if opts.delete_orphans {
-            prune::prune(self, &mut m.report, m.candidates, opts.dry_run, n, cancel).await?;
+            let counts = limits::Counts {
+                database_files: m.report.database_files,
+                objects: m.report.objects,
+                orphans: m.report.orphans.count,
+                deletions: m.candidates.len() as u64,
+            };
+            match limits::check(&self.config.prune, &counts) {
+                // No override for an empty database: nothing there could be worth keeping.
+                Err(why)
+                    if !opts.ignore_prune_limits || why == limits::PruneRefused::EmptyDatabase =>
+                {
+                    tracing::error!(reason = %why, "Refusing to delete orphaned objects.");
+                    m.report.orphans_waiting += counts.deletions;
+                    m.report.prune_refused = Some(why.to_string());
+                }
+                checked => {
+                    if let Err(why) = checked {
+                        tracing::warn!(reason = %why, "Deleting orphaned objects beyond the limits (--ignore-prune-limits).");
+                    }
+                    prune::prune(self, &mut m.report, m.candidates, opts.dry_run, n, cancel)
+                        .await?;
+                }
+            }
         }
         m.report.seconds = started.elapsed().as_secs_f64();
         Ok(m.report)

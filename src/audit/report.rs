@@ -93,6 +93,9 @@ pub struct Report {
     pub orphans_waiting: u64,
     /// Orphans kept because their media has a database row again (checked right before deleting).
     pub orphans_reappeared: u64,
+    /// Why `--delete-orphans` deleted nothing: the sanity limits refused (see `audit::limits`).
+    #[serde(default)]
+    pub prune_refused: Option<String>,
 }
 
 impl Report {
@@ -194,6 +197,9 @@ impl fmt::Display for Report {
                 self.orphans_waiting,
                 self.orphans_reappeared
             )?;
+        }
+        if let Some(why) = &self.prune_refused {
+            writeln!(f, "orphans not deleted:  refused: {why}")?;
         }
         Ok(())
     }

@@ -120,7 +120,16 @@ impl<T> Buffered<T> {
 /// Synapse's media, as the paths of the files Synapse expects, streamed through a cursor.
 pub struct DbStream {
     client: deadpool_postgres::ClientWrapper,
+    /// The server's `statement_timeout` of the audit's queries, and our client-side one.
+    statement_timeout: Duration,
     timeout: Duration,
+    /// When the current snapshot was taken, and how old it may get (see [`DbStream::fill`]).
+    snapshot_at: std::time::Instant,
+    max_age: Duration,
+    /// Whether Synapse's media tables have the sha256 column.
+    has_sha256: bool,
+    /// The last path the cursor returned (valid or not): a new snapshot goes on after it.
+    last: Option<String>,
     pub rows: Buffered<DbRow>,
     /// Rows whose ids make no safe path (`..`, `/`, too short): reported, never touched.
     pub invalid: Vec<String>,
@@ -138,9 +147,14 @@ fn thumb_name(t: &str) -> String {
     )
 }
 
-/// One query for every file Synapse knows, as relative paths, in byte order. URL previews are
-/// left out (they live under `url_cache*`, which the audit does not cover).
-fn expected_files_sql(has_sha256: bool) -> String {
+/// One query for every file Synapse knows, as relative paths, in byte order, after `after` if
+/// given. URL previews are left out (they live under `url_cache*`, which the audit does not cover).
+fn expected_files_sql(after: Option<&str>, has_sha256: bool) -> String {
+    // A literal, not a parameter (DECLARE takes none): quotes doubled, with
+    // standard_conforming_strings on (set with it), so backslashes are plain characters.
+    let after = after.map_or(String::new(), |k| {
+        format!(" AND k COLLATE \"C\" > '{}'", k.replace('\'', "''"))
+    });
     // Synapse's hash of originals (Synapse ≥ 1.128); NULL before the column existed.
     let (msha, rsha) = if has_sha256 {
         ("m.sha256", "r.sha256")
@@ -169,9 +183,14 @@ fn expected_files_sql(has_sha256: bool) -> String {
              FROM remote_media_cache r \
            UNION ALL SELECT 'remote_thumbnail/' || t.media_origin || '/' || {rt} || '/' || {rtn}, 1, t.thumbnail_length::int8, NULL \
              FROM remote_media_cache_thumbnails t \
-         ) files WHERE k IS NOT NULL ORDER BY k COLLATE \"C\""
+         ) files WHERE k IS NOT NULL{after} ORDER BY k COLLATE \"C\""
     )
 }
+
+/// How long one snapshot of Synapse's database may be held. A transaction open for a whole audit
+/// of millions of media (tens of minutes) holds back vacuum on Synapse's busiest tables; a new one
+/// every few minutes costs a sort of the rows still to come.
+pub const MAX_SNAPSHOT_AGE: Duration = Duration::from_secs(300);
 
 /// The longest a single FETCH may take: the first one sorts every row.
 const MIN_FETCH_TIMEOUT: Duration = Duration::from_secs(300);
@@ -181,34 +200,79 @@ impl DbStream {
     /// of its own and declares the cursor. The connection is closed when the stream is dropped,
     /// which ends the transaction; it never goes back to a pool.
     pub async fn open(db: &Db) -> Result<DbStream, DbError> {
+        DbStream::open_with_max_age(db, MAX_SNAPSHOT_AGE).await
+    }
+
+    /// [`DbStream::open`], renewing the snapshot once it is older than `max_age`.
+    pub async fn open_with_max_age(db: &Db, max_age: Duration) -> Result<DbStream, DbError> {
         let has_sha256 = db.has_sha256().await?;
         let client = db.dedicated_client().await?;
-        let timeout = db.statement_timeout().max(MIN_FETCH_TIMEOUT);
-        let setup = format!(
-            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; \
-             SET LOCAL statement_timeout = {}; \
-             SET LOCAL idle_in_transaction_session_timeout = 0; \
-             DECLARE audit_files NO SCROLL CURSOR FOR {}",
-            timeout.as_millis(),
-            expected_files_sql(has_sha256)
-        );
-        Db::timed_with(
-            timeout,
-            "declare the audit cursor",
-            client.batch_execute(&setup),
-        )
-        .await?;
-        Ok(DbStream {
+        let statement_timeout = db.statement_timeout().max(MIN_FETCH_TIMEOUT);
+        let mut stream = DbStream {
             client,
-            timeout: timeout + Duration::from_secs(5),
+            statement_timeout,
+            timeout: statement_timeout + Duration::from_secs(5),
+            snapshot_at: std::time::Instant::now(),
+            max_age,
+            has_sha256,
+            last: None,
             rows: Buffered::new("the database (ORDER BY … COLLATE \"C\")", true),
             invalid: Vec::new(),
             invalid_count: 0,
-        })
+        };
+        stream.declare("BEGIN").await?;
+        Ok(stream)
+    }
+
+    /// Starts a snapshot and declares the cursor over the rows after the last one read. `start`
+    /// is `BEGIN`, or `COMMIT; BEGIN` to end the previous snapshot (and its cursor) first.
+    async fn declare(&mut self, start: &str) -> Result<(), DbError> {
+        let setup = format!(
+            "{start} ISOLATION LEVEL REPEATABLE READ READ ONLY; \
+             SET LOCAL statement_timeout = {}; \
+             SET LOCAL idle_in_transaction_session_timeout = 0; \
+             SET LOCAL standard_conforming_strings = on; \
+             DECLARE audit_files NO SCROLL CURSOR FOR {}",
+            self.statement_timeout.as_millis(),
+            expected_files_sql(self.last.as_deref(), self.has_sha256)
+        );
+        Db::timed_with(
+            self.timeout,
+            "declare the audit cursor",
+            self.client.batch_execute(&setup),
+        )
+        .await?;
+        self.snapshot_at = std::time::Instant::now();
+        Ok(())
+    }
+
+    /// Takes every row at `key` (duplicates count once), fetching on when they fill the buffer to
+    /// its end: two rows of one path may straddle a FETCH.
+    pub async fn take_all(
+        &mut self,
+        key: &str,
+        examples: usize,
+    ) -> Result<Option<DbRow>, AuditError> {
+        let mut row = None;
+        loop {
+            while let Some(r) = self.rows.take(key) {
+                row = Some(r);
+            }
+            if !self.rows.needs() {
+                return Ok(row);
+            }
+            self.fill(examples).await?;
+        }
     }
 
     pub async fn fill(&mut self, examples: usize) -> Result<(), AuditError> {
         while self.rows.needs() {
+            // Between two FETCHes only: the rows after the last one read, in a new snapshot.
+            // Each path is still read once and in order; a media created meanwhile behind that
+            // point is missed, as it would have been by the old snapshot.
+            if self.snapshot_at.elapsed() >= self.max_age {
+                self.declare("COMMIT; BEGIN").await?;
+            }
             let q = format!("FETCH {PAGE} FROM audit_files");
             let rows = Db::timed_with(self.timeout, "fetch media rows", self.client.query(&q, &[]))
                 .await?;
@@ -216,6 +280,9 @@ impl DbStream {
                 self.rows.done = true;
             }
             let mut page = Vec::with_capacity(rows.len());
+            if let Some(r) = rows.last() {
+                self.last = Some(r.get(0));
+            }
             for r in rows {
                 let key: String = r.get(0);
                 let kind = match r.get::<_, i32>(1) {
@@ -356,11 +423,19 @@ fn walk(root: &Path, tx: &WalkTx) {
     let mut batch = Vec::with_capacity(1000);
     for top in MEDIA_DIRS {
         let dir = root.join(top);
-        if !dir.exists() {
-            continue;
+        // walkdir follows its root when it is a symlink (even with follow_links off): a
+        // symlinked top-level folder would put files outside the store into the audit.
+        match std::fs::symlink_metadata(&dir) {
+            Ok(m) if m.is_dir() => {}
+            Ok(m) if m.file_type().is_symlink() => {
+                tracing::warn!(dir = %dir.display(), "Not auditing a symlinked top-level folder (symlinks are never followed).");
+                continue;
+            }
+            _ => continue,
         }
         let walker = walkdir::WalkDir::new(&dir)
             .follow_links(false)
+            .follow_root_links(false)
             .sort_by(|a, b| sort_key(a).cmp(&sort_key(b)));
         for entry in walker {
             let entry = match entry {

@@ -12,8 +12,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+pub use self::prune::{PruneConfig, RawPrune};
 pub use self::sweep::{DatabaseConfig, RawDatabase, RawSweep, SslMode, SweepConfig};
 
+mod prune;
 mod s3;
 #[cfg(test)]
 pub(crate) use self::s3::validate_s3_for_tests;
@@ -96,6 +98,8 @@ pub struct RawConfig {
     pub database: Option<RawDatabase>,
     #[serde(default)]
     pub sweep: RawSweep,
+    #[serde(default)]
+    pub prune: RawPrune,
     /// Synapse's homeserver.yaml: fills media_store_path, database and s3 when they are not set
     /// here, and is checked before a sweep deletes anything (see `synapse`).
     pub synapse_config: Option<PathBuf>,
@@ -203,6 +207,8 @@ pub struct Config {
     /// Synapse's PostgreSQL; needed by the sweep only.
     pub database: Option<DatabaseConfig>,
     pub sweep: SweepConfig,
+    /// Sanity limits of orphan pruning.
+    pub prune: PruneConfig,
     pub synapse_config: Option<PathBuf>,
     pub synapse_config_dir: Option<PathBuf>,
     pub metrics: MetricsConfig,
@@ -356,6 +362,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         upload: validate_upload(raw.upload)?,
         database: sweep::validate_database(raw.database)?,
         sweep: sweep::validate_sweep(raw.sweep)?,
+        prune: prune::validate_prune(raw.prune)?,
         synapse_config: raw.synapse_config,
         synapse_config_dir: raw.synapse_config_dir,
         metrics: MetricsConfig {

@@ -15,6 +15,7 @@ fn raw_with(dir: &Path) -> RawConfig {
         upload: RawUpload::default(),
         database: None,
         sweep: RawSweep::default(),
+        prune: Default::default(),
         synapse_config: None,
         synapse_config_dir: None,
         metrics: Default::default(),

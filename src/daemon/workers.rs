@@ -55,6 +55,47 @@ pub(super) async fn dispatch(s: Arc<Shared>, intake: CancellationToken) {
     }
 }
 
+/// What the settle check decides about a file found by a scan.
+#[derive(Debug, PartialEq, Eq)]
+enum Settle {
+    /// Modified at least `settle` ago: upload.
+    Old,
+    /// Young, but nobody has it open for writing: complete, upload.
+    Complete,
+    /// Look again at `until`; `once`: then upload without another settle check.
+    Wait { until: u64, once: bool },
+}
+
+/// The settle check of a file modified at `mtime_ms`, `now` being the wall clock; `writing` is
+/// the read-lease answer for a young file (`None`: leases unavailable, e.g. on NFS).
+///
+/// A file whose mtime is in the future (the clock stepped back since it was written) has no age
+/// to go by: waiting until the clock reaches `mtime + settle` would strand it for as long as the
+/// step. It waits `settle` from now once (or 250 ms while open for writing), then goes.
+fn settle_decision(mtime_ms: u64, now: u64, settle_ms: u64, writing: Option<bool>) -> Settle {
+    let settled_at = mtime_ms.saturating_add(settle_ms);
+    if settled_at <= now {
+        return Settle::Old;
+    }
+    let future = mtime_ms > now;
+    match writing {
+        Some(false) => Settle::Complete,
+        // Still open for writing: look again shortly (its close event may also come first).
+        Some(true) => Settle::Wait {
+            until: settled_at.min(now + 250),
+            once: false,
+        },
+        None if future => Settle::Wait {
+            until: now + settle_ms,
+            once: true,
+        },
+        None => Settle::Wait {
+            until: settled_at,
+            once: false,
+        },
+    }
+}
+
 async fn process(s: Arc<Shared>, path: MediaPath, settle: bool) {
     if settle {
         // Found by a scan, not by a close event: a file modified less than `settle` ago may still
@@ -64,22 +105,27 @@ async fn process(s: Arc<Shared>, path: MediaPath, settle: bool) {
         let settle_ms = s.config.upload.settle.as_millis() as u64;
         let check = tokio::task::spawn_blocking(move || match digest::stat(&abs) {
             Ok(Stat::File(snap)) => {
-                let settled_at = (snap.mtime_ns / 1_000_000).max(0) as u64 + settle_ms;
-                (settled_at > now_ms()).then(|| (settled_at, digest::open_for_writing(&abs)))
+                let mtime_ms = (snap.mtime_ns / 1_000_000).max(0) as u64;
+                let now = now_ms();
+                let young = mtime_ms.saturating_add(settle_ms) > now;
+                Some(settle_decision(
+                    mtime_ms,
+                    now,
+                    settle_ms,
+                    young.then(|| digest::open_for_writing(&abs)).flatten(),
+                ))
             }
             _ => None,
         });
         match check.await.ok().flatten() {
-            None | Some((_, Some(false))) => {}
-            // Still open for writing: look again shortly (its close event may also come first).
-            Some((settled_at, Some(true))) => {
-                tracing::trace!(path = %path, "Still open for writing.");
-                s.queue.defer(&path, settled_at.min(now_ms() + 250));
-                return;
-            }
-            Some((settled_at, None)) => {
+            None | Some(Settle::Old | Settle::Complete) => {}
+            Some(Settle::Wait { until, once }) => {
                 tracing::trace!(path = %path, "Not settled yet.");
-                s.queue.defer(&path, settled_at);
+                if once {
+                    s.queue.defer_once(&path, until);
+                } else {
+                    s.queue.defer(&path, until);
+                }
                 return;
             }
         }
@@ -176,5 +222,34 @@ pub(super) async fn summaries(s: Arc<Shared>, intake: CancellationToken) {
             mb = s.stats.bytes.load(Ordering::Relaxed) as f64 / 1e6,
             "Status."
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_settle_check_waits_at_most_settle_even_for_future_mtimes() {
+        let (now, settle) = (1_000_000_000, 2_000);
+        let wait = |until, once| Settle::Wait { until, once };
+        for (mtime, writing, expected) in [
+            (now - 5_000, None, Settle::Old),
+            (now - 2_000, Some(true), Settle::Old),
+            (now - 500, Some(false), Settle::Complete),
+            (now - 500, Some(true), wait(now + 250, false)),
+            (now - 1_900, Some(true), wait(now + 100, false)),
+            (now - 500, None, wait(now + 1_500, false)),
+            // Three hours in the future: bounded by `settle` from now, then uploaded.
+            (now + 10_800_000, None, wait(now + 2_000, true)),
+            (now + 10_800_000, Some(true), wait(now + 250, false)),
+            (now + 10_800_000, Some(false), Settle::Complete),
+        ] {
+            assert_eq!(
+                settle_decision(mtime, now, settle, writing),
+                expected,
+                "mtime {mtime}, writing {writing:?}"
+            );
+        }
     }
 }

@@ -73,31 +73,51 @@ pub struct Db {
     sha256_column: tokio::sync::OnceCell<bool>,
 }
 
-/// Holds the sweep's advisory lock on its own connection; released by [`SweepLock::release`] or,
-/// if dropped, by closing that connection (the lock dies with its session).
+/// Holds the sweep's advisory lock on a connection of its own that never goes back to the pool.
+///
+/// Why not a pooled connection: a session advisory lock belongs to its connection. If
+/// `pg_try_advisory_lock` succeeded on the server while our client-side timeout fired (a network
+/// stall), a pooled connection went back to the pool holding the lock (fast recycling resets
+/// nothing): every instance then saw "another sweep is running" until a restart, and a sweep that
+/// re-entered the lock on that connection (advisory locks count) left it held after unlocking.
+/// A connection of its own is closed whenever the lock is given up, on success, error or drop,
+/// and the server releases the lock with its session.
 pub struct SweepLock {
-    client: Option<deadpool_postgres::Object>,
+    client: deadpool_postgres::ClientWrapper,
+    timeout: Duration,
 }
+
+/// Whether the lock's session is still the one holding the lock: the key as PostgreSQL splits a
+/// bigint key in `pg_locks` (high 32 bits in `classid`, low in `objid`, `objsubid` 1).
+const LOCK_HELD_SQL: &str = "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' \
+     AND pid = pg_backend_pid() AND granted AND objsubid = 1 \
+     AND ((classid::int8 << 32) | objid::int8) = $1)";
 
 impl SweepLock {
-    pub async fn release(mut self) {
-        if let Some(c) = self.client.take() {
-            let unlock = c.execute("SELECT pg_advisory_unlock($1)", &[&SWEEP_LOCK_KEY]);
-            if !matches!(
-                tokio::time::timeout(Duration::from_secs(10), unlock).await,
-                Ok(Ok(_))
-            ) {
-                // Could not unlock: close the session instead of returning a locked one to the pool.
-                drop(deadpool_postgres::Object::take(c));
-            }
-        }
+    /// Unlocks, then closes the connection either way (closing alone would release it too; the
+    /// unlock only makes the release immediate).
+    pub async fn release(self) {
+        let unlock = self
+            .client
+            .execute("SELECT pg_advisory_unlock($1)", &[&SWEEP_LOCK_KEY]);
+        let _ = tokio::time::timeout(Duration::from_secs(10), unlock).await;
     }
-}
 
-impl Drop for SweepLock {
-    fn drop(&mut self) {
-        if let Some(c) = self.client.take() {
-            drop(deadpool_postgres::Object::take(c));
+    /// `Err` with the reason once the lock cannot be confirmed held: its connection closed (a
+    /// PostgreSQL restart or a network cut ends the session, and the lock with it), PostgreSQL
+    /// no longer lists it, or the check failed or timed out (then it may be lost: the sweep
+    /// must assume it is).
+    pub async fn still_held(&self) -> Result<(), String> {
+        if self.client.is_closed() {
+            return Err(
+                "its connection to PostgreSQL closed (server restart or network cut)".into(),
+            );
+        }
+        let check = self.client.query_one(LOCK_HELD_SQL, &[&SWEEP_LOCK_KEY]);
+        match Db::timed_with(self.timeout, "check the sweep lock", check).await {
+            Ok(row) if row.get::<_, bool>(0) => Ok(()),
+            Ok(_) => Err("PostgreSQL no longer lists it as ours".into()),
+            Err(e) => Err(format!("cannot confirm it: {}", crate::Chain(&e))),
         }
     }
 }
@@ -271,18 +291,22 @@ impl Db {
         Ok((row.get(0), row.get(1)))
     }
 
-    /// Takes the sweep lock if no other instance holds it.
+    /// Takes the sweep lock if no other instance holds it, on a connection taken out of the pool
+    /// for good (see [`SweepLock`]; no pooled connection ever holds the lock, so none can hand
+    /// it over re-entered). On any error the connection is closed, which releases a lock the
+    /// server may have granted after our timeout fired.
     pub async fn try_lock(&self) -> Result<Option<SweepLock>, DbError> {
-        let c = self.client().await?;
+        let client = self.dedicated_client().await?;
         let row = self
             .timed(
                 "pg_try_advisory_lock",
-                c.query_one("SELECT pg_try_advisory_lock($1)", &[&SWEEP_LOCK_KEY]),
+                client.query_one("SELECT pg_try_advisory_lock($1)", &[&SWEEP_LOCK_KEY]),
             )
             .await?;
-        Ok(row
-            .get::<_, bool>(0)
-            .then_some(SweepLock { client: Some(c) }))
+        Ok(row.get::<_, bool>(0).then_some(SweepLock {
+            client,
+            timeout: self.timeout,
+        }))
     }
 
     /// Up to `limit` local media older than `cutoff_ms` (by last access, else creation), after

@@ -295,7 +295,7 @@ pub async fn delete_unchanged(
         if out.iter().any(|d| matches!(d.2, Ok(true)))
             && let Some(t) = thumbs
         {
-            remove_empty_dir(&t.to_path(&root));
+            remove_empty_dir(&root, &t);
         }
         out
     })
@@ -328,11 +328,16 @@ fn delete_one(root: &Path, path: &MediaPath, confirmed: Snapshot) -> std::io::Re
 
 /// Removes the media's own thumbnail directory once empty. The shared AB/CD levels are left alone:
 /// Synapse may be between its `makedirs` and `open` of another media there, and removing them then
-/// would fail that upload. Blocking.
-fn remove_empty_dir(dir: &Path) {
-    if std::fs::symlink_metadata(dir).is_ok_and(|m| m.is_dir()) {
+/// would fail that upload. Every level above it must be a real directory: through a symlinked
+/// thumbnail level (or top-level folder) the path names a directory outside the store. Blocking.
+fn remove_empty_dir(root: &Path, rel: &MediaPath) {
+    if !rel.parents_are_dirs(root).unwrap_or(false) {
+        return;
+    }
+    let dir = rel.to_path(root);
+    if std::fs::symlink_metadata(&dir).is_ok_and(|m| m.is_dir()) {
         // Fails (and is ignored) when not empty.
-        let _ = std::fs::remove_dir(dir);
+        let _ = std::fs::remove_dir(&dir);
     }
 }
 

@@ -19,7 +19,9 @@
 //! - Paths come from validated database ids through [`MediaPath`]; nothing outside the store is
 //!   touched, symlinks are never followed, and only the AB/CD levels below a top-level folder
 //!   (never the folder itself, nor a remote origin's folder) are removed when they become empty.
-//! - One sweep at a time across instances: PostgreSQL advisory lock [`db::SWEEP_LOCK_KEY`].
+//! - One sweep at a time across instances: PostgreSQL advisory lock [`db::SWEEP_LOCK_KEY`], held
+//!   on a connection that never returns to the pool ([`db::SweepLock`]) and confirmed every
+//!   second; a sweep that cannot confirm it (PostgreSQL restarted) deletes nothing more and stops.
 
 pub mod db;
 mod files;
@@ -27,7 +29,7 @@ mod tls;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -41,6 +43,27 @@ use crate::state::{Committer, State, now_ms};
 use crate::upload::s3::ObjectStore;
 
 const PAGE: i64 = 1000;
+/// How often a running sweep confirms that it still holds its lock.
+const LOCK_CHECK_EVERY: Duration = Duration::from_secs(1);
+
+/// Checks the lock every [`LOCK_CHECK_EVERY`] until `done`; once it cannot be confirmed, cancels
+/// `stop` and returns why.
+async fn watch_lock(
+    lock: &db::SweepLock,
+    stop: &CancellationToken,
+    done: &CancellationToken,
+) -> Option<String> {
+    loop {
+        tokio::select! {
+            _ = done.cancelled() => return None,
+            _ = tokio::time::sleep(LOCK_CHECK_EVERY) => {}
+        }
+        if let Err(why) = lock.still_held().await {
+            stop.cancel();
+            return Some(why);
+        }
+    }
+}
 
 /// Where the next page of aged media starts: after this local media id, or after this remote
 /// (origin, media id).
@@ -249,10 +272,26 @@ impl Sweeper {
         let cutoff =
             now_ms().saturating_sub(self.config.sweep.keep_local_for.as_millis() as u64) as i64;
         let deletions = AtomicU64::new(0);
-        let result = self
-            .sweep_all(cutoff, dry_run, &deletions, &mut report, cancel)
-            .await;
+        // The sweep stops once the lock cannot be confirmed held (a PostgreSQL restart ends its
+        // session and frees it for another instance): two sweeps must never run at once.
+        let stop = cancel.child_token();
+        let done = CancellationToken::new();
+        let sweep = async {
+            let r = self
+                .sweep_all(cutoff, dry_run, &deletions, &mut report, &stop)
+                .await;
+            done.cancel();
+            r
+        };
+        let (result, lost) = tokio::join!(sweep, watch_lock(&lock, &stop, &done));
         lock.release().await;
+        if let Some(why) = lost {
+            let why = format!(
+                "lost the sweep lock ({why}); stopped so that no two sweeps run at once (the next sweep takes it again)"
+            );
+            tracing::warn!(reason = %why, "Sweep stopped: lost its PostgreSQL advisory lock. Nothing unconfirmed was deleted.");
+            report.stopped = Some(why);
+        }
         if let Err(e) = result {
             report.stopped = Some(crate::Chain(&e).to_string());
             tracing::error!(error = %crate::Chain(&e), "Sweep stopped: database error. Nothing unconfirmed was deleted.");
@@ -420,6 +459,11 @@ impl Sweeper {
         }
         // Each file is checked unchanged again right before its unlink (same size and mtime as
         // confirmed), all in one blocking task with the removal of the emptied thumbnail directory.
+        // Stopped meanwhile (shutdown, or the lock was lost): delete nothing more.
+        if cancel.is_cancelled() && !to_delete.is_empty() {
+            deletions.fetch_sub(to_delete.len() as u64, Ordering::SeqCst);
+            to_delete.clear();
+        }
         let root = &self.config.media_store_path;
         for (path, snapshot, r) in files::delete_unchanged(root, &media, to_delete).await {
             match r {

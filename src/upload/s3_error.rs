@@ -78,6 +78,8 @@ where
         SdkError::DispatchFailure(f) => {
             let what = if f.is_timeout() {
                 "connection timed out"
+            } else if broke_mid_request(&err) {
+                "the connection broke during the request"
             } else {
                 "cannot connect"
             };
@@ -121,6 +123,9 @@ where
         }
     };
     let hint = match &err {
+        SdkError::DispatchFailure(f) if !f.is_timeout() && broke_mid_request(&err) => Some(
+            "the server or something on the way (proxy, load balancer, NAT) closed the connection; it is retried. If it keeps happening, check their logs and idle timeouts",
+        ),
         SdkError::DispatchFailure(_) | SdkError::TimeoutError(_) => {
             Some("check s3.endpoint_url and that the server is up and reachable")
         }
@@ -136,6 +141,23 @@ where
         detail,
         hint,
     }
+}
+
+/// Whether a request that got no answer failed on a connection that was up (reset, closed
+/// mid-request) rather than while connecting. The HTTP client reports both as a dispatch failure;
+/// only a failure to connect (refused, DNS, TLS handshake) points at `s3.endpoint_url`.
+fn broke_mid_request(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut exchange = false;
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = cur {
+        if let Some(client) = e.downcast_ref::<hyper_util::client::legacy::Error>() {
+            return !client.is_connect();
+        }
+        // hyper's own errors come from the HTTP exchange; connecting fails below hyper.
+        exchange |= e.is::<hyper::Error>();
+        cur = e.source();
+    }
+    exchange
 }
 
 /// The credential provider's error, if that is why the request failed.

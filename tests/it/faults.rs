@@ -169,3 +169,47 @@ async fn heads_that_lie_never_let_the_sweep_delete() {
     let r = sweep().await;
     assert_eq!(r.files_deleted, 6, "{r}");
 }
+
+/// A connection reset in the middle of a PUT is reported as what it is, not as "cannot connect
+/// … check s3.endpoint_url" (that sends the operator after a config that is fine); a server that
+/// is not there at all still is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_mid_upload_is_not_reported_as_a_connection_failure() {
+    use synapse_s3_offload::upload::s3::ObjectStore;
+    let rig = Rig::new("resetmsg", 11).await;
+    let config = rig.config(|r| r.s3.max_attempts = Some(1));
+    let store = ObjectStore::new(&config.s3, config.upload.multipart_part_size).await;
+    rig.proxy.reset_mid_body(Some(1));
+    let body = bytes(5, 200_000);
+    let e = store
+        .put_bytes("local_content/re/SE/Tmidbody", body.into(), &[0; 16])
+        .await
+        .expect_err("the connection was reset");
+    let msg = synapse_s3_offload::Chain(&e).to_string();
+    assert!(e.is_transient(), "{msg}");
+    assert!(msg.contains("connection broke"), "{msg}");
+    assert!(
+        !msg.contains("cannot connect") && !msg.contains("s3.endpoint_url"),
+        "{msg}"
+    );
+
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let mut down = config.clone();
+    down.s3.endpoint_url = Some(format!("http://127.0.0.1:{port}"));
+    let store = ObjectStore::new(&down.s3, down.upload.multipart_part_size).await;
+    let e = store
+        .put_bytes(
+            "local_content/re/SE/Tmidbody",
+            bytes(6, 10).into(),
+            &[0; 16],
+        )
+        .await
+        .expect_err("nothing listens there");
+    let msg = synapse_s3_offload::Chain(&e).to_string();
+    assert!(
+        msg.contains("cannot connect") && msg.contains("s3.endpoint_url"),
+        "{msg}"
+    );
+}

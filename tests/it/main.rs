@@ -1,6 +1,7 @@
 //! Integration tests against a real S3-protocol server (s3s-fs, started by scripts/test.sh).
 
 mod audit;
+mod audit_safety;
 mod bad_input;
 mod check;
 mod cli;

@@ -194,10 +194,13 @@ async fn relay(client: TcpStream, server: TcpStream, shared: Arc<Shared>) -> std
 }
 
 /// A plain TCP relay that can be cut (every connection dropped, new ones refused) and restored:
-/// a database or server that goes away mid-operation.
+/// a database or server that goes away mid-operation. It can also hold the server's answers
+/// (requests still reach the server, replies wait): a network stall after the server acted.
 pub struct TcpProxy {
     pub addr: SocketAddr,
     cut: Arc<std::sync::atomic::AtomicBool>,
+    hold: tokio::sync::watch::Sender<bool>,
+    trigger: Arc<Mutex<Option<Vec<u8>>>>,
     conns: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -209,30 +212,89 @@ impl Drop for TcpProxy {
     }
 }
 
+/// Copies the client's bytes to the server. Once a chunk contains `trigger`, the replies are held
+/// from the client's next chunk on (a query sent with parameters is prepared first, in a round
+/// trip of its own, then executed: holding the reply to the execution stalls the connection after
+/// the server acted).
+async fn requests(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    hold: tokio::sync::watch::Sender<bool>,
+    trigger: Arc<Mutex<Option<Vec<u8>>>>,
+) -> std::io::Result<()> {
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut armed = false;
+    loop {
+        let n = from.read(&mut buf).await?;
+        if n == 0 {
+            return to.shutdown().await;
+        }
+        if armed {
+            hold.send_replace(true);
+            armed = false;
+        } else {
+            let mut t = trigger.lock().unwrap();
+            if t.as_ref()
+                .is_some_and(|p| buf[..n].windows(p.len()).any(|w| w == p.as_slice()))
+            {
+                *t = None;
+                armed = true;
+            }
+        }
+        to.write_all(&buf[..n]).await?;
+    }
+}
+
+/// Copies the server's bytes to the client, waiting while `hold` is set.
+async fn replies(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut hold: tokio::sync::watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = from.read(&mut buf).await?;
+        if hold.wait_for(|h| !*h).await.is_err() {
+            return Ok(());
+        }
+        if n == 0 {
+            return to.shutdown().await;
+        }
+        to.write_all(&buf[..n]).await?;
+    }
+}
+
 #[allow(dead_code)]
 impl TcpProxy {
     pub async fn start(upstream: SocketAddr) -> TcpProxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let cut = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (hold, _) = tokio::sync::watch::channel(false);
+        let trigger: Arc<Mutex<Option<Vec<u8>>>> = Default::default();
         let conns: Arc<Mutex<Vec<tokio::task::AbortHandle>>> = Default::default();
-        let (c, k) = (cut.clone(), conns.clone());
+        let (c, k, h, t) = (cut.clone(), conns.clone(), hold.clone(), trigger.clone());
         let task = tokio::spawn(async move {
-            while let Ok((mut client, _)) = listener.accept().await {
+            while let Ok((client, _)) = listener.accept().await {
                 if c.load(std::sync::atomic::Ordering::SeqCst) {
                     continue; // dropped: connection reset
                 }
-                let h = tokio::spawn(async move {
-                    if let Ok(mut server) = TcpStream::connect(upstream).await {
-                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                let (held, h, t) = (h.subscribe(), h.clone(), t.clone());
+                let task = tokio::spawn(async move {
+                    if let Ok(server) = TcpStream::connect(upstream).await {
+                        let (cr, cw) = client.into_split();
+                        let (sr, sw) = server.into_split();
+                        let _ = tokio::join!(requests(cr, sw, h, t), replies(sr, cw, held));
                     }
                 });
-                k.lock().unwrap().push(h.abort_handle());
+                k.lock().unwrap().push(task.abort_handle());
             }
         });
         TcpProxy {
             addr,
             cut,
+            hold,
+            trigger,
             conns,
             task,
         }
@@ -247,5 +309,16 @@ impl TcpProxy {
 
     pub fn restore(&self) {
         self.cut.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Holds the replies on every connection once a client sent a query containing `pattern` and
+    /// then its next message (see [`requests`]); [`TcpProxy::hold_replies`]`(false)` lifts it.
+    pub fn hold_replies_after(&self, pattern: &str) {
+        *self.trigger.lock().unwrap() = Some(pattern.as_bytes().to_vec());
+    }
+
+    /// Holds (`true`) or releases (`false`) the server's replies on every connection.
+    pub fn hold_replies(&self, on: bool) {
+        self.hold.send_replace(on);
     }
 }

@@ -213,6 +213,10 @@ async fn the_sweep_deletes_nothing_outside_the_store() {
         "local_thumbnails/sy/ML/inkedmedia/32-32-image-png-crop",
         &bytes(2, 300),
     );
+    // A real media whose thumbnail level is a symlink to elsewhere, where an empty directory
+    // stands at the thumbnail path: its original goes, that directory must stay.
+    db.local("thMBlinkedmedia", old, None, None).await;
+    store.write("local_content/th/MB/linkedmedia", &bytes(4, 2_000));
     // And one that is simply aged: it is deleted, so the sweep did run.
     db.local("okLEGITmedia01", old, None, None).await;
     store.write("local_content/ok/LE/GITmedia01", &bytes(3, 1_000));
@@ -229,7 +233,15 @@ async fn the_sweep_deletes_nothing_outside_the_store() {
     )
     .await
     .unwrap();
-    assert_eq!(s.uploaded, 3, "{s}");
+    assert_eq!(s.uploaded, 4, "{s}");
+    let empty_outside = top.join("elsewhere/th/MB/linkedmedia");
+    std::fs::create_dir_all(&empty_outside).unwrap();
+    std::fs::create_dir_all(store.root.join("local_thumbnails")).unwrap();
+    std::os::unix::fs::symlink(
+        top.join("elsewhere/th"),
+        store.root.join("local_thumbnails/th"),
+    )
+    .unwrap();
     for top_dir in ["local_content", "local_thumbnails"] {
         let real = store.root.join(top_dir).join("sy");
         let moved = top.join("outside").join(top_dir);
@@ -244,11 +256,20 @@ async fn the_sweep_deletes_nothing_outside_the_store() {
         synapse_s3_offload::sweep::run_standalone(&config, false, &CancellationToken::new())
             .await
             .unwrap();
+    let mut deleted = report.deleted.clone();
+    deleted.sort();
     assert_eq!(
-        report.deleted,
-        ["local_content/ok/LE/GITmedia01"],
+        deleted,
+        [
+            "local_content/ok/LE/GITmedia01",
+            "local_content/th/MB/linkedmedia"
+        ],
         "{report}: {:?}",
         report.errors
+    );
+    assert!(
+        empty_outside.is_dir(),
+        "an empty directory behind a symlinked thumbnail level was removed"
     );
     let refused = report
         .errors

@@ -216,6 +216,7 @@ pub fn raw_config(env: &S3Env, endpoint: &str, bucket: &str, store: &Store) -> R
         upload: RawUpload::default(),
         database: None,
         sweep: Default::default(),
+        prune: Default::default(),
         synapse_config: None,
         synapse_config_dir: None,
         metrics: Default::default(),

@@ -443,3 +443,117 @@ async fn database_lost_mid_sweep_stops_cleanly_and_the_next_sweep_completes() {
     assert!(r.stopped.is_none(), "{r}");
     assert_eq!(nothing_lost(&env, &f, &paths).await, 2500);
 }
+
+/// Whether a session of the test's own can take the sweep lock in the fixture's database (advisory
+/// locks are per database), releasing it again at once.
+async fn lock_is_free(db: &TestDb) -> bool {
+    let key = synapse_s3_offload::sweep::db::SWEEP_LOCK_KEY;
+    let got: bool = db
+        .client
+        .query_one("SELECT pg_try_advisory_lock($1)", &[&key])
+        .await
+        .unwrap()
+        .get(0);
+    if got {
+        db.client
+            .execute("SELECT pg_advisory_unlock($1)", &[&key])
+            .await
+            .unwrap();
+    }
+    got
+}
+
+/// `pg_try_advisory_lock` succeeds on the server while the reply is held up past our timeout (a
+/// network stall): the connection that holds the lock must be closed, never handed back to the
+/// pool, where it kept the lock (every instance then skipped its sweeps until a restart) and a
+/// re-entering sweep left it held after unlocking.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_whose_reply_times_out_is_not_left_held() {
+    use synapse_s3_offload::sweep::db::Db;
+    let env = s3_env();
+    let store = Store::new();
+    let db = TestDb::create().await;
+    let pg =
+        crate::proxy::TcpProxy::start(format!("{}:{}", db.host, db.port).parse().unwrap()).await;
+    let mut raw = raw_config(&env, &env.endpoint, "unused", &store);
+    let mut d = db.raw();
+    d.port = Some(pg.addr.port());
+    d.statement_timeout = Some("1s".into());
+    raw.database = Some(d);
+    let config = validated(raw);
+    let sweeps = Db::new(config.database.as_ref().unwrap()).unwrap();
+    // A pooled connection first, so that a leaked one would be reused by the next sweep.
+    sweeps.media_counts().await.unwrap();
+
+    pg.hold_replies_after("pg_try_advisory_lock");
+    let sweeps = std::sync::Arc::new(sweeps);
+    let s2 = sweeps.clone();
+    let attempt = tokio::spawn(async move { s2.try_lock().await.map(|l| l.is_some()) });
+    // The server grants it; its answer is what stalls.
+    eventually(
+        "the server to grant the lock",
+        Duration::from_secs(10),
+        || async {
+            if lock_is_free(&db).await {
+                Err("not granted yet".into())
+            } else {
+                Ok(())
+            }
+        },
+    )
+    .await;
+    let e = attempt
+        .await
+        .unwrap()
+        .expect_err("the answer was held past the timeout");
+    assert!(e.to_string().contains("timed out"), "{e}");
+    pg.hold_replies(false);
+    eventually(
+        "the timed-out lock released",
+        Duration::from_secs(10),
+        || async {
+            if lock_is_free(&db).await {
+                Ok(())
+            } else {
+                Err("another session still holds the sweep lock".into())
+            }
+        },
+    )
+    .await;
+    // Held: confirmed as such. Its session ended by the server (as by a restart): noticed.
+    let lock = sweeps.try_lock().await.unwrap().expect("the lock is free");
+    lock.still_held().await.unwrap();
+    db.client
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' \
+             AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+            &[],
+        )
+        .await
+        .unwrap();
+    eventually("the lost lock noticed", Duration::from_secs(10), || async {
+        match lock.still_held().await {
+            Err(why) => {
+                assert!(why.contains("PostgreSQL"), "{why}");
+                Ok(())
+            }
+            Ok(()) => Err("still reported held".into()),
+        }
+    })
+    .await;
+    lock.release().await;
+    // The next sweeps take and release it as usual, leaving it free.
+    for _ in 0..2 {
+        let lock = sweeps.try_lock().await.unwrap().expect("the lock is free");
+        assert!(!lock_is_free(&db).await, "held while the sweep runs");
+        lock.release().await;
+        eventually("the lock released", Duration::from_secs(10), || async {
+            if lock_is_free(&db).await {
+                Ok(())
+            } else {
+                Err("still held after the sweep".into())
+            }
+        })
+        .await;
+    }
+}
