@@ -95,6 +95,15 @@ pub struct Listed {
     pub last_modified_ms: Option<i64>,
 }
 
+/// A request's answer, with "no such object" as `None` rather than an error.
+fn absent_as_none<T>(r: Result<T, S3Error>) -> Result<Option<T>, S3Error> {
+    match r {
+        Ok(t) => Ok(Some(t)),
+        Err(e) if e.kind == ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 /// A path that opens `file` itself again, whatever happened to its name since: the SDK streams a
 /// body from a path (and opens it again for each retry or part), and the media path may have been
 /// swapped for a symlink or another file since it was opened without following symlinks and
@@ -328,42 +337,24 @@ impl ObjectStore {
     pub async fn get_stream(&self, key: &str) -> Result<Option<ByteStream>, S3Error> {
         let mut req = self.client.get_object().bucket(&self.bucket).key(key);
         with_sse!(req, self.sse);
-        match req.send().await {
-            Ok(out) => Ok(Some(out.body)),
-            Err(e) => {
-                let e = self.err("GET", key, e);
-                if e.kind == ErrorKind::NotFound {
-                    Ok(None)
-                } else {
-                    Err(e)
-                }
-            }
-        }
+        let out = req.send().await.map_err(|e| self.err("GET", key, e));
+        Ok(absent_as_none(out)?.map(|out| out.body))
     }
 
     /// HEAD of `key`: `None` when there is no such object.
     pub async fn head(&self, key: &str) -> Result<Option<ObjectInfo>, S3Error> {
         let mut req = self.client.head_object().bucket(&self.bucket).key(key);
         with_sse!(req, self.sse);
-        match req.send().await {
-            Ok(out) => Ok(Some(ObjectInfo {
-                size: out.content_length().unwrap_or(0).max(0) as u64,
-                meta_md5: out
-                    .metadata()
-                    .and_then(|m| m.get(META_MD5))
-                    .and_then(|h| hex::decode(h).ok())
-                    .and_then(|v| v.try_into().ok()),
-                etag: out.e_tag().map(|e| e.trim_matches('"').to_owned()),
-            })),
-            Err(e) => {
-                let e = self.err("HEAD", key, e);
-                if e.kind == ErrorKind::NotFound {
-                    Ok(None)
-                } else {
-                    Err(e)
-                }
-            }
-        }
+        let out = req.send().await.map_err(|e| self.err("HEAD", key, e));
+        Ok(absent_as_none(out)?.map(|out| ObjectInfo {
+            size: out.content_length().unwrap_or(0).max(0) as u64,
+            meta_md5: out
+                .metadata()
+                .and_then(|m| m.get(META_MD5))
+                .and_then(|h| hex::decode(h).ok())
+                .and_then(|v| v.try_into().ok()),
+            etag: out.e_tag().map(|e| e.trim_matches('"').to_owned()),
+        }))
     }
 
     /// One PUT of an in-memory body. The server checks `Content-MD5` against what it received.
