@@ -20,6 +20,12 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 use crate::layout::MediaPath;
 
+mod commit;
+mod record;
+
+pub use self::commit::{Committer, Pending};
+pub use self::record::{Problem, ProblemKind, Record};
+
 /// Relative media path → encoded [`Record`].
 const UPLOADED: TableDefinition<&str, &[u8]> = TableDefinition::new("uploaded");
 /// The upload queue: relative media path → item encoded by [`crate::queue`].
@@ -98,127 +104,6 @@ db_err!(
     redb::CommitError
 );
 
-/// What we verified in the bucket for one file.
-///
-/// A record outlives its local file (the sweep deletes the file, the record stays): it is our
-/// memory that the object at this key was verified to hold these bytes, and therefore which bytes
-/// are right once the local file differs (DESIGN.md invariant 8: Synapse media are immutable, a
-/// verified object is never overwritten with different bytes).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Record {
-    pub size: u64,
-    /// Modification time in nanoseconds since the epoch, as seen before reading the file.
-    pub mtime_ns: i64,
-    pub md5: [u8; 16],
-    /// SHA-256 of the bytes (computed in the same pass as the MD5); `None` in records written by
-    /// versions before it was kept.
-    pub sha256: Option<[u8; 32]>,
-    /// When the object was verified, milliseconds since the epoch.
-    pub verified_at_ms: u64,
-    /// The (size, mtime) shortcut no longer holds (the sweep or audit found the object missing or
-    /// different): the file must be looked at again, but the digest is still what was verified.
-    pub stale: bool,
-    /// We wrote the object from a file that changed during its upload (the queue's dirty flag): the
-    /// object holds these bytes, but they were never the file's final content, so it may be
-    /// replaced. Never confirms anything for the sweep.
-    pub provisional: bool,
-}
-
-const RECORD_V1_LEN: usize = 1 + 8 + 8 + 16 + 8;
-const RECORD_V1: u8 = 1;
-const RECORD_V2_LEN: usize = RECORD_V1_LEN + 1 + 32;
-const RECORD_V2: u8 = 2;
-const FLAG_SHA256: u8 = 1;
-const FLAG_STALE: u8 = 2;
-const FLAG_PROVISIONAL: u8 = 4;
-
-impl Record {
-    pub fn new(size: u64, mtime_ns: i64, md5: [u8; 16]) -> Self {
-        Record {
-            size,
-            mtime_ns,
-            md5,
-            sha256: None,
-            verified_at_ms: now_ms(),
-            stale: false,
-            provisional: false,
-        }
-    }
-
-    pub fn with_sha256(mut self, sha256: [u8; 32]) -> Self {
-        self.sha256 = Some(sha256);
-        self
-    }
-
-    /// The same verified digest, without the (size, mtime) shortcut: the next upload looks at the
-    /// file and the bucket again, and still knows which bytes were verified.
-    pub fn stale(mut self) -> Self {
-        self.stale = true;
-        self
-    }
-
-    /// See [`Record::provisional`].
-    pub fn provisional(mut self) -> Self {
-        self.provisional = true;
-        self
-    }
-
-    fn encode(&self) -> [u8; RECORD_V2_LEN] {
-        let mut b = [0u8; RECORD_V2_LEN];
-        b[0] = RECORD_V2;
-        b[1..9].copy_from_slice(&self.size.to_le_bytes());
-        b[9..17].copy_from_slice(&self.mtime_ns.to_le_bytes());
-        b[17..33].copy_from_slice(&self.md5);
-        b[33..41].copy_from_slice(&self.verified_at_ms.to_le_bytes());
-        let mut flags = 0;
-        if let Some(sha) = &self.sha256 {
-            flags |= FLAG_SHA256;
-            b[42..74].copy_from_slice(sha);
-        }
-        if self.stale {
-            flags |= FLAG_STALE;
-        }
-        if self.provisional {
-            flags |= FLAG_PROVISIONAL;
-        }
-        b[41] = flags;
-        b
-    }
-
-    fn decode(b: &[u8]) -> Option<Self> {
-        let v2 = match (b.first(), b.len()) {
-            (Some(&RECORD_V1), RECORD_V1_LEN) => false,
-            (Some(&RECORD_V2), RECORD_V2_LEN) => true,
-            _ => return None,
-        };
-        let flags = if v2 { b[41] } else { 0 };
-        Some(Record {
-            size: u64::from_le_bytes(b[1..9].try_into().ok()?),
-            mtime_ns: i64::from_le_bytes(b[9..17].try_into().ok()?),
-            md5: b[17..33].try_into().ok()?,
-            sha256: if flags & FLAG_SHA256 != 0 {
-                Some(b[42..74].try_into().ok()?)
-            } else {
-                None
-            },
-            verified_at_ms: u64::from_le_bytes(b[33..41].try_into().ok()?),
-            stale: flags & FLAG_STALE != 0,
-            provisional: flags & FLAG_PROVISIONAL != 0,
-        })
-    }
-
-    /// Whether this record still describes a file of this size and mtime (so the file needs no
-    /// look: it is verified). Never for a stale or provisional record.
-    pub fn matches(&self, size: u64, mtime_ns: i64) -> bool {
-        !self.stale && !self.provisional && self.size == size && self.mtime_ns == mtime_ns
-    }
-
-    /// Whether these are the bytes this record verified (same size and MD5).
-    pub fn same_bytes(&self, size: u64, md5: &[u8; 16]) -> bool {
-        self.size == size && &self.md5 == md5
-    }
-}
-
 pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -241,24 +126,6 @@ pub enum Op {
     /// A copy problem (see [`Problem`]), replacing any earlier one of the path.
     Problem(MediaPath, Problem),
     ProblemClear(MediaPath),
-}
-
-/// What is wrong between a local file and its object, for `status` and `audit`.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Problem {
-    pub kind: ProblemKind,
-    /// Sizes and digests, for the operator.
-    pub detail: String,
-    pub seen_at_ms: u64,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ProblemKind {
-    /// The local file differs from the verified object (not healed: healing is off, or failed).
-    BadLocalCopy,
-    /// The local file differs from an object we never verified, and nothing tells which is right.
-    Conflict,
 }
 
 /// Handle to the state database; cheap to clone.
@@ -551,118 +418,6 @@ impl State {
     }
 }
 
-/// Group commit: callers hand over ops and await their durability; a dedicated thread applies
-/// everything that queued up meanwhile in one transaction (one fsync for many uploads).
-///
-/// Ops are committed in the order they were submitted. [`Committer::submit`] does not block, so a
-/// caller can submit while holding a lock that orders its ops against other callers' (the queue
-/// relies on this: an enqueue can never be overtaken by an earlier removal of the same item).
-///
-/// A failed commit is final for this process: redb refuses every later operation after an I/O
-/// error (disk full, EIO) until the database is opened again. [`Committer::failure`] tells the
-/// daemon, which then stops instead of running on without being able to record anything.
-#[derive(Clone)]
-pub struct Committer {
-    tx: tokio::sync::mpsc::UnboundedSender<CommitRequest>,
-    failure: tokio::sync::watch::Receiver<Option<String>>,
-}
-
-/// Ops to commit, and where to say whether they were.
-type CommitRequest = (Vec<Op>, tokio::sync::oneshot::Sender<Result<(), String>>);
-
-/// Ops per transaction at most; bounds the latency of the first caller in a burst.
-const MAX_BATCH: usize = 1024;
-
-/// A submitted batch; `wait` returns once it is durable (or failed).
-pub struct Pending(tokio::sync::oneshot::Receiver<Result<(), String>>);
-
-impl Pending {
-    pub async fn wait(self) -> Result<(), StateError> {
-        self.0
-            .await
-            .map_err(|_| StateError::Commit("the commit thread has stopped".into()))?
-            .map_err(StateError::Commit)
-    }
-}
-
-impl Committer {
-    /// Starts the commit thread. It ends when the last `Committer` clone is dropped, after
-    /// committing what was handed to it.
-    pub fn start(state: State) -> (Committer, std::thread::JoinHandle<()>) {
-        Self::start_lingering(state, std::time::Duration::ZERO)
-    }
-
-    /// Like [`Committer::start`], but once ops arrive the thread waits `linger` before
-    /// committing, so that the ops submitted meanwhile share the transaction (and its fsync).
-    /// For callers that can wait: the backfill, whose records gate nothing but its summary
-    /// (25 ms there: ~18 records per commit instead of ~2, fdatasync calls per 2,002 small files
-    /// 886 → 109 under strace). Not for the daemon's queue, whose enqueue delays the upload.
-    pub fn start_lingering(
-        state: State,
-        linger: std::time::Duration,
-    ) -> (Committer, std::thread::JoinHandle<()>) {
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<CommitRequest>();
-        let (failed, failure) = tokio::sync::watch::channel(None);
-        let handle = std::thread::Builder::new()
-            .name("state-commit".into())
-            .spawn(move || {
-                while let Some(first) = rx.blocking_recv() {
-                    if !linger.is_zero() {
-                        std::thread::sleep(linger);
-                    }
-                    let mut batch = vec![first];
-                    while batch.len() < MAX_BATCH {
-                        match rx.try_recv() {
-                            Ok(item) => batch.push(item),
-                            Err(_) => break,
-                        }
-                    }
-                    let ops: Vec<Op> = batch
-                        .iter()
-                        .flat_map(|(ops, _)| ops.iter().cloned())
-                        .collect();
-                    // The whole chain: the cause (e.g. "No space left on device") is at its end.
-                    let result = state.apply(&ops).map_err(|e| crate::Chain(&e).to_string());
-                    if let Err(e) = &result {
-                        failed.send_if_modified(|f| f.is_none() && f.replace(e.clone()).is_none());
-                    }
-                    for (_, done) in batch {
-                        let _ = done.send(result.clone());
-                    }
-                }
-            })
-            .expect("spawning the state commit thread");
-        (Committer { tx, failure }, handle)
-    }
-
-    /// Resolves with the error of the first commit that failed (never, while commits succeed).
-    pub async fn failure(&self) -> String {
-        let mut rx = self.failure.clone();
-        let failed = rx.wait_for(Option::is_some).await.map(|e| e.clone());
-        match failed {
-            Ok(e) => e.expect("waited for Some"),
-            // The commit thread has ended without a failure.
-            Err(_) => std::future::pending().await,
-        }
-    }
-
-    /// Queues `ops` for the next transaction, in submission order. Never blocks.
-    pub fn submit(&self, ops: Vec<Op>) -> Pending {
-        let (done, wait) = tokio::sync::oneshot::channel();
-        if let Err(e) = self.tx.send((ops, done)) {
-            // The thread is gone: report it through the Pending.
-            let (_, done) = e.0;
-            let _ = done.send(Err("the commit thread has stopped".into()));
-        }
-        Pending(wait)
-    }
-
-    /// Applies `ops` durably; returns once they are committed.
-    pub async fn apply(&self, ops: Vec<Op>) -> Result<(), StateError> {
-        self.submit(ops).wait().await
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -701,37 +456,5 @@ mod tests {
         let _s = State::open(dir.path()).unwrap();
         let err = State::open(dir.path()).err().unwrap();
         assert!(matches!(err, StateError::Locked { .. }), "{err}");
-    }
-
-    #[test]
-    fn decode_rejects_garbage() {
-        assert_eq!(Record::decode(&[1, 2, 3]), None);
-        let mut b = Record::new(1, 2, [3; 16]).encode();
-        b[0] = 9;
-        assert_eq!(Record::decode(&b), None);
-    }
-
-    #[test]
-    fn records_keep_their_digests_and_flags_and_old_ones_still_read() {
-        let r = Record::new(5, 6, [7; 16]).with_sha256([8; 32]);
-        for r in [r, r.stale(), r.provisional(), Record::new(1, 2, [3; 16])] {
-            assert_eq!(Record::decode(&r.encode()), Some(r));
-        }
-        assert!(r.matches(5, 6));
-        assert!(!r.stale().matches(5, 6), "a stale record is no shortcut");
-        assert!(!r.provisional().matches(5, 6));
-        assert!(
-            r.stale().same_bytes(5, &[7; 16]),
-            "but it still knows the bytes"
-        );
-        // A record as version 1 wrote it (before the SHA-256 was kept).
-        let mut v1 = Vec::from([RECORD_V1]);
-        v1.extend(5u64.to_le_bytes());
-        v1.extend(6i64.to_le_bytes());
-        v1.extend([7u8; 16]);
-        v1.extend(9u64.to_le_bytes());
-        let old = Record::decode(&v1).unwrap();
-        assert_eq!((old.size, old.sha256, old.verified_at_ms), (5, None, 9));
-        assert!(old.matches(5, 6));
     }
 }
