@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use super::Shared;
 use crate::layout::MediaPath;
 use crate::metrics as m;
+use crate::queue::Failure;
 use crate::state::now_ms;
 use crate::upload::digest::{self, Stat};
 use crate::upload::s3::ErrorKind;
@@ -165,12 +166,16 @@ async fn process(s: Arc<Shared>, path: MediaPath, settle: bool) {
         }
         Err(e) => {
             s.stats.failures.fetch_add(1, Ordering::Relaxed);
-            let kind = e.kind();
+            let kind = match e.kind() {
+                ErrorKind::Permanent => Failure::Permanent,
+                // NotFound (e.g. a multipart upload that vanished) is retried with backoff.
+                _ => Failure::Transient,
+            };
             let message = crate::Chain(&e).to_string();
             if let UploadError::S3(_) = &e {
                 s.health.s3_failed(&message);
             }
-            let label = if kind == ErrorKind::Permanent {
+            let label = if kind == Failure::Permanent {
                 "permanent"
             } else {
                 "transient"
@@ -184,7 +189,7 @@ async fn process(s: Arc<Shared>, path: MediaPath, settle: bool) {
                     .submit(vec![crate::state::Op::Problem(path.clone(), problem)]);
             }
             match s.queue.retry_later(&path, kind, message).await {
-                Ok(delay) if kind == ErrorKind::Permanent => {
+                Ok(delay) if kind == Failure::Permanent => {
                     tracing::error!(path = %path, error = %crate::Chain(&e), retry_in = ?delay, "Upload failed; the operator must act.");
                     Ok(())
                 }

@@ -25,7 +25,15 @@ use std::time::Duration;
 
 use crate::layout::MediaPath;
 use crate::state::{Committer, Op, Record, State, StateError, now_ms};
-use crate::upload::s3::ErrorKind;
+
+/// How an attempt failed, as far as the queue's schedule cares: transient failures back off up to
+/// `max_backoff`; permanent ones (they need the operator) wait `failed_retry_interval` and are
+/// reported as failed. The uploader's errors say which they are; the queue knows nothing of S3.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    Transient,
+    Permanent,
+}
 
 /// A queue item as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -420,7 +428,7 @@ impl Queue {
     pub async fn retry_later(
         &self,
         path: &MediaPath,
-        kind: ErrorKind,
+        kind: Failure,
         error: String,
     ) -> Result<Duration, StateError> {
         let (pending, delay) = {
@@ -429,13 +437,13 @@ impl Queue {
                 return Ok(Duration::ZERO);
             };
             let delay = match kind {
-                ErrorKind::Permanent => self.failed_retry,
+                Failure::Permanent => self.failed_retry,
                 _ => backoff(e.item.attempts, self.max_backoff, rand::random::<f64>()),
             };
             e.in_flight = false;
             e.dirty = false;
             e.item.attempts = e.item.attempts.saturating_add(1);
-            e.item.failed = kind == ErrorKind::Permanent;
+            e.item.failed = kind == Failure::Permanent;
             e.item.last_error = error;
             e.item.next_attempt_ms = now_ms() + delay.as_millis() as u64;
             let op = Op::QueuePut(path.clone(), e.item.encode());

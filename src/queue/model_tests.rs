@@ -232,9 +232,9 @@ fn epoch(
             Step::Retry(n, permanent) => {
                 if let Some((p, _)) = model.take_in_flight(n) {
                     let kind = if permanent {
-                        ErrorKind::Permanent
+                        Failure::Permanent
                     } else {
-                        ErrorKind::Transient
+                        Failure::Transient
                     };
                     futures::executor::block_on(q.retry_later(&p, kind, "503".into())).unwrap();
                 }

@@ -112,7 +112,7 @@ async fn failures_back_off_and_are_reported() {
     q.enqueue(vec![(x.clone(), 0, false)]).await.unwrap();
     q.claim().unwrap();
     let d = q
-        .retry_later(&x, ErrorKind::Permanent, "HTTP 403".into())
+        .retry_later(&x, Failure::Permanent, "HTTP 403".into())
         .await
         .unwrap();
     assert_eq!(d, Duration::from_secs(600));
