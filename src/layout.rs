@@ -38,6 +38,44 @@ pub enum MediaRef {
     Remote { origin: String, fs_id: String },
 }
 
+impl MediaRef {
+    /// The media's original, `local_content/AB/CD/REST` or `remote_content/ORIGIN/AB/CD/REST`
+    /// (the inverse of [`MediaPath::media`]). `None` for an id or origin that cannot name a file
+    /// inside the store (`..`, a `/`, too short): such ids come from the database and are
+    /// refused, never turned into paths.
+    pub fn original(&self) -> Option<MediaPath> {
+        self.under("local_content", "remote_content")
+    }
+
+    /// The media's thumbnail directory, `local_thumbnails/AB/CD/REST` or
+    /// `remote_thumbnail/ORIGIN/AB/CD/REST`.
+    pub fn thumbnail_dir(&self) -> Option<MediaPath> {
+        self.under("local_thumbnails", "remote_thumbnail")
+    }
+
+    fn under(&self, local: &str, remote: &str) -> Option<MediaPath> {
+        let rel = match self {
+            MediaRef::Local(id) => {
+                let (a, b, c) = split_id(id)?;
+                format!("{local}/{a}/{b}/{c}")
+            }
+            MediaRef::Remote { origin, fs_id } => {
+                if !safe_component(origin) {
+                    return None;
+                }
+                let (a, b, c) = split_id(fs_id)?;
+                format!("{remote}/{origin}/{a}/{b}/{c}")
+            }
+        };
+        MediaPath::parse(&rel).ok()
+    }
+}
+
+/// Whether `s` can be one path component: not empty, `.` or `..`, no `/`, no control character.
+fn safe_component(s: &str) -> bool {
+    !s.is_empty() && s != "." && s != ".." && !s.contains('/') && !s.chars().any(char::is_control)
+}
+
 /// Why a path was refused as a [`MediaPath`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PathError {
@@ -220,13 +258,7 @@ pub fn split_id(id: &str) -> Option<(&str, &str, &str)> {
     let mut bounds = id.char_indices().map(|(i, _)| i).skip(2).step_by(2);
     let (two, four) = (bounds.next()?, bounds.next()?);
     let parts = (&id[..two], &id[two..four], &id[four..]);
-    let ok = |c: &str| {
-        !c.is_empty()
-            && c != "."
-            && c != ".."
-            && !c.contains('/')
-            && !c.chars().any(char::is_control)
-    };
+    let ok = safe_component;
     (ok(parts.0) && ok(parts.1) && ok(parts.2)).then_some(parts)
 }
 
@@ -316,6 +348,29 @@ mod tests {
             MediaPath::from_relative(rel),
             Err(PathError::NotUtf8(_))
         ));
+    }
+
+    #[test]
+    fn media_inverts_synapse_layout() {
+        let of = |p: &str| MediaPath::parse(p).unwrap().media();
+        assert_eq!(
+            of("local_content/ab/cd/efgh"),
+            Some(MediaRef::Local("abcdefgh".into()))
+        );
+        assert_eq!(
+            of("local_thumbnails/ab/cd/efgh/32-32-image-png-crop"),
+            Some(MediaRef::Local("abcdefgh".into()))
+        );
+        assert_eq!(
+            of("remote_thumbnail/example.org/ab/cd/ef/1-1-image-png-scale"),
+            Some(MediaRef::Remote {
+                origin: "example.org".into(),
+                fs_id: "abcdef".into()
+            })
+        );
+        assert_eq!(of("local_content/abc/d/efgh"), None);
+        assert_eq!(of("local_content/ab/cd/ef/gh"), None);
+        assert_eq!(of("remote_content/x/ab/cd"), None);
     }
 
     #[test]
@@ -463,6 +518,35 @@ mod tests {
                     let joined = format!("local_content/{a}/{b}/{c}");
                     let p = MediaPath::parse(&joined);
                     prop_assert!(p.is_ok(), "{:?} makes {:?}", id, joined);
+                }
+            }
+
+            /// Media → paths → media: the original and every thumbnail of a media lead back to it,
+            /// for local and remote media; an id that makes no path makes none in either direction.
+            #[test]
+            fn media_and_paths_round_trip(
+                id in pathish(),
+                origin in prop_oneof![Just("matrix.org".to_owned()), Just("..".to_owned()), Just("a/b".to_owned()), "[a-z.:0-9-]{1,12}"],
+                thumb in "[0-9]{1,4}-[0-9]{1,4}-image-(png|jpeg)-(crop|scale)",
+                remote in any::<bool>(),
+            ) {
+                let media = if remote {
+                    MediaRef::Remote { origin: origin.clone(), fs_id: id.clone() }
+                } else {
+                    MediaRef::Local(id.clone())
+                };
+                match (media.original(), media.thumbnail_dir()) {
+                    (Some(o), Some(t)) => {
+                        prop_assert!(o.is_original() && o.is_uploadable(false));
+                        prop_assert_eq!(o.media(), Some(media.clone()));
+                        let th = MediaPath::parse(&format!("{t}/{thumb}")).unwrap();
+                        prop_assert!(!th.is_original() && th.is_uploadable(false));
+                        prop_assert_eq!(th.media(), Some(media.clone()));
+                    }
+                    (None, None) => {
+                        prop_assert!(split_id(&id).is_none() || (remote && !safe_component(&origin)));
+                    }
+                    other => prop_assert!(false, "one direction only: {:?}", other),
                 }
             }
         }

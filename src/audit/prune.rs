@@ -12,36 +12,8 @@ use std::collections::HashSet;
 use tokio_util::sync::CancellationToken;
 
 use super::{AuditError, Auditor, Report};
-use crate::layout::MediaPath;
+use crate::layout::{MediaPath, MediaRef};
 use crate::state::Op;
-
-/// Whose file a path is, as the database names it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Media {
-    Local(String),
-    Remote { origin: String, fs_id: String },
-}
-
-/// Inverts Synapse's layout (`AB/CD/REST` of an id). `None` for anything not laid out exactly so:
-/// such an object is never deleted.
-fn media_of(path: &MediaPath) -> Option<Media> {
-    let parts: Vec<&str> = path.as_str().split('/').collect();
-    let id = |ab: &str, cd: &str, rest: &str| {
-        (ab.chars().count() == 2 && cd.chars().count() == 2).then(|| format!("{ab}{cd}{rest}"))
-    };
-    match (parts[0], parts.len()) {
-        ("local_content", 4) | ("local_thumbnails", 5) => {
-            id(parts[1], parts[2], parts[3]).map(Media::Local)
-        }
-        ("remote_content", 5) | ("remote_thumbnail", 6) => {
-            id(parts[2], parts[3], parts[4]).map(|fs_id| Media::Remote {
-                origin: parts[1].to_owned(),
-                fs_id,
-            })
-        }
-        _ => None,
-    }
-}
 
 pub(super) async fn prune(
     a: &Auditor<'_>,
@@ -55,12 +27,12 @@ pub(super) async fn prune(
         if cancel.is_cancelled() {
             return Err(AuditError::Cancelled);
         }
-        let media: Vec<Option<Media>> = chunk.iter().map(|(p, _)| media_of(p)).collect();
+        let media: Vec<Option<MediaRef>> = chunk.iter().map(|(p, _)| p.media()).collect();
         let (mut local, mut origins, mut fs_ids) = (Vec::new(), Vec::new(), Vec::new());
         for m in media.iter().flatten() {
             match m {
-                Media::Local(id) => local.push(id.clone()),
-                Media::Remote { origin, fs_id } => {
+                MediaRef::Local(id) => local.push(id.clone()),
+                MediaRef::Remote { origin, fs_id } => {
                     origins.push(origin.clone());
                     fs_ids.push(fs_id.clone());
                 }
@@ -83,8 +55,8 @@ pub(super) async fn prune(
                     report.orphans_waiting += 1;
                     continue;
                 }
-                Some(Media::Local(id)) => present_local.contains(id),
-                Some(Media::Remote { origin, fs_id }) => {
+                Some(MediaRef::Local(id)) => present_local.contains(id),
+                Some(MediaRef::Remote { origin, fs_id }) => {
                     present_remote.contains(&(origin.clone(), fs_id.clone()))
                 }
             };
@@ -111,35 +83,4 @@ pub(super) async fn prune(
         a.committer.apply(ops).await?;
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn of(p: &str) -> Option<Media> {
-        media_of(&MediaPath::parse(p).unwrap())
-    }
-
-    #[test]
-    fn inverts_synapse_layout() {
-        assert_eq!(
-            of("local_content/ab/cd/efgh"),
-            Some(Media::Local("abcdefgh".into()))
-        );
-        assert_eq!(
-            of("local_thumbnails/ab/cd/efgh/32-32-image-png-crop"),
-            Some(Media::Local("abcdefgh".into()))
-        );
-        assert_eq!(
-            of("remote_thumbnail/example.org/ab/cd/ef/1-1-image-png-scale"),
-            Some(Media::Remote {
-                origin: "example.org".into(),
-                fs_id: "abcdef".into()
-            })
-        );
-        assert_eq!(of("local_content/abc/d/efgh"), None);
-        assert_eq!(of("local_content/ab/cd/ef/gh"), None);
-        assert_eq!(of("remote_content/x/ab/cd"), None);
-    }
 }

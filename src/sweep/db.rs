@@ -57,6 +57,21 @@ pub enum AgedMedia {
 }
 
 impl AgedMedia {
+    /// The media as the layout names it (its files: [`MediaRef::original`], ...).
+    pub fn media_ref(&self) -> MediaRef {
+        match self {
+            AgedMedia::Local { media_id, .. } => MediaRef::Local(media_id.clone()),
+            AgedMedia::Remote {
+                origin,
+                filesystem_id,
+                ..
+            } => MediaRef::Remote {
+                origin: origin.clone(),
+                fs_id: filesystem_id.clone(),
+            },
+        }
+    }
+
     pub fn sha256(&self) -> Option<[u8; 32]> {
         match self {
             AgedMedia::Local { sha256, .. } | AgedMedia::Remote { sha256, .. } => *sha256,

@@ -5,7 +5,7 @@ use std::path::Path;
 use super::Report;
 use super::Sweeper;
 use super::db::AgedMedia;
-use crate::layout::{self, MediaPath};
+use crate::layout::MediaPath;
 use crate::state::Record;
 use crate::upload::digest::{self, ReadOutcome, Snapshot, Stat};
 
@@ -63,49 +63,12 @@ pub enum Verdict {
     Error(String),
 }
 
-/// Synapse's ids become path components: refuse anything that could step out of its folder.
-fn safe_component(s: &str) -> Result<&str, String> {
-    let ok = !s.is_empty()
-        && s != "."
-        && s != ".."
-        && !s.contains('/')
-        && !s.chars().any(char::is_control);
-    if ok {
-        Ok(s)
-    } else {
-        Err(format!("refusing the unsafe id {s:?} from the database"))
-    }
-}
-
-/// `AB/CD/REST` of an id, split by characters as Synapse does ([`layout::split_id`]).
-fn split(id: &str) -> Result<String, String> {
-    let (a, b, c) = layout::split_id(id)
-        .ok_or_else(|| format!("refusing the unsafe id {id:?} from the database"))?;
-    Ok(format!("{a}/{b}/{c}"))
-}
-
-/// (original, thumbnail directory) of a media, relative to the store.
-pub fn media_paths(media: &AgedMedia) -> Result<(String, String), String> {
-    match media {
-        AgedMedia::Local { media_id, .. } => {
-            let dirs = split(media_id)?;
-            Ok((
-                format!("local_content/{dirs}"),
-                format!("local_thumbnails/{dirs}"),
-            ))
-        }
-        AgedMedia::Remote {
-            origin,
-            filesystem_id,
-            ..
-        } => {
-            let origin = safe_component(origin)?;
-            let dirs = split(filesystem_id)?;
-            Ok((
-                format!("remote_content/{origin}/{dirs}"),
-                format!("remote_thumbnail/{origin}/{dirs}"),
-            ))
-        }
+/// (original, thumbnail directory) of a media, relative to the store ([`crate::layout::MediaRef`]'s paths).
+pub fn media_paths(media: &AgedMedia) -> Result<(MediaPath, MediaPath), String> {
+    let m = media.media_ref();
+    match (m.original(), m.thumbnail_dir()) {
+        (Some(o), Some(t)) => Ok((o, t)),
+        _ => Err(format!("refusing the unsafe id {m:?} from the database")),
     }
 }
 
@@ -132,8 +95,6 @@ pub type Examined = Vec<(MediaPath, Result<Option<Local>, String>)>;
 
 pub async fn examine(s: &Sweeper, media: &AgedMedia) -> Result<Examined, String> {
     let (original, thumbs) = media_paths(media)?;
-    let original = MediaPath::parse(&original).map_err(|e| e.to_string())?;
-    let thumbs = MediaPath::parse(&thumbs).map_err(|e| e.to_string())?;
     let root = s.config.media_store_path.clone();
     let state = s.state.clone();
     let synapse = media.sha256();
@@ -280,9 +241,7 @@ pub async fn delete_unchanged(
         return Vec::new();
     }
     let root = root.to_owned();
-    let thumbs = media_paths(media)
-        .ok()
-        .and_then(|(_, t)| MediaPath::parse(&t).ok());
+    let thumbs = media_paths(media).ok().map(|(_, t)| t);
     let asked = files.clone();
     let done = tokio::task::spawn_blocking(move || {
         let out: Vec<_> = files
@@ -345,6 +304,10 @@ fn remove_empty_dir(root: &Path, rel: &MediaPath) {
 mod tests {
     use super::*;
 
+    fn strings((o, t): (MediaPath, MediaPath)) -> (String, String) {
+        (o.to_string(), t.to_string())
+    }
+
     #[test]
     fn paths_follow_synapse_layout_and_refuse_escapes() {
         let local = AgedMedia::Local {
@@ -352,7 +315,7 @@ mod tests {
             sha256: None,
         };
         assert_eq!(
-            media_paths(&local).unwrap(),
+            strings(media_paths(&local).unwrap()),
             (
                 "local_content/ab/cd/efghij".into(),
                 "local_thumbnails/ab/cd/efghij".into()
@@ -365,7 +328,7 @@ mod tests {
             sha256: None,
         };
         assert_eq!(
-            media_paths(&remote).unwrap(),
+            strings(media_paths(&remote).unwrap()),
             (
                 "remote_content/matrix.org/QW/ER/TYuiop".into(),
                 "remote_thumbnail/matrix.org/QW/ER/TYuiop".into()
@@ -399,6 +362,7 @@ mod tests {
                 media_id: id.into(),
                 sha256: None,
             })
+            .map(strings)
         };
         assert_eq!(
             local("éabcdef").unwrap().0,
