@@ -12,8 +12,13 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+pub use self::load::{Layers, load_layers, load_layers_with_env};
+pub use self::origin::{Origin, Origins};
 pub use self::sweep::{DatabaseConfig, RawDatabase, RawSweep, SslMode, SweepConfig};
 
+mod env;
+mod load;
+pub mod origin;
 mod s3;
 #[cfg(test)]
 pub(crate) use self::s3::validate_s3_for_tests;
@@ -56,26 +61,92 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
-    #[error("config file {path} is invalid")]
-    Parse {
-        path: PathBuf,
+    /// `detail` names the line and key, never the text (it may hold a secret).
+    #[error("config file {path}: {detail}")]
+    Parse { path: PathBuf, detail: String },
+    #[error("environment variable {var}: {problem}")]
+    Env { var: String, problem: String },
+    #[error("synapse_config{}", from(origin))]
+    Synapse {
+        origin: Option<Origin>,
         #[source]
-        source: Box<config::ConfigError>,
+        source: crate::synapse::SynapseConfigError,
     },
-    #[error("config key `{key}` is invalid: {reason}")]
-    Invalid { key: &'static str, reason: String },
-    #[error("config key `{key}` is required: {hint}")]
+    #[error("config key `{key}`{} is invalid: {reason}", from(origin))]
+    Invalid {
+        key: &'static str,
+        reason: String,
+        origin: Option<Origin>,
+    },
+    /// The value is fine but what it points to cannot be used (permissions, I/O): not "invalid".
+    #[error("config key `{key}`{}: {reason}", from(origin))]
+    Inaccessible {
+        key: &'static str,
+        reason: String,
+        origin: Option<Origin>,
+    },
+    #[error(
+        "config key `{key}` is required (set it in the config file or as {}): {hint}",
+        env_var(key)
+    )]
     Missing {
         key: &'static str,
         hint: &'static str,
     },
 }
 
+fn from(origin: &Option<Origin>) -> String {
+    origin
+        .as_ref()
+        .map(|o| format!(" (from {o})"))
+        .unwrap_or_default()
+}
+
+/// The variable that sets `key` (`s3.bucket` → `SYNAPSE_S3_OFFLOAD__S3__BUCKET`).
+pub fn env_var(key: &str) -> String {
+    format!(
+        "{}{}",
+        env::ENV_VAR_PREFIX,
+        key.to_ascii_uppercase().replace('.', "__")
+    )
+}
+
+impl ConfigError {
+    /// Names where the offending value came from.
+    pub fn with_origin(mut self, origins: &Origins) -> Self {
+        if let ConfigError::Invalid { key, origin, .. }
+        | ConfigError::Inaccessible { key, origin, .. } = &mut self
+        {
+            *origin = origins.get(key).cloned();
+        }
+        self
+    }
+}
+
 fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key,
         reason: reason.into(),
+        origin: None,
     }
+}
+
+fn inaccessible(key: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Inaccessible {
+        key,
+        reason: reason.into(),
+        origin: None,
+    }
+}
+
+/// `key:` with nothing after it (all its keys commented out) means the defaults, as an absent
+/// section does; serde alone would refuse the null.
+fn null_default<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de> + Default,
+{
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -89,17 +160,17 @@ pub struct RawConfig {
     pub scan_interval: Option<String>,
     pub scan_interval_when_degraded: Option<String>,
     pub shutdown_grace: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_default")]
     pub s3: RawS3,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_default")]
     pub upload: RawUpload,
     pub database: Option<RawDatabase>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_default")]
     pub sweep: RawSweep,
     /// Synapse's homeserver.yaml: fills media_store_path, database and s3 when they are not set
     /// here, and is checked before a sweep deletes anything (see `synapse`).
     pub synapse_config: Option<PathBuf>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_default")]
     pub metrics: RawMetrics,
     /// Extra Synapse config files (conf.d), merged after synapse_config in file-name order.
     pub synapse_config_dir: Option<PathBuf>,
@@ -169,7 +240,11 @@ impl DurationValue {
         match self {
             DurationValue::Seconds(0) => Err("must be greater than zero".into()),
             DurationValue::Seconds(n) => Ok(Duration::from_secs(*n)),
-            DurationValue::Text(s) => parse_duration(s),
+            // A number as text (an environment variable) is seconds too.
+            DurationValue::Text(s) => match s.trim().parse::<u64>() {
+                Ok(n) => DurationValue::Seconds(n).to_duration(),
+                Err(_) => parse_duration(s),
+            },
         }
     }
 }
@@ -257,67 +332,25 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/synapse-s3-offload";
 const MIN_PART_SIZE: u64 = 5 * 1024 * 1024;
 const MAX_PART_SIZE: u64 = 5 * 1024 * 1024 * 1024;
 
-/// Loads the file at `path` (YAML, or TOML when it ends in `.toml`), applies env overrides and
-/// validates the result.
+/// Loads the file at `path` (YAML, or TOML when it ends in `.toml`), applies env overrides,
+/// fills the rest from Synapse's config and validates the result.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
-    let mut raw = load_raw(path)?;
-    let has_secrets = raw.s3.secret_access_key.is_some()
-        || raw.s3.session_token.is_some()
-        || raw.s3.sse_customer_key.is_some()
-        || raw.database.as_ref().is_some_and(|d| d.password.is_some());
-    let mut warnings = import_synapse(&mut raw)?;
-    use std::os::unix::fs::PermissionsExt;
-    if has_secrets
-        && let Ok(meta) = std::fs::metadata(path)
-        && meta.permissions().mode() & 0o044 != 0
-    {
-        warnings.push(format!(
-            "config file {} holds secrets and is readable by other users: chmod 600 {}",
-            path.display(),
-            path.display()
-        ));
-    }
-    let mut config = validate(raw)?;
-    config.warnings = warnings;
+    finish(load_layers(path)?)
+}
+
+/// [`load`] with these environment variables instead of the process's (for tests).
+pub fn load_with_env(path: &Path, vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+    let vars = vars
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    finish(load_layers_with_env(path, vars)?)
+}
+
+fn finish(layers: Layers) -> Result<Config, ConfigError> {
+    let mut config = validate(layers.raw).map_err(|e| e.with_origin(&layers.origins))?;
+    config.warnings = layers.warnings;
     Ok(config)
-}
-
-/// Fills unset keys from Synapse's own config when `synapse_config` is set.
-pub fn import_synapse(raw: &mut RawConfig) -> Result<Vec<String>, ConfigError> {
-    let Some(path) = raw.synapse_config.clone() else {
-        return Ok(Vec::new());
-    };
-    let hs = crate::synapse::read_all(&path, raw.synapse_config_dir.as_deref())
-        .map_err(|e| invalid("synapse_config", crate::Chain(&e).to_string()))?;
-    Ok(crate::synapse::fill(raw, &hs))
-}
-
-pub fn load_raw(path: &Path) -> Result<RawConfig, ConfigError> {
-    // Read it ourselves first so a missing/unreadable file gets an io error with the path, not the
-    // config crate's generic "not found".
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
-    let format = match path.extension().and_then(|e| e.to_str()) {
-        Some("toml") => config::FileFormat::Toml,
-        _ => config::FileFormat::Yaml,
-    };
-    let parse_err = |source| ConfigError::Parse {
-        path: path.to_owned(),
-        source: Box::new(source),
-    };
-    let built = config::Config::builder()
-        .add_source(config::File::from_str(&text, format))
-        .add_source(
-            config::Environment::with_prefix(ENV_PREFIX)
-                .prefix_separator("__")
-                .separator("__")
-                .try_parsing(true),
-        )
-        .build()
-        .map_err(parse_err)?;
-    built.try_deserialize::<RawConfig>().map_err(parse_err)
 }
 
 pub fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
@@ -382,30 +415,34 @@ fn validate_media_store(p: &Path) -> Result<PathBuf, ConfigError> {
             format!("{} is not an absolute path", p.display()),
         ));
     }
-    let canonical = std::fs::canonicalize(p).map_err(|e| {
-        invalid(
-            "media_store_path",
-            format!(
-                "{} cannot be opened ({e}); point it at Synapse's media store",
-                p.display()
+    let unusable = |e: std::io::Error, what: &str| {
+        let reason = format!("{} {what} ({e})", p.display());
+        match e.kind() {
+            std::io::ErrorKind::NotFound => invalid(
+                "media_store_path",
+                format!(
+                    "{} does not exist; point it at Synapse's media store",
+                    p.display()
+                ),
             ),
-        )
-    })?;
+            // Not a bad value: the path is fine, we may not enter it.
+            std::io::ErrorKind::PermissionDenied => inaccessible(
+                "media_store_path",
+                format!(
+                    "{reason}; run as the user Synapse runs as (e.g. matrix-synapse), or give that user access"
+                ),
+            ),
+            _ => inaccessible("media_store_path", reason),
+        }
+    };
+    let canonical = std::fs::canonicalize(p).map_err(|e| unusable(e, "cannot be opened"))?;
     if !canonical.is_dir() {
         return Err(invalid(
             "media_store_path",
             format!("{} is not a directory", p.display()),
         ));
     }
-    std::fs::read_dir(&canonical).map_err(|e| {
-        invalid(
-            "media_store_path",
-            format!(
-                "{} is not readable ({e}); run as the user Synapse runs as (e.g. matrix-synapse)",
-                p.display()
-            ),
-        )
-    })?;
+    std::fs::read_dir(&canonical).map_err(|e| unusable(e, "is not readable"))?;
     Ok(canonical)
 }
 
