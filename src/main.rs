@@ -131,6 +131,20 @@ fn init_logging(format: LogFormat) {
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    if let Command::Check = cli.command {
+        // Before loading: a bad config is a ✗ line of the table, and the rest is still checked.
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .context("starting the async runtime")?;
+        let checks = rt.block_on(synapse_s3_offload::check::run_file(&cli.config));
+        print!("{checks}");
+        return match checks.failed {
+            0 => Ok(ExitCode::SUCCESS),
+            1 => anyhow::bail!("1 check failed (✗ above)"),
+            n => anyhow::bail!("{n} checks failed (✗ above)"),
+        };
+    }
     let config = config::load(&cli.config)?;
     for w in &config.warnings {
         tracing::warn!("{w}");
@@ -141,14 +155,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         .context("starting the async runtime")?;
     rt.block_on(async move {
         match cli.command {
-            Command::Check => {
-                let checks = synapse_s3_offload::check::run(&config).await;
-                print!("{checks}");
-                if checks.failed > 0 {
-                    anyhow::bail!("{} checks failed", checks.failed);
-                }
-                Ok(ExitCode::SUCCESS)
-            }
+            Command::Check => unreachable!("handled above"),
             Command::Sweep { dry_run } => {
                 let cancel = CancellationToken::new();
                 let on_signal = cancel.clone();
@@ -218,6 +225,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::SUCCESS)
             }
             Command::Status { json } => {
+                // Not created here: a typo'd path would look like a fresh install.
+                if !config.state_dir.exists() {
+                    anyhow::bail!(
+                        "state_dir {} does not exist: nothing has run with it yet (`run` or `upload` create it), or the path is wrong",
+                        config.state_dir.display()
+                    );
+                }
                 let answer = daemon_or_local(&config.state_dir, Request::Status, async || {
                     match control::status_standalone(&config) {
                         Err(StateError::Locked { .. }) => Ok(None),

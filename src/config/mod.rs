@@ -348,64 +348,140 @@ pub fn load_with_env(path: &Path, vars: &[(&str, &str)]) -> Result<Config, Confi
 }
 
 fn finish(layers: Layers) -> Result<Config, ConfigError> {
-    let mut config = validate(layers.raw).map_err(|e| e.with_origin(&layers.origins))?;
+    let mut config = validate_parts(layers.raw, &layers.origins).into_config()?;
     config.warnings = layers.warnings;
     Ok(config)
 }
 
 pub fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
-    let media_store_path = raw.media_store_path.ok_or(ConfigError::Missing {
-        key: "media_store_path",
-        hint: "set it to Synapse's media_store_path (e.g. /var/lib/matrix-synapse/media)",
-    })?;
-    let media_store_path = validate_media_store(&media_store_path)?;
+    validate_parts(raw, &Origins::default()).into_config()
+}
+
+/// Each part of the config validated on its own, so `check` can report every bad key and still
+/// check what is right (S3 with a good `s3:` while `media_store_path` is wrong).
+pub struct Parts {
+    pub media_store_path: Result<PathBuf, ConfigError>,
+    pub state_dir: Result<PathBuf, ConfigError>,
+    pub s3: Result<S3Config, ConfigError>,
+    pub upload: Result<UploadConfig, ConfigError>,
+    pub database: Result<Option<DatabaseConfig>, ConfigError>,
+    pub synapse_uses_sqlite: bool,
+    pub synapse_config: Option<PathBuf>,
+    pub synapse_config_dir: Option<PathBuf>,
+    rest: Result<Rest, ConfigError>,
+}
+
+struct Rest {
+    scan_interval: Duration,
+    scan_interval_when_degraded: Duration,
+    shutdown_grace: Duration,
+    sweep: SweepConfig,
+    metrics: MetricsConfig,
+}
+
+impl Parts {
+    /// Every error, in the order of the keys.
+    pub fn errors(&self) -> Vec<&ConfigError> {
+        [
+            self.media_store_path.as_ref().err(),
+            self.state_dir.as_ref().err(),
+            self.s3.as_ref().err(),
+            self.upload.as_ref().err(),
+            self.database.as_ref().err(),
+            self.rest.as_ref().err(),
+        ]
+        .into_iter()
+        .flatten()
+        .collect()
+    }
+
+    pub fn into_config(self) -> Result<Config, ConfigError> {
+        let rest = self.rest?;
+        Ok(Config {
+            media_store_path: self.media_store_path?,
+            state_dir: self.state_dir?,
+            scan_interval: rest.scan_interval,
+            scan_interval_when_degraded: rest.scan_interval_when_degraded,
+            shutdown_grace: rest.shutdown_grace,
+            s3: self.s3?,
+            upload: self.upload?,
+            database: self.database?,
+            sweep: rest.sweep,
+            synapse_config: self.synapse_config,
+            synapse_config_dir: self.synapse_config_dir,
+            metrics: rest.metrics,
+            synapse_uses_sqlite: self.synapse_uses_sqlite,
+            warnings: Vec::new(),
+        })
+    }
+}
+
+/// Validates each part; each error names where its value came from, per `origins`.
+pub fn validate_parts(raw: RawConfig, origins: &Origins) -> Parts {
+    let media_store_path = raw
+        .media_store_path
+        .ok_or(ConfigError::Missing {
+            key: "media_store_path",
+            hint: "set it to Synapse's media_store_path (e.g. /var/lib/matrix-synapse/media), or set synapse_config",
+        })
+        .and_then(|p| validate_media_store(&p));
     let state_dir = raw
         .state_dir
         .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
-    if !state_dir.is_absolute() {
-        return Err(invalid("state_dir", "must be an absolute path"));
-    }
-    if state_dir.starts_with(&media_store_path) {
-        return Err(invalid(
+    let state_dir = if !state_dir.is_absolute() {
+        Err(invalid("state_dir", "must be an absolute path"))
+    } else if media_store_path
+        .as_ref()
+        .is_ok_and(|m| state_dir.starts_with(m))
+    {
+        Err(invalid(
             "state_dir",
             "must not be inside media_store_path (the daemon would upload its own database)",
-        ));
-    }
-    Ok(Config {
-        media_store_path,
-        state_dir,
-        scan_interval: duration("scan_interval", raw.scan_interval, "6h")?,
-        scan_interval_when_degraded: duration(
-            "scan_interval_when_degraded",
-            raw.scan_interval_when_degraded,
-            "1m",
-        )?,
-        shutdown_grace: duration("shutdown_grace", raw.shutdown_grace, "10s")?,
-        s3: s3::validate_s3(raw.s3)?,
-        upload: validate_upload(raw.upload)?,
-        database: sweep::validate_database(raw.database)?,
-        sweep: sweep::validate_sweep(raw.sweep)?,
+        ))
+    } else {
+        Ok(state_dir)
+    };
+    let metrics = raw.metrics;
+    let rest = (|| {
+        Ok(Rest {
+            scan_interval: duration("scan_interval", raw.scan_interval, "6h")?,
+            scan_interval_when_degraded: duration(
+                "scan_interval_when_degraded",
+                raw.scan_interval_when_degraded,
+                "1m",
+            )?,
+            shutdown_grace: duration("shutdown_grace", raw.shutdown_grace, "10s")?,
+            sweep: sweep::validate_sweep(raw.sweep)?,
+            metrics: MetricsConfig {
+                listen: match metrics.listen.as_deref().filter(|s| !s.is_empty()) {
+                    None => None,
+                    Some(l) => Some(l.parse().map_err(|e| {
+                        invalid(
+                            "metrics.listen",
+                            format!("{l:?} is not host:port ({e}); e.g. 127.0.0.1:9187"),
+                        )
+                    })?),
+                },
+                s3_probe_interval: duration(
+                    "metrics.s3_probe_interval",
+                    metrics.s3_probe_interval,
+                    "30s",
+                )?,
+            },
+        })
+    })();
+    let o = |e: ConfigError| e.with_origin(origins);
+    Parts {
+        media_store_path: media_store_path.map_err(o),
+        state_dir: state_dir.map_err(o),
+        s3: s3::validate_s3(raw.s3).map_err(o),
+        upload: validate_upload(raw.upload).map_err(o),
+        database: sweep::validate_database(raw.database).map_err(o),
+        synapse_uses_sqlite: raw.synapse_uses_sqlite.unwrap_or(false),
         synapse_config: raw.synapse_config,
         synapse_config_dir: raw.synapse_config_dir,
-        metrics: MetricsConfig {
-            listen: match raw.metrics.listen.as_deref().filter(|s| !s.is_empty()) {
-                None => None,
-                Some(l) => Some(l.parse().map_err(|e| {
-                    invalid(
-                        "metrics.listen",
-                        format!("{l:?} is not host:port ({e}); e.g. 127.0.0.1:9187"),
-                    )
-                })?),
-            },
-            s3_probe_interval: duration(
-                "metrics.s3_probe_interval",
-                raw.metrics.s3_probe_interval,
-                "30s",
-            )?,
-        },
-        synapse_uses_sqlite: raw.synapse_uses_sqlite.unwrap_or(false),
-        warnings: Vec::new(),
-    })
+        rest: rest.map_err(o),
+    }
 }
 
 fn validate_media_store(p: &Path) -> Result<PathBuf, ConfigError> {
