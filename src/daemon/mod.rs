@@ -42,6 +42,10 @@ pub enum DaemonError {
     Db(#[from] crate::sweep::db::DbError),
     #[error(transparent)]
     Control(#[from] crate::control::ControlError),
+    #[error(
+        "a daemon is already running with state_dir {state_dir} (it answers on its control socket); stop it first, or use status, sweep and audit, which talk to it"
+    )]
+    AlreadyRunning { state_dir: std::path::PathBuf },
     #[error("cannot listen on metrics.listen {addr} (in use? another daemon?)")]
     Metrics {
         addr: std::net::SocketAddr,
@@ -94,6 +98,30 @@ struct Shared {
     health: Arc<crate::metrics::Health>,
 }
 
+/// Opens the state database. A running daemon holds it for good: fail at once. A `status`, `sweep`
+/// or `upload` run holds it for a moment: wait for it, and say so.
+async fn open_state(state_dir: &std::path::Path) -> Result<State, DaemonError> {
+    let dir = state_dir.to_owned();
+    match tokio::task::spawn_blocking(move || State::open(&dir))
+        .await
+        .expect("open does not panic")
+    {
+        Err(StateError::Locked { .. }) => {}
+        other => return Ok(other?),
+    }
+    if let Ok(Some(_)) = crate::control::request(state_dir, &crate::control::Request::Status).await
+    {
+        return Err(DaemonError::AlreadyRunning {
+            state_dir: state_dir.to_owned(),
+        });
+    }
+    tracing::info!(
+        state_dir = %state_dir.display(),
+        "Waiting up to 10 s for the state database: another synapse-s3-offload command (status, sweep, upload) holds it."
+    );
+    Ok(State::open_waiting(state_dir, Duration::from_secs(10)).await?)
+}
+
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), DaemonError> {
     run_with(config, shutdown, Options::default()).await
 }
@@ -104,7 +132,7 @@ pub async fn run_with(
     opts: Options,
 ) -> Result<(), DaemonError> {
     crate::upload::limit_malloc_arenas();
-    let state = State::open_waiting(&config.state_dir, Duration::from_secs(10)).await?;
+    let state = open_state(&config.state_dir).await?;
     let (committer, commit_thread) = Committer::start(state.clone());
     let queue = Arc::new(Queue::open(&state, committer.clone(), &config.upload)?);
     let control = crate::control::bind(&config.state_dir).await?;

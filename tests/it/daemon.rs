@@ -491,3 +491,40 @@ unsafe extern "C" {
     #[link_name = "kill"]
     fn libc_kill(pid: i32, sig: i32) -> i32;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_daemon_on_the_same_state_dir_fails_at_once() {
+    let env = s3_env();
+    let bucket = create_bucket(&env, "second").await;
+    let store = Store::new();
+    let raw = raw_config(&env, &env.endpoint, &bucket, &store);
+    let config = validated(raw);
+    let d = Daemon::start(config.clone(), Options::default());
+    let state_dir = config.state_dir.clone();
+    eventually("the first daemon answers", Duration::from_secs(20), || {
+        let dir = state_dir.clone();
+        async move {
+            match synapse_s3_offload::control::request(
+                &dir,
+                &synapse_s3_offload::control::Request::Status,
+            )
+            .await
+            {
+                Ok(Some(_)) => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        }
+    })
+    .await;
+    // It used to wait 10 s in silence, then fail.
+    let started = Instant::now();
+    let second = daemon::run(config, CancellationToken::new()).await;
+    let err = second.expect_err("a second daemon must not start");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(err.to_string().contains("already running"), "{err}");
+    d.stop().await;
+}
