@@ -42,10 +42,6 @@ pub enum DaemonError {
     Db(#[from] crate::sweep::db::DbError),
     #[error(transparent)]
     Control(#[from] crate::control::ControlError),
-    #[error(
-        "a daemon is already running with state_dir {state_dir} (it answers on its control socket); stop it first, or use status, sweep and audit, which talk to it"
-    )]
-    AlreadyRunning { state_dir: std::path::PathBuf },
     #[error("cannot listen on metrics.listen {addr} (in use? another daemon?)")]
     Metrics {
         addr: std::net::SocketAddr,
@@ -111,9 +107,7 @@ async fn open_state(state_dir: &std::path::Path) -> Result<State, DaemonError> {
     }
     if let Ok(Some(_)) = crate::control::request(state_dir, &crate::control::Request::Status).await
     {
-        return Err(DaemonError::AlreadyRunning {
-            state_dir: state_dir.to_owned(),
-        });
+        return Err(crate::control::ControlError::AlreadyRunning(state_dir.to_owned()).into());
     }
     tracing::info!(
         state_dir = %state_dir.display(),

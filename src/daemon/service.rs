@@ -14,6 +14,7 @@ pub(super) async fn sweeps(s: Arc<Shared>, intake: CancellationToken) {
     if s.sweeper.is_none() || !s.config.sweep.enabled {
         return;
     }
+    crate::metrics::sweep_metrics_at_zero();
     loop {
         tokio::select! {
             _ = intake.cancelled() => return,
@@ -35,9 +36,11 @@ pub(super) async fn sweep(s: &Shared, dry_run: bool, cancel: &CancellationToken)
     match sweeper.run(dry_run, cancel).await {
         Ok(report) => {
             tracing::info!(report = %report, "Sweep finished.");
+            // A dry run deletes nothing: it is not a sweep that kept the disk in check.
             let outcome = match (&report.stopped, report.skipped_locked) {
                 (_, true) => "skipped_locked",
                 (Some(_), _) => "stopped",
+                (None, _) if dry_run => "dry_run",
                 (None, _) => "done",
             };
             metrics::counter!(m::SWEEPS, "outcome" => outcome).increment(1);
@@ -45,8 +48,11 @@ pub(super) async fn sweep(s: &Shared, dry_run: bool, cancel: &CancellationToken)
                 metrics::counter!(m::SWEEP_DELETED_FILES).increment(report.files_deleted);
                 metrics::counter!(m::SWEEP_DELETED_BYTES).increment(report.bytes_freed);
             }
-            metrics::counter!(m::SWEEP_KEPT)
-                .increment(report.kept_not_in_bucket + report.kept_different + report.kept_error);
+            if !dry_run {
+                metrics::counter!(m::SWEEP_KEPT).increment(
+                    report.kept_not_in_bucket + report.kept_different + report.kept_error,
+                );
+            }
             if outcome == "done" {
                 metrics::gauge!(m::LAST_SWEEP).set(report.started_at_ms as f64 / 1000.0);
             }

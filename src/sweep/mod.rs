@@ -92,7 +92,9 @@ pub struct Report {
     pub kept_error: u64,
     /// Files of aged media changed during the sweep (kept).
     pub kept_changed: u64,
-    /// Relative paths deleted (or that would be, with `dry_run`).
+    /// Relative paths deleted (or that would be, with `dry_run`). Not kept with the last sweep's
+    /// report (so not in `status --json`): the counts are.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub deleted: Vec<String>,
     /// First errors, for the report.
     pub errors: Vec<String>,
