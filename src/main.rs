@@ -120,6 +120,14 @@ fn init_logging(format: LogFormat) {
     // header (tests/it/security.rs caught it). Capped at DEBUG whatever RUST_LOG says, so that no
     // log filter can print a secret.
     let filter = filter.add_directive(SIGV4_CAP.parse().expect("a valid directive"));
+    // notify logs "unable to remove watch descriptor … Invalid argument" at INFO whenever a watched
+    // directory is removed (the sweep removes emptied thumbnail directories; the kernel already
+    // dropped the watch): noise, unless asked for by name.
+    let filter = if std::env::var("RUST_LOG").is_ok_and(|f| f.contains("notify")) {
+        filter
+    } else {
+        filter.add_directive("notify::inotify=warn".parse().expect("a valid directive"))
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

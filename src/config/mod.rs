@@ -20,6 +20,7 @@ mod env;
 mod load;
 pub mod origin;
 mod s3;
+mod summary;
 #[cfg(test)]
 pub(crate) use self::s3::validate_s3_for_tests;
 mod sweep;

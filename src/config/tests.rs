@@ -454,3 +454,31 @@ fn an_invalid_value_names_its_file_and_line_and_a_permission_problem_is_not_inva
         );
     }
 }
+
+#[test]
+fn the_setup_summary_names_bucket_endpoint_metrics_and_sweep_and_no_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut raw = raw_with(dir.path());
+    raw.s3.endpoint_url = Some("http://127.0.0.1:9000".into());
+    raw.s3.access_key_id = Some("AKIDsummary".into());
+    raw.s3.secret_access_key = Some(Secret::new("summary-secret"));
+    raw.metrics.listen = Some("127.0.0.1:9187".into());
+    raw.database = Some(RawDatabase {
+        database: Some("synapse".into()),
+        password: Some(Secret::new("summary-db-password")),
+        ..Default::default()
+    });
+    let s = validate(raw).unwrap().summary();
+    for want in [
+        "bucket media",
+        "http://127.0.0.1:9000",
+        "metrics on http://127.0.0.1:9187/metrics",
+        "sweep every 1h, keeping media accessed in the last 30days",
+    ] {
+        assert!(s.contains(want), "{want}: {s}");
+    }
+    assert!(
+        !s.contains("secret") && !s.contains("password") && !s.contains("AKID"),
+        "{s}"
+    );
+}

@@ -189,7 +189,7 @@ pub async fn run_with(
         shared.health.s3_ok();
     }
     let depth = shared.queue.depth();
-    tracing::info!(queued = depth.queued, failed = depth.failed, root = %shared.config.media_store_path.display(), "Starting.");
+    tracing::info!(queued = depth.queued, failed = depth.failed, setup = %shared.config.summary(), "Starting.");
 
     let intake = shutdown.child_token();
     let mut tasks = JoinSet::new();
