@@ -108,10 +108,27 @@ async fn check_s3(s3: &S3Config, part_size: u64, c: &mut Checks) {
             .map_err(|e| ("PUT", crate::Chain(&e).to_string()))?;
         match store.head(&key).await {
             Ok(Some(info)) if info.confirms(body.len() as u64, &md5) => {}
-            Ok(other) => {
+            Ok(None) => {
                 return Err((
                     "HEAD",
-                    format!("the object does not match what was written: {other:?}"),
+                    "the object just written is not there (does the provider list what it stores?)"
+                        .into(),
+                ));
+            }
+            Ok(Some(info)) => {
+                return Err((
+                    "HEAD",
+                    format!(
+                        "the object does not match what was written: {} bytes instead of {}, or a different digest (x-amz-meta-md5 {}, ETag {})",
+                        info.size,
+                        body.len(),
+                        if info.meta_md5.is_some() {
+                            "present"
+                        } else {
+                            "missing"
+                        },
+                        info.etag.as_deref().unwrap_or("none")
+                    ),
                 ));
             }
             Err(e) => return Err(("HEAD", crate::Chain(&e).to_string())),

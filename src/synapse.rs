@@ -294,9 +294,15 @@ pub fn reads_from_our_bucket(hs: &HomeserverYaml, s3: &S3Config) -> Result<(), S
         norm_endpoint(s3.endpoint_url.as_deref()),
     );
     if theirs != ours {
+        let endpoint = |e: &Option<String>| e.clone().unwrap_or_else(|| "AWS S3 (none set)".into());
         return Err(format!(
-            "Synapse's s3_storage_provider reads bucket {:?}, prefix {:?}, endpoint {:?}, but we upload to bucket {:?}, prefix {:?}, endpoint {:?}; make them the same before sweeping",
-            theirs.0, theirs.1, theirs.2, ours.0, ours.1, ours.2
+            "Synapse's s3_storage_provider reads bucket {}, prefix {:?}, endpoint {}, but we upload to bucket {}, prefix {:?}, endpoint {}; make them the same before sweeping",
+            theirs.0,
+            theirs.1,
+            endpoint(&theirs.2),
+            ours.0,
+            ours.1,
+            endpoint(&ours.2)
         ));
     }
     Ok(())
@@ -348,6 +354,7 @@ media_storage_providers:
         let err = reads_from_our_bucket(&hs, &s3("media", "", Some("https://s3.example.com")))
             .unwrap_err();
         assert!(err.contains("prefix"), "{err}");
+        assert!(!err.contains("Some("), "no programmer output: {err}");
         assert!(
             reads_from_our_bucket(&HomeserverYaml::default(), &s3("media", "", None))
                 .unwrap_err()
