@@ -68,6 +68,11 @@ pub async fn run_file(path: &Path) -> Checks {
     }
     if let Ok(dir) = &parts.state_dir {
         check_state_dir(dir, &mut c).await;
+        if let Ok(root) = &parts.media_store_path
+            && let Some(p) = crate::owner::problem(crate::owner::euid(), root, dir)
+        {
+            c.fail("user", p);
+        }
     }
     match parts.into_config() {
         Ok(config) => match crate::sweep::check_provider(&config) {

@@ -12,6 +12,7 @@ pub mod daemon;
 pub mod layout;
 pub mod md5;
 pub mod metrics;
+pub mod owner;
 pub mod queue;
 pub mod scan;
 pub mod state;

@@ -154,6 +154,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         };
     }
     let config = config::load(&cli.config)?;
+    if !matches!(cli.command, Command::Status { .. })
+        && let Some(problem) = synapse_s3_offload::owner::problem(
+            synapse_s3_offload::owner::euid(),
+            &config.media_store_path,
+            &config.state_dir,
+        )
+    {
+        anyhow::bail!("{problem}");
+    }
     for w in &config.warnings {
         tracing::warn!("{w}");
     }

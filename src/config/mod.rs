@@ -56,7 +56,7 @@ impl fmt::Display for Secret {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {path}")]
+    #[error("cannot read config file {path}{}", read_hint(source, path))]
     Read {
         path: PathBuf,
         #[source]
@@ -94,6 +94,18 @@ pub enum ConfigError {
         key: &'static str,
         hint: &'static str,
     },
+}
+
+/// The usual cause of a config the service cannot read: root created it 0600.
+fn read_hint(e: &std::io::Error, path: &Path) -> String {
+    match e.kind() {
+        std::io::ErrorKind::PermissionDenied => format!(
+            " (run as the user that owns it, or give it to the daemon's user: chown matrix-synapse: {} && chmod 600 {})",
+            path.display(),
+            path.display()
+        ),
+        _ => String::new(),
+    }
 }
 
 fn from(origin: &Option<Origin>) -> String {

@@ -69,7 +69,11 @@ fn the_audit_unit_runs_as_the_main_unit_does() {
             .to_string()
     };
     assert_eq!(exec(&main), exec(&audit), "same binary and config");
-    assert!(setting(&audit, "ExecStart").unwrap().ends_with("audit --json"));
+    assert!(
+        setting(&audit, "ExecStart")
+            .unwrap()
+            .ends_with("audit --json")
+    );
     assert!(
         setting(&main, "ReadWritePaths")
             .unwrap()
