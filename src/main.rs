@@ -298,6 +298,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         summary.failed
                     );
                 }
+                if summary.unreadable_count > 0 {
+                    anyhow::bail!(
+                        "{} part(s) of the media store could not be read (listed above): give the user this runs as read access, then run `upload` again",
+                        summary.unreadable_count
+                    );
+                }
                 if cancel.is_cancelled() {
                     anyhow::bail!("interrupted; run `upload` again to finish");
                 }
