@@ -35,7 +35,11 @@ pub(super) async fn sweep(s: &Shared, dry_run: bool, cancel: &CancellationToken)
     use crate::metrics as m;
     match sweeper.run(dry_run, cancel).await {
         Ok(report) => {
-            tracing::info!(report = %report, "Sweep finished.");
+            if dry_run {
+                tracing::info!(report = %report, "Dry-run sweep finished (nothing deleted).");
+            } else {
+                tracing::info!(report = %report, "Sweep finished.");
+            }
             // A dry run deletes nothing: it is not a sweep that kept the disk in check.
             let outcome = match (&report.stopped, report.skipped_locked) {
                 (_, true) => "skipped_locked",
