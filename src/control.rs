@@ -63,9 +63,9 @@ pub struct Status {
     pub failed: usize,
     pub recorded: u64,
     pub failures: Vec<FailedItem>,
-    pub last_sweep: Option<Report>,
+    pub last_sweep: Option<Box<Report>>,
     #[serde(default)]
-    pub last_dry_run: Option<Report>,
+    pub last_dry_run: Option<Box<Report>>,
 }
 
 impl std::fmt::Display for Status {

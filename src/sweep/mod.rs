@@ -472,6 +472,16 @@ impl Sweeper {
     }
 }
 
+/// A media as an admin finds it in Synapse's admin API: `media_id`, or `origin/media_id`.
+fn media_name(m: &AgedMedia) -> String {
+    match m {
+        AgedMedia::Local { media_id } => format!("local media {media_id}"),
+        AgedMedia::Remote {
+            origin, media_id, ..
+        } => format!("remote media {origin}/{media_id}"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -514,15 +524,5 @@ mod tests {
         ));
         assert!(next_cursor(&remote(999), &at_remote).is_none());
         assert!(next_cursor(&[], &at_remote).is_none());
-    }
-}
-
-/// A media as an admin finds it in Synapse's admin API: `media_id`, or `origin/media_id`.
-fn media_name(m: &AgedMedia) -> String {
-    match m {
-        AgedMedia::Local { media_id } => format!("local media {media_id}"),
-        AgedMedia::Remote {
-            origin, media_id, ..
-        } => format!("remote media {origin}/{media_id}"),
     }
 }
