@@ -66,6 +66,9 @@ pub struct Status {
     pub last_sweep: Option<Box<Report>>,
     #[serde(default)]
     pub last_dry_run: Option<Box<Report>>,
+    /// Parts of the media store the daemon's scans could not read (their files are not uploaded).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unreadable: Vec<String>,
 }
 
 impl std::fmt::Display for Status {
@@ -100,6 +103,9 @@ impl std::fmt::Display for Status {
         }
         if let Some(r) = &self.last_dry_run {
             writeln!(f, "last dry run: {} ago: {r}", ago(r))?;
+        }
+        for u in &self.unreadable {
+            writeln!(f, "unreadable:   {u} (its files are not uploaded)")?;
         }
         for item in &self.failures {
             writeln!(
@@ -153,6 +159,7 @@ pub fn status(state: &State, queue: &Queue, daemon_running: bool) -> Result<Stat
         last_dry_run: state
             .text(LAST_DRY_RUN)?
             .and_then(|t| serde_json::from_str(&t).ok()),
+        unreadable: Vec::new(),
     })
 }
 

@@ -60,12 +60,6 @@ impl Origins {
             }
         }
     }
-    /// Whether any key (or section) came from `pred`.
-    pub fn any(&self, key: &str, pred: impl Fn(&Origin) -> bool) -> bool {
-        self.0
-            .iter()
-            .any(|(k, o)| (k == key || k.starts_with(&format!("{key}."))) && pred(o))
-    }
 }
 
 /// The line of every key of a YAML document, by dotted path (`database.args.password`). Built by

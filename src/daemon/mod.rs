@@ -87,6 +87,8 @@ struct Shared {
     wake_scan: Arc<tokio::sync::Notify>,
     /// inotify does not cover the whole store (watch limit, watch error).
     degraded: AtomicBool,
+    /// The first parts of the store a scan could not read, for `status` (not only the log).
+    pub(super) unreadable: std::sync::Mutex<Vec<String>>,
     /// The watch is in place: a scan that starts now misses nothing written before it started.
     watching: AtomicBool,
     /// Last time (ms) the dispatcher loop ran: the systemd watchdog's liveness signal.
@@ -181,6 +183,7 @@ pub async fn run_with(
         rescan: Arc::new(AtomicBool::new(true)),
         wake_scan: Arc::new(tokio::sync::Notify::new()),
         degraded: AtomicBool::new(false),
+        unreadable: std::sync::Mutex::new(Vec::new()),
         watching: AtomicBool::new(false),
         heartbeat: AtomicU64::new(now_ms()),
         health: Arc::new(crate::metrics::Health::default()),
@@ -422,6 +425,12 @@ fn to_enqueue(s: &Shared, item: Item) -> Option<(MediaPath, u64, bool)> {
         Item::Problem(p) => {
             tracing::warn!(problem = %p, "Scan problem.");
             if matches!(p, scan::Problem::Unreadable { .. }) {
+                let mut seen = s.unreadable.lock().expect("not poisoned");
+                let text = p.to_string();
+                if seen.len() < 10 && !seen.contains(&text) {
+                    seen.push(text);
+                }
+                drop(seen);
                 unreadable(s);
             }
             None

@@ -138,7 +138,10 @@ pub(super) async fn control(s: Arc<Shared>, listener: UnixListener, intake: Canc
             control::serve_one(stream, move |req| async move {
                 match req {
                     Request::Status => match control::status(&s.state, &s.queue, true) {
-                        Ok(st) => Response::Status(st),
+                        Ok(mut st) => {
+                            st.unreadable = s.unreadable.lock().expect("not poisoned").clone();
+                            Response::Status(st)
+                        }
                         Err(e) => Response::Error(crate::Chain(&e).to_string()),
                     },
                     Request::Sweep { dry_run } => sweep(&s, dry_run, &cancel).await,

@@ -123,10 +123,23 @@ async fn bad_inputs_each_give_one_clear_line() {
     assert_clear_error(&run(&cfg, &[]), &["media_store_path", "/nonexistent/media"]);
 
     write_yaml(&cfg, &format!("{good}  bukket: x\n"));
-    assert_clear_error(&run(&cfg, &[]), &["unknown field `bukket`", "s3"]);
+    assert_clear_error(
+        &run(&cfg, &[]),
+        &["unknown key `bukket`", "line 10, key `s3.bukket`"],
+    );
 
     write_yaml(&cfg, "media_store_path: [unclosed\n");
-    assert_clear_error(&run(&cfg, &[]), &["config.yaml is invalid"]);
+    assert_clear_error(&run(&cfg, &[]), &["config.yaml", "not valid YAML"]);
+
+    // A typo'd environment variable names the variable, not the file.
+    write_yaml(&cfg, &good);
+    assert_clear_error(
+        &run(&cfg, &[("SYNAPSE_S3_OFFLOAD__S3__BUKET", "x")]),
+        &[
+            "environment variable SYNAPSE_S3_OFFLOAD__S3__BUKET",
+            "`buket`",
+        ],
+    );
 
     write_yaml(&cfg, &format!("{good}upload:\n  concurrency: many\n"));
     assert_clear_error(&run(&cfg, &[]), &["upload.concurrency"]);
