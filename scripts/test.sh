@@ -78,12 +78,23 @@ fi
 
 # --- cargo audit (offline only) ---------------------------------------------------------------
 # The RustSec advisory database is fetched from GitHub, which CI cannot reach: audit against a
-# local copy only (SSO_ADVISORY_DB, e.g. a clone of rustsec/advisory-db), else say it was skipped.
-if [[ -n "${SSO_ADVISORY_DB:-}" && -d "${SSO_ADVISORY_DB:-}" ]] && cargo audit --version >/dev/null 2>&1; then
-  log "cargo audit (advisory database $SSO_ADVISORY_DB)"
-  cargo audit --no-fetch --stale --db "$SSO_ADVISORY_DB"
+# local copy, by default the snapshot in ../shared/advisory-db beside this checkout (see
+# ../shared/advisory-db.README), or SSO_ADVISORY_DB. cargo-audit is installed once if missing.
+# Under CI=true a missing database is a failure, never a silent skip. SSO_SKIP_AUDIT=1 skips.
+advisory_db=${SSO_ADVISORY_DB:-$(cd .. && pwd)/shared/advisory-db}
+if [[ "${SSO_SKIP_AUDIT:-0}" == 1 ]]; then
+  log "cargo audit skipped (SSO_SKIP_AUDIT=1)"
+elif [[ -d "$advisory_db" ]]; then
+  if ! cargo audit --version >/dev/null 2>&1; then
+    log "Installing cargo-audit (~5 min, once)"
+    cargo install cargo-audit --locked
+  fi
+  log "cargo audit (advisory database $advisory_db)"
+  cargo audit --no-fetch --stale --db "$advisory_db"
+elif [[ "${CI:-}" == true ]]; then
+  log "no advisory database at $advisory_db (set SSO_ADVISORY_DB): cargo audit cannot run"; exit 1
 else
-  log "cargo audit skipped: needs cargo-audit and SSO_ADVISORY_DB=<local copy of the RustSec advisory database> (README, Development)"
+  log "cargo audit skipped: no advisory database at $advisory_db (set SSO_ADVISORY_DB to a local copy of the RustSec advisory database)"
 fi
 
 # --- Lint and test -------------------------------------------------------------------------------

@@ -27,6 +27,8 @@ pub enum BackfillError {
     State(#[from] StateError),
     #[error("the bucket is not usable")]
     Bucket(#[source] S3Error),
+    #[error("the database: section is not usable")]
+    Database(#[source] crate::sweep::db::DbError),
     #[error("stopped after {done} files")]
     Fatal {
         done: u64,
@@ -48,6 +50,11 @@ pub struct Summary {
     /// they hold, were not looked at, so they are not "failed files". The first few, described.
     pub unreadable: Vec<String>,
     pub unreadable_count: u64,
+    /// Bad local copies replaced with their verified object.
+    pub healed: u64,
+    /// Of the failed: bad local copies left as they are (healing off) and conflicts.
+    pub bad_copies: u64,
+    pub conflicts: u64,
     pub bytes: u64,
     pub elapsed: Duration,
 }
@@ -76,6 +83,13 @@ impl std::fmt::Display for Summary {
             for u in &self.unreadable {
                 write!(f, "\n  {u}")?;
             }
+        }
+        if self.healed + self.bad_copies + self.conflicts > 0 {
+            write!(
+                f,
+                "; bad local copies healed {}, not healed {}; conflicts {}",
+                self.healed, self.bad_copies, self.conflicts
+            )?;
         }
         Ok(())
     }
@@ -114,6 +128,12 @@ pub async fn run(
             "The bucket prefix is empty: uploading without looking for existing objects."
         );
     }
+    let arbiter = match &config.database {
+        Some(db) => Some(Arc::new(
+            crate::sweep::db::Db::new(db).map_err(BackfillError::Database)?,
+        )),
+        None => None,
+    };
     let uploader = Uploader::new(
         config.media_store_path.clone(),
         store,
@@ -121,7 +141,14 @@ pub async fn run(
         config.upload.multipart_threshold,
         config.upload.multipart_part_size,
     )
-    .assume_absent(empty);
+    .assume_absent(empty)
+    .arbiter(arbiter)
+    .heal(
+        config
+            .upload
+            .heal_bad_local_copies
+            .then_some(config.upload.settle),
+    );
 
     let bar = Bar::new(progress);
     let stop_walk = Arc::new(AtomicBool::new(false));
@@ -192,8 +219,16 @@ pub async fn run(
                         walking = false;
                         continue;
                     };
-                    if let Ok(Outcome::Uploaded { record } | Outcome::Adopted { record }) = &result {
-                        let pending = committer.submit(vec![Op::Record(found.path.clone(), *record)]);
+                    let ops = match &result {
+                        Ok(o) => o.record().map(|r| vec![
+                            Op::Record(found.path.clone(), r),
+                            Op::ProblemClear(found.path.clone()),
+                        ]),
+                        // Remembered for `status` and `audit` until an upload is verified.
+                        Err(e) => e.problem().map(|p| vec![Op::Problem(found.path.clone(), p)]),
+                    };
+                    if let Some(ops) = ops {
+                        let pending = committer.submit(ops);
                         commits.push(async move {
                             match pending.wait().await {
                                 Ok(()) => (result, found),
@@ -252,6 +287,7 @@ fn tally(
             tracing::debug!(path = %found.path, bytes = record.size, "Uploaded.");
         }
         Ok(Outcome::Adopted { .. }) => summary.adopted += 1,
+        Ok(Outcome::Healed { .. }) => summary.healed += 1,
         Ok(Outcome::Unchanged) => summary.unchanged += 1,
         Ok(Outcome::Vanished) => summary.vanished += 1,
         Ok(Outcome::NotRegular) => summary.skipped += 1,
@@ -262,6 +298,11 @@ fn tally(
         }
         Err(e) => {
             summary.failed += 1;
+            match &e {
+                UploadError::BadCopy { .. } => summary.bad_copies += 1,
+                UploadError::Conflict { .. } => summary.conflicts += 1,
+                _ => {}
+            }
             tracing::error!(path = %found.path, error = %crate::Chain(&e), "Upload failed.");
         }
     }

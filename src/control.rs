@@ -69,6 +69,22 @@ pub struct Status {
     /// Parts of the media store the daemon's scans could not read (their files are not uploaded).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub unreadable: Vec<String>,
+    /// Local files that differ from their verified object and are not healed (healing off, or
+    /// it failed), and conflicts (local file and an unverified object differ; both kept).
+    #[serde(default)]
+    pub bad_local_copies: u64,
+    #[serde(default)]
+    pub conflicts: u64,
+    /// The first of them, with sizes and digests.
+    #[serde(default)]
+    pub problems: Vec<ProblemItem>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ProblemItem {
+    pub path: String,
+    pub kind: String,
+    pub detail: String,
 }
 
 impl std::fmt::Display for Status {
@@ -106,6 +122,16 @@ impl std::fmt::Display for Status {
         }
         for u in &self.unreadable {
             writeln!(f, "unreadable:   {u} (its files are not uploaded)")?;
+        }
+        if self.bad_local_copies + self.conflicts > 0 {
+            writeln!(
+                f,
+                "copies:       {} bad local copies not healed, {} conflicts (the objects are kept; see the README, \"When the local file and the object differ\")",
+                self.bad_local_copies, self.conflicts
+            )?;
+        }
+        for p in &self.problems {
+            writeln!(f, "{:<14}{}: {}", format!("{}:", p.kind), p.path, p.detail)?;
         }
         for item in &self.failures {
             writeln!(
@@ -160,7 +186,42 @@ pub fn status(state: &State, queue: &Queue, daemon_running: bool) -> Result<Stat
             .text(LAST_DRY_RUN)?
             .and_then(|t| serde_json::from_str(&t).ok()),
         unreadable: Vec::new(),
+        ..problems(state)?
     })
+}
+
+/// The copy problems for [`Status`]: counts over the whole table, the first 50 in path order.
+fn problems(state: &State) -> Result<Status, StateError> {
+    use crate::state::ProblemKind;
+    let mut st = Status::default();
+    let mut after: Option<String> = None;
+    loop {
+        let page = state.problems_after(after.as_deref(), 1000)?;
+        let Some((last, _)) = page.last() else {
+            break;
+        };
+        after = Some(last.clone());
+        for (path, p) in page {
+            let kind = match p.kind {
+                ProblemKind::BadLocalCopy => {
+                    st.bad_local_copies += 1;
+                    "bad copy"
+                }
+                ProblemKind::Conflict => {
+                    st.conflicts += 1;
+                    "conflict"
+                }
+            };
+            if st.problems.len() < 50 {
+                st.problems.push(ProblemItem {
+                    path,
+                    kind: kind.into(),
+                    detail: p.detail,
+                });
+            }
+        }
+    }
+    Ok(st)
 }
 
 /// `status` without a running daemon: reads the state database itself.

@@ -20,6 +20,24 @@ pub const MEDIA_DIRS: &[&str] = &[
 /// URL-preview folders: uploaded only with `upload.include_url_cache: true`, never swept by default.
 pub const URL_CACHE_DIRS: &[&str] = &["url_cache", "url_cache_thumbnails"];
 
+/// Names of our own temporary files in the store (a heal's download, renamed over the bad copy
+/// once verified). Never media: scans and the watcher skip them.
+pub const TEMP_PREFIX: &str = ".synapse-s3-offload-heal.";
+
+/// Whether a file name is one of our temporary files ([`TEMP_PREFIX`]).
+pub fn is_temp_name(name: &str) -> bool {
+    name.starts_with(TEMP_PREFIX)
+}
+
+/// The media a file belongs to, as Synapse's database names it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum MediaRef {
+    /// `local_media_repository.media_id`.
+    Local(String),
+    /// `remote_media_cache (media_origin, filesystem_id)`.
+    Remote { origin: String, fs_id: String },
+}
+
 /// Why a path was refused as a [`MediaPath`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PathError {
@@ -144,7 +162,40 @@ impl MediaPath {
         let top = self.top_dir();
         // A bare file at the top level (no folder) is never Synapse media.
         self.0.contains('/')
+            && !is_temp_name(self.file_name())
             && (MEDIA_DIRS.contains(&top) || (include_url_cache && URL_CACHE_DIRS.contains(&top)))
+    }
+
+    /// The last component.
+    pub fn file_name(&self) -> &str {
+        self.0.rsplit('/').next().unwrap_or_default()
+    }
+
+    /// The media this file belongs to, inverting Synapse's layout (`AB/CD/REST` of an id): an
+    /// original (`local_content`, `remote_content`) or one of its thumbnails. `None` for anything
+    /// not laid out exactly so.
+    pub fn media(&self) -> Option<MediaRef> {
+        let parts: Vec<&str> = self.0.split('/').collect();
+        let id = |ab: &str, cd: &str, rest: &str| {
+            (ab.chars().count() == 2 && cd.chars().count() == 2).then(|| format!("{ab}{cd}{rest}"))
+        };
+        match (parts[0], parts.len()) {
+            ("local_content", 4) | ("local_thumbnails", 5) => {
+                id(parts[1], parts[2], parts[3]).map(MediaRef::Local)
+            }
+            ("remote_content", 5) | ("remote_thumbnail", 6) => id(parts[2], parts[3], parts[4])
+                .map(|fs_id| MediaRef::Remote {
+                    origin: parts[1].to_owned(),
+                    fs_id,
+                }),
+            _ => None,
+        }
+    }
+
+    /// Whether this is a media's original (whose SHA-256 Synapse's database may hold), not a
+    /// thumbnail.
+    pub fn is_original(&self) -> bool {
+        matches!(self.top_dir(), "local_content" | "remote_content") && self.media().is_some()
     }
 }
 

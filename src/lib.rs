@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod owner;
 pub mod queue;
 pub mod scan;
+pub mod sha256;
 pub mod state;
 pub mod sweep;
 pub mod synapse;

@@ -25,6 +25,8 @@ pub const UPLOADED_BYTES: &str = "synapse_s3_offload_uploaded_bytes_total";
 pub const UPLOAD_FAILURES: &str = "synapse_s3_offload_upload_failures_total";
 pub const UPLOAD_DURATION: &str = "synapse_s3_offload_upload_duration_seconds";
 pub const CLOSE_TO_UPLOADED: &str = "synapse_s3_offload_close_to_uploaded_seconds";
+pub const BAD_LOCAL_COPIES: &str = "synapse_s3_offload_bad_local_copies_total";
+pub const CONFLICTS: &str = "synapse_s3_offload_upload_conflicts_total";
 pub const SCANS: &str = "synapse_s3_offload_scans_total";
 pub const SCAN_DURATION: &str = "synapse_s3_offload_scan_duration_seconds";
 pub const WATCHED_DIRS: &str = "synapse_s3_offload_inotify_watched_directories";
@@ -62,6 +64,14 @@ fn describe() {
         CLOSE_TO_UPLOADED,
         Unit::Seconds,
         "Time from enqueue (close event or scan) to verified in the bucket."
+    );
+    describe_counter!(
+        BAD_LOCAL_COPIES,
+        "Local files found to differ from their verified object (a bad copy, e.g. an interrupted write-back by Synapse), by outcome (healed from the bucket, reported)."
+    );
+    describe_counter!(
+        CONFLICTS,
+        "Local files that differ from an object we never verified, with nothing to tell which is right (both kept)."
     );
     describe_counter!(SCANS, "Full scans of the media store.");
     describe_histogram!(SCAN_DURATION, Unit::Seconds, "Duration of full scans.");

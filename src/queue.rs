@@ -301,13 +301,37 @@ impl Queue {
     /// The upload of `path` is verified (`record`) or its file is gone (`None`): commit the record
     /// and remove the item in one transaction, unless the file was enqueued again meanwhile.
     pub async fn finish(&self, path: &MediaPath, record: Option<Record>) -> Result<(), StateError> {
+        self.finish_with(path, record, false).await
+    }
+
+    /// Like [`Queue::finish`], for a record of bytes we PUT from the file ourselves: if the file
+    /// was written again while the upload was in flight, the object holds bytes that may not have
+    /// been its final content, so the record is provisional and the next upload may replace the
+    /// object (a verified object never is, DESIGN.md invariant 8). An adopted object or a healed
+    /// file is verified whatever happened to the file meanwhile: its record stays verified (a
+    /// heal's own rename is such an event).
+    pub async fn finish_written(&self, path: &MediaPath, record: Record) -> Result<(), StateError> {
+        self.finish_with(path, Some(record), true).await
+    }
+
+    async fn finish_with(
+        &self,
+        path: &MediaPath,
+        record: Option<Record>,
+        written: bool,
+    ) -> Result<(), StateError> {
         let pending = {
             let mut inner = self.inner.lock().expect("queue lock");
+            let dirty = inner.items.get(path).is_some_and(|e| e.dirty);
+            let record = record.map(|r| if dirty && written { r.provisional() } else { r });
             let mut ops: Vec<Op> = record
                 .map(|r| Op::Record(path.clone(), r))
                 .into_iter()
                 .collect();
-            let dirty = inner.items.get(path).is_some_and(|e| e.dirty);
+            // A verified upload ends any copy problem the path had (status, audit).
+            if record.is_some_and(|r| !r.provisional) {
+                ops.push(Op::ProblemClear(path.clone()));
+            }
             if dirty {
                 let e = inner.items.get_mut(path).expect("checked");
                 e.in_flight = false;
@@ -495,7 +519,23 @@ mod tests {
             .unwrap();
         assert_eq!(q.depth().queued, 1);
         assert_eq!(state.queue_items().unwrap().len(), 1, "still durable");
-        assert_eq!(q.claim().map(|c| c.0), Some(x));
+        assert_eq!(q.claim().map(|c| c.0), Some(x.clone()));
+        // Adopted (or healed): the object is verified whatever the file did meanwhile.
+        assert!(!state.record(&x).unwrap().unwrap().provisional);
+
+        // PUT by us from a file written again meanwhile: the object may be replaced next time.
+        q.enqueue(vec![(x.clone(), 0, false)]).await.unwrap();
+        q.finish_written(&x, Record::new(4, 5, [6; 16]))
+            .await
+            .unwrap();
+        let r = state.record(&x).unwrap().unwrap();
+        assert!(r.provisional && !r.matches(4, 5), "{r:?}");
+        // Not written again: verified.
+        let (claimed, _) = q.claim().unwrap();
+        q.finish_written(&claimed, Record::new(4, 5, [6; 16]))
+            .await
+            .unwrap();
+        assert!(state.record(&x).unwrap().unwrap().matches(4, 5));
     }
 
     #[tokio::test]

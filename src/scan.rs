@@ -80,6 +80,19 @@ pub fn walk(root: &Path, include_url_cache: bool, mut visit: impl FnMut(Item) ->
     }
 }
 
+/// Removes a temporary file of ours that a crash left behind (older than a day).
+fn remove_if_stale(path: &Path) {
+    let stale = std::fs::symlink_metadata(path)
+        .and_then(|m| m.modified())
+        .is_ok_and(|t| {
+            t.elapsed()
+                .is_ok_and(|age| age > std::time::Duration::from_secs(86_400))
+        });
+    if stale {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
 /// Directories below `root` (each needs an inotify watch), without following symlinks.
 pub fn count_dirs(root: &Path) -> u64 {
     walkdir::WalkDir::new(root)
@@ -112,6 +125,12 @@ pub fn walk_dir(root: &Path, dir: &Path, visit: &mut impl FnMut(Item) -> bool) -
                 })
             }
             Ok(entry) if !entry.file_type().is_file() => continue,
+            // Our own temporary file (a heal in progress), never media; one left by a crash is
+            // removed once it is a day old.
+            Ok(entry) if entry.file_name().to_str().is_some_and(layout::is_temp_name) => {
+                remove_if_stale(entry.path());
+                continue;
+            }
             Ok(entry) => match entry.metadata() {
                 Err(e)
                     if e.io_error()

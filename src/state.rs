@@ -29,6 +29,10 @@ const TEXT: TableDefinition<&str, &str> = TableDefinition::new("meta_text");
 /// `audit`'s orphan sightings: relative path of an object whose media has no database row → when
 /// an audit first saw it so (ms). Cleared as soon as an audit sees the object belong to a media.
 const ORPHANS: TableDefinition<&str, u64> = TableDefinition::new("orphan_sightings");
+/// Copy problems found by uploads: relative path → JSON [`Problem`] (a bad local copy that is not
+/// healed, or a conflict between the local file and an object we never verified). An entry lives
+/// while the problem does: the upload that finally verifies the path clears it.
+const PROBLEMS: TableDefinition<&str, &str> = TableDefinition::new("copy_problems");
 /// Schema metadata (`version`).
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const SCHEMA_VERSION: u64 = 1;
@@ -95,18 +99,38 @@ db_err!(
 );
 
 /// What we verified in the bucket for one file.
+///
+/// A record outlives its local file (the sweep deletes the file, the record stays): it is our
+/// memory that the object at this key was verified to hold these bytes, and therefore which bytes
+/// are right once the local file differs (DESIGN.md invariant 8: Synapse media are immutable, a
+/// verified object is never overwritten with different bytes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Record {
     pub size: u64,
     /// Modification time in nanoseconds since the epoch, as seen before reading the file.
     pub mtime_ns: i64,
     pub md5: [u8; 16],
+    /// SHA-256 of the bytes (computed in the same pass as the MD5); `None` in records written by
+    /// versions before it was kept.
+    pub sha256: Option<[u8; 32]>,
     /// When the object was verified, milliseconds since the epoch.
     pub verified_at_ms: u64,
+    /// The (size, mtime) shortcut no longer holds (the sweep or audit found the object missing or
+    /// different): the file must be looked at again, but the digest is still what was verified.
+    pub stale: bool,
+    /// We wrote the object from a file that changed during its upload (the queue's dirty flag): the
+    /// object holds these bytes, but they were never the file's final content, so it may be
+    /// replaced. Never confirms anything for the sweep.
+    pub provisional: bool,
 }
 
-const RECORD_LEN: usize = 1 + 8 + 8 + 16 + 8;
+const RECORD_V1_LEN: usize = 1 + 8 + 8 + 16 + 8;
 const RECORD_V1: u8 = 1;
+const RECORD_V2_LEN: usize = RECORD_V1_LEN + 1 + 32;
+const RECORD_V2: u8 = 2;
+const FLAG_SHA256: u8 = 1;
+const FLAG_STALE: u8 = 2;
+const FLAG_PROVISIONAL: u8 = 4;
 
 impl Record {
     pub fn new(size: u64, mtime_ns: i64, md5: [u8; 16]) -> Self {
@@ -114,35 +138,84 @@ impl Record {
             size,
             mtime_ns,
             md5,
+            sha256: None,
             verified_at_ms: now_ms(),
+            stale: false,
+            provisional: false,
         }
     }
 
-    fn encode(&self) -> [u8; RECORD_LEN] {
-        let mut b = [0u8; RECORD_LEN];
-        b[0] = RECORD_V1;
+    pub fn with_sha256(mut self, sha256: [u8; 32]) -> Self {
+        self.sha256 = Some(sha256);
+        self
+    }
+
+    /// The same verified digest, without the (size, mtime) shortcut: the next upload looks at the
+    /// file and the bucket again, and still knows which bytes were verified.
+    pub fn stale(mut self) -> Self {
+        self.stale = true;
+        self
+    }
+
+    /// See [`Record::provisional`].
+    pub fn provisional(mut self) -> Self {
+        self.provisional = true;
+        self
+    }
+
+    fn encode(&self) -> [u8; RECORD_V2_LEN] {
+        let mut b = [0u8; RECORD_V2_LEN];
+        b[0] = RECORD_V2;
         b[1..9].copy_from_slice(&self.size.to_le_bytes());
         b[9..17].copy_from_slice(&self.mtime_ns.to_le_bytes());
         b[17..33].copy_from_slice(&self.md5);
         b[33..41].copy_from_slice(&self.verified_at_ms.to_le_bytes());
+        let mut flags = 0;
+        if let Some(sha) = &self.sha256 {
+            flags |= FLAG_SHA256;
+            b[42..74].copy_from_slice(sha);
+        }
+        if self.stale {
+            flags |= FLAG_STALE;
+        }
+        if self.provisional {
+            flags |= FLAG_PROVISIONAL;
+        }
+        b[41] = flags;
         b
     }
 
     fn decode(b: &[u8]) -> Option<Self> {
-        if b.len() != RECORD_LEN || b[0] != RECORD_V1 {
-            return None;
-        }
+        let v2 = match (b.first(), b.len()) {
+            (Some(&RECORD_V1), RECORD_V1_LEN) => false,
+            (Some(&RECORD_V2), RECORD_V2_LEN) => true,
+            _ => return None,
+        };
+        let flags = if v2 { b[41] } else { 0 };
         Some(Record {
             size: u64::from_le_bytes(b[1..9].try_into().ok()?),
             mtime_ns: i64::from_le_bytes(b[9..17].try_into().ok()?),
             md5: b[17..33].try_into().ok()?,
+            sha256: if flags & FLAG_SHA256 != 0 {
+                Some(b[42..74].try_into().ok()?)
+            } else {
+                None
+            },
             verified_at_ms: u64::from_le_bytes(b[33..41].try_into().ok()?),
+            stale: flags & FLAG_STALE != 0,
+            provisional: flags & FLAG_PROVISIONAL != 0,
         })
     }
 
-    /// Whether this record still describes a file of this size and mtime.
+    /// Whether this record still describes a file of this size and mtime (so the file needs no
+    /// look: it is verified). Never for a stale or provisional record.
     pub fn matches(&self, size: u64, mtime_ns: i64) -> bool {
-        self.size == size && self.mtime_ns == mtime_ns
+        !self.stale && !self.provisional && self.size == size && self.mtime_ns == mtime_ns
+    }
+
+    /// Whether these are the bytes this record verified (same size and MD5).
+    pub fn same_bytes(&self, size: u64, md5: &[u8; 16]) -> bool {
+        self.size == size && &self.md5 == md5
     }
 }
 
@@ -165,6 +238,27 @@ pub enum Op {
     /// First sighting of an orphaned object (`audit`).
     OrphanSeen(MediaPath, u64),
     OrphanClear(MediaPath),
+    /// A copy problem (see [`Problem`]), replacing any earlier one of the path.
+    Problem(MediaPath, Problem),
+    ProblemClear(MediaPath),
+}
+
+/// What is wrong between a local file and its object, for `status` and `audit`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Problem {
+    pub kind: ProblemKind,
+    /// Sizes and digests, for the operator.
+    pub detail: String,
+    pub seen_at_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProblemKind {
+    /// The local file differs from the verified object (not healed: healing is off, or failed).
+    BadLocalCopy,
+    /// The local file differs from an object we never verified, and nothing tells which is right.
+    Conflict,
 }
 
 /// Handle to the state database; cheap to clone.
@@ -264,6 +358,7 @@ impl State {
             txn.open_table(TEXT)?;
             // Added after schema 1 shipped: created on first open, ignored by older builds.
             txn.open_table(ORPHANS)?;
+            txn.open_table(PROBLEMS)?;
         }
         txn.commit()?;
         Ok(())
@@ -298,6 +393,7 @@ impl State {
             let mut queue = txn.open_table(QUEUE)?;
             let mut text = txn.open_table(TEXT)?;
             let mut orphans = txn.open_table(ORPHANS)?;
+            let mut problems = txn.open_table(PROBLEMS)?;
             for op in ops {
                 match op {
                     Op::Record(p, r) => {
@@ -320,6 +416,13 @@ impl State {
                     }
                     Op::OrphanClear(p) => {
                         orphans.remove(p.as_str())?;
+                    }
+                    Op::Problem(p, problem) => {
+                        let json = serde_json::to_string(problem).expect("a problem serialises");
+                        problems.insert(p.as_str(), json.as_str())?;
+                    }
+                    Op::ProblemClear(p) => {
+                        problems.remove(p.as_str())?;
                     }
                 }
             }
@@ -394,6 +497,41 @@ impl State {
         limit: usize,
     ) -> Result<Vec<(String, u64)>, StateError> {
         self.page_after(ORPHANS, after, limit, |_, v| Ok(v))
+    }
+
+    /// Like [`State::record`], but an undecodable record (a bug or a damaged page) counts as no
+    /// record, with a warning: the upload then looks the object up again and writes a good record
+    /// over it, instead of failing that path every retry interval forever.
+    pub fn record_or_none(&self, path: &MediaPath) -> Result<Option<Record>, StateError> {
+        match self.record(path) {
+            Err(StateError::BadRecord { key }) => {
+                tracing::warn!(path = %key, "Unreadable upload record; looking the object up again to rewrite it.");
+                Ok(None)
+            }
+            other => other,
+        }
+    }
+
+    /// A page of the copy problems (see [`State::page_after`]).
+    pub fn problems_after(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, Problem)>, StateError> {
+        self.page_after(PROBLEMS, after, limit, |key, v| {
+            serde_json::from_str(v).map_err(|_| StateError::BadRecord {
+                key: key.to_owned(),
+            })
+        })
+    }
+
+    /// The copy problem of one path, if any.
+    pub fn problem(&self, path: &MediaPath) -> Result<Option<Problem>, StateError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(PROBLEMS)?;
+        Ok(table
+            .get(path.as_str())?
+            .and_then(|v| serde_json::from_str(v.value()).ok()))
     }
 
     /// Number of recorded files.
@@ -571,5 +709,29 @@ mod tests {
         let mut b = Record::new(1, 2, [3; 16]).encode();
         b[0] = 9;
         assert_eq!(Record::decode(&b), None);
+    }
+
+    #[test]
+    fn records_keep_their_digests_and_flags_and_old_ones_still_read() {
+        let r = Record::new(5, 6, [7; 16]).with_sha256([8; 32]);
+        for r in [r, r.stale(), r.provisional(), Record::new(1, 2, [3; 16])] {
+            assert_eq!(Record::decode(&r.encode()), Some(r));
+        }
+        assert!(r.matches(5, 6));
+        assert!(!r.stale().matches(5, 6), "a stale record is no shortcut");
+        assert!(!r.provisional().matches(5, 6));
+        assert!(
+            r.stale().same_bytes(5, &[7; 16]),
+            "but it still knows the bytes"
+        );
+        // A record as version 1 wrote it (before the SHA-256 was kept).
+        let mut v1 = Vec::from([RECORD_V1]);
+        v1.extend(5u64.to_le_bytes());
+        v1.extend(6i64.to_le_bytes());
+        v1.extend([7u8; 16]);
+        v1.extend(9u64.to_le_bytes());
+        let old = Record::decode(&v1).unwrap();
+        assert_eq!((old.size, old.sha256, old.verified_at_ms), (5, None, 9));
+        assert!(old.matches(5, 6));
     }
 }

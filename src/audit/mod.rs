@@ -293,9 +293,44 @@ impl Auditor<'_> {
                 n,
             );
         }
-        // Mismatch: the object is not what the local file or our record says.
+        // A bad local copy: the object is the one we verified, the local file is not (DESIGN.md
+        // invariant 8); or an upload found one (same size, other bytes) or a conflict.
+        let verified = |o: &crate::upload::s3::Listed| {
+            record.is_some_and(|rec| !rec.provisional && rec.size == o.size)
+        };
+        let problem = match &file {
+            Some(_) => self.state.problem(&path)?,
+            None => None,
+        };
         let mut mismatched = false;
-        if let Some(o) = &object {
+        if let (Some(f), Some(o)) = (&file, &object)
+            && f.size != o.size
+            && verified(o)
+        {
+            mismatched = true;
+            r.bad_local_copies.add(
+                key,
+                f.size,
+                &format!(
+                    "the local file has {} bytes, the verified object {}",
+                    f.size, o.size
+                ),
+                n,
+            );
+            m.fix.push(path.clone());
+        } else if let (Some(f), Some(p)) = (&file, &problem) {
+            mismatched = true;
+            let c = match p.kind {
+                crate::state::ProblemKind::BadLocalCopy => &mut r.bad_local_copies,
+                crate::state::ProblemKind::Conflict => &mut r.conflicts,
+            };
+            c.add(key, f.size, &p.detail, n);
+            m.fix.push(path.clone());
+        }
+        // Mismatch: the object is not what the local file or our record says.
+        if let Some(o) = &object
+            && !mismatched
+        {
             let why = match (&file, &record) {
                 (Some(f), _) if f.size != o.size => Some(format!(
                     "object has {} bytes, the local file {}",
@@ -307,6 +342,18 @@ impl Auditor<'_> {
                 )),
                 (_, Some(rec)) if self.digest_differs(o, rec, &path).await? => {
                     Some("object's digest differs from our upload record".to_owned())
+                }
+                // What we verified (and the object still holds, by size and digest above) is
+                // not what Synapse hashed: the object confirms nothing (DESIGN.md invariant 8).
+                (_, Some(rec))
+                    if !rec.provisional
+                        && rec.size == o.size
+                        && matches!(
+                            (rec.sha256, row.and_then(|r| r.sha256)),
+                            (Some(ours), Some(synapse)) if ours != synapse
+                        ) =>
+                {
+                    Some("the verified object's sha256 differs from Synapse's".to_owned())
                 }
                 _ => None,
             };
@@ -395,8 +442,11 @@ impl Auditor<'_> {
         Ok(info.is_some_and(|i| !i.confirms(rec.size, &rec.md5)))
     }
 
-    /// `--fix`: forget the records of these files (so the upload does not trust them) and queue
-    /// them; the daemon uploads them at once, or at its next start.
+    /// `--fix`: mark the records of these files stale (so the upload does not trust their size and
+    /// mtime, but still knows which bytes were verified) and queue them; the daemon handles them
+    /// at once, or at its next start. The upload decides (DESIGN.md invariant 8): a missing
+    /// object is uploaded, a bad local copy of a verified object is healed from it, a conflict is
+    /// reported; a verified object is never overwritten with different bytes.
     async fn fix(&self, m: &mut Merge) -> Result<(), AuditError> {
         let paths = std::mem::take(&mut m.fix);
         if !m.report.fix || paths.is_empty() {
@@ -406,9 +456,13 @@ impl Auditor<'_> {
             m.report.fix_queued += paths.len() as u64;
             return Ok(());
         }
-        self.committer
-            .apply(paths.iter().cloned().map(Op::Forget).collect())
-            .await?;
+        let mut stale = Vec::new();
+        for p in &paths {
+            if let Some(r) = self.state.record_or_none(p)?.filter(|r| !r.stale) {
+                stale.push(Op::Record(p.clone(), r.stale()));
+            }
+        }
+        self.committer.apply(stale).await?;
         let now = now_ms();
         m.report.fix_queued += paths.len() as u64;
         self.queue

@@ -73,6 +73,14 @@ pub struct Report {
     pub mismatched: Category,
     pub orphans: Category,
     pub unknown_local: Category,
+    /// Local files that differ from their verified object (e.g. a write-back by Synapse cut
+    /// short): Synapse serves them as they are until the upload heals them from the bucket.
+    #[serde(default)]
+    pub bad_local_copies: Category,
+    /// Local files that differ from an object we never verified, with no database hash to tell
+    /// which is right: both are kept until the operator decides.
+    #[serde(default)]
+    pub conflicts: Category,
     /// Rows whose ids make no safe path; never acted on.
     pub invalid_database_rows: Category,
     pub fix: bool,
@@ -141,6 +149,8 @@ impl fmt::Display for Report {
         category(f, "lost:", &self.lost, "files")?;
         category(f, "not uploaded:", &self.not_uploaded, "files")?;
         category(f, "mismatched:", &self.mismatched, "objects")?;
+        category(f, "bad local copies:", &self.bad_local_copies, "files")?;
+        category(f, "conflicts:", &self.conflicts, "files")?;
         category(f, "orphans:", &self.orphans, "objects")?;
         category(f, "unknown local files:", &self.unknown_local, "files")?;
         if self.invalid_database_rows.count > 0 {

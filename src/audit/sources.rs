@@ -39,6 +39,8 @@ pub struct DbRow {
     pub kind: DbKind,
     /// Bytes per the database (`media_length`, `thumbnail_length`).
     pub len: Option<i64>,
+    /// Synapse's sha256 of an original, where the database has one.
+    pub sha256: Option<[u8; 32]>,
 }
 
 /// Remembers the last key taken and refuses one that does not sort after it.
@@ -138,7 +140,13 @@ fn thumb_name(t: &str) -> String {
 
 /// One query for every file Synapse knows, as relative paths, in byte order. URL previews are
 /// left out (they live under `url_cache*`, which the audit does not cover).
-fn expected_files_sql() -> String {
+fn expected_files_sql(has_sha256: bool) -> String {
+    // Synapse's hash of originals (Synapse ≥ 1.128); NULL before the column existed.
+    let (msha, rsha) = if has_sha256 {
+        ("m.sha256", "r.sha256")
+    } else {
+        ("NULL::text", "NULL::text")
+    };
     let (lm, lt, rm, rt) = (
         split("m.media_id"),
         split("t.media_id"),
@@ -147,19 +155,19 @@ fn expected_files_sql() -> String {
     );
     let (ltn, rtn) = (thumb_name("t"), thumb_name("t"));
     format!(
-        "SELECT k, kind, len FROM ( \
-           SELECT 'local_content/' || {lm} AS k, 0 AS kind, m.media_length::int8 AS len \
+        "SELECT k, kind, len, sha FROM ( \
+           SELECT 'local_content/' || {lm} AS k, 0 AS kind, m.media_length::int8 AS len, {msha} AS sha \
              FROM local_media_repository m WHERE m.url_cache IS NULL \
-           UNION ALL SELECT 'local_thumbnails/' || {lm} || '/', 2, NULL \
+           UNION ALL SELECT 'local_thumbnails/' || {lm} || '/', 2, NULL, NULL \
              FROM local_media_repository m WHERE m.url_cache IS NULL \
-           UNION ALL SELECT 'local_thumbnails/' || {lt} || '/' || {ltn}, 1, t.thumbnail_length::int8 \
+           UNION ALL SELECT 'local_thumbnails/' || {lt} || '/' || {ltn}, 1, t.thumbnail_length::int8, NULL \
              FROM local_media_repository_thumbnails t WHERE NOT EXISTS ( \
                SELECT 1 FROM local_media_repository u WHERE u.media_id = t.media_id AND u.url_cache IS NOT NULL) \
-           UNION ALL SELECT 'remote_content/' || r.media_origin || '/' || {rm}, 0, r.media_length::int8 \
+           UNION ALL SELECT 'remote_content/' || r.media_origin || '/' || {rm}, 0, r.media_length::int8, {rsha} \
              FROM remote_media_cache r \
-           UNION ALL SELECT 'remote_thumbnail/' || r.media_origin || '/' || {rm} || '/', 2, NULL \
+           UNION ALL SELECT 'remote_thumbnail/' || r.media_origin || '/' || {rm} || '/', 2, NULL, NULL \
              FROM remote_media_cache r \
-           UNION ALL SELECT 'remote_thumbnail/' || t.media_origin || '/' || {rt} || '/' || {rtn}, 1, t.thumbnail_length::int8 \
+           UNION ALL SELECT 'remote_thumbnail/' || t.media_origin || '/' || {rt} || '/' || {rtn}, 1, t.thumbnail_length::int8, NULL \
              FROM remote_media_cache_thumbnails t \
          ) files WHERE k IS NOT NULL ORDER BY k COLLATE \"C\""
     )
@@ -173,6 +181,7 @@ impl DbStream {
     /// of its own and declares the cursor. The connection is closed when the stream is dropped,
     /// which ends the transaction; it never goes back to a pool.
     pub async fn open(db: &Db) -> Result<DbStream, DbError> {
+        let has_sha256 = db.has_sha256().await?;
         let client = db.dedicated_client().await?;
         let timeout = db.statement_timeout().max(MIN_FETCH_TIMEOUT);
         let setup = format!(
@@ -181,7 +190,7 @@ impl DbStream {
              SET LOCAL idle_in_transaction_session_timeout = 0; \
              DECLARE audit_files NO SCROLL CURSOR FOR {}",
             timeout.as_millis(),
-            expected_files_sql()
+            expected_files_sql(has_sha256)
         );
         Db::timed_with(
             timeout,
@@ -230,6 +239,10 @@ impl DbStream {
                     DbRow {
                         kind,
                         len: r.get(2),
+                        sha256: r
+                            .get::<_, Option<String>>(3)
+                            .as_deref()
+                            .and_then(crate::sha256::parse_hex),
                     },
                 ));
             }

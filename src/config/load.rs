@@ -170,6 +170,7 @@ overlay_options!(RawUpload {
     max_backoff,
     settle,
     failed_retry_interval,
+    heal_bad_local_copies,
 });
 overlay_options!(RawSweep {
     enabled,

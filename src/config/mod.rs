@@ -21,8 +21,10 @@ mod load;
 pub mod origin;
 mod s3;
 mod summary;
+mod upload;
 #[cfg(test)]
 pub(crate) use self::s3::validate_s3_for_tests;
+use self::upload::validate_upload;
 mod sweep;
 
 pub const ENV_PREFIX: &str = "SYNAPSE_S3_OFFLOAD";
@@ -223,6 +225,7 @@ pub struct RawUpload {
     pub max_backoff: Option<String>,
     pub settle: Option<String>,
     pub failed_retry_interval: Option<String>,
+    pub heal_bad_local_copies: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -339,6 +342,9 @@ pub struct UploadConfig {
     pub settle: Duration,
     /// Retry interval of files whose upload failed permanently (403, unreadable, …).
     pub failed_retry_interval: Duration,
+    /// Replace a local file that differs from its verified object with the object's bytes
+    /// (false: report only).
+    pub heal_bad_local_copies: bool,
 }
 
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/synapse-s3-offload";
@@ -556,52 +562,6 @@ pub fn parse_size(v: &SizeValue) -> Result<u64, String> {
         SizeValue::Text(s) => parse_size::parse_size(s.trim())
             .map_err(|e| format!("{s:?} is not a size ({e}); write e.g. 16MiB or 8MB")),
     }
-}
-
-fn validate_upload(raw: RawUpload) -> Result<UploadConfig, ConfigError> {
-    let concurrency = raw.concurrency.unwrap_or(8);
-    if !(1..=256).contains(&concurrency) {
-        return Err(invalid("upload.concurrency", "must be between 1 and 256"));
-    }
-    let size = |key, v: Option<SizeValue>, default: u64| match v {
-        None => Ok(default),
-        Some(v) => parse_size(&v).map_err(|r| invalid(key, r)),
-    };
-    let multipart_threshold = size(
-        "upload.multipart_threshold",
-        raw.multipart_threshold,
-        16 << 20,
-    )?;
-    let multipart_part_size = size(
-        "upload.multipart_part_size",
-        raw.multipart_part_size,
-        16 << 20,
-    )?;
-    if multipart_threshold < MIN_PART_SIZE {
-        return Err(invalid(
-            "upload.multipart_threshold",
-            "must be at least 5MiB (S3's minimum part size)",
-        ));
-    }
-    if !(MIN_PART_SIZE..=MAX_PART_SIZE).contains(&multipart_part_size) {
-        return Err(invalid(
-            "upload.multipart_part_size",
-            "must be between 5MiB and 5GiB (S3's part size limits)",
-        ));
-    }
-    Ok(UploadConfig {
-        concurrency,
-        multipart_threshold,
-        multipart_part_size,
-        include_url_cache: raw.include_url_cache.unwrap_or(false),
-        max_backoff: duration("upload.max_backoff", raw.max_backoff, "5m")?,
-        settle: duration("upload.settle", raw.settle, "2s")?,
-        failed_retry_interval: duration(
-            "upload.failed_retry_interval",
-            raw.failed_retry_interval,
-            "10m",
-        )?,
-    })
 }
 
 #[cfg(test)]

@@ -67,6 +67,7 @@ impl Default for Options {
 struct Stats {
     uploaded: AtomicU64,
     adopted: AtomicU64,
+    healed: AtomicU64,
     bytes: AtomicU64,
     failures: AtomicU64,
 }
@@ -153,23 +154,34 @@ pub async fn run_with(
         }
         None => None,
     };
-    let sweeper = match &config.database {
-        Some(db) => Some(Arc::new(Sweeper {
+    // One pool for the sweep and the uploads' arbiter (Synapse's sha256 of a media).
+    let db = match &config.database {
+        Some(db) => Some(Arc::new(crate::sweep::db::Db::new(db)?)),
+        None => None,
+    };
+    let sweeper = db.as_ref().map(|db| {
+        Arc::new(Sweeper {
             config: config.clone(),
-            db: crate::sweep::db::Db::new(db)?,
+            db: db.clone(),
             store: store.clone(),
             state: state.clone(),
             committer: committer.clone(),
             queue: queue.clone(),
-        })),
-        None => None,
-    };
+        })
+    });
     let uploader = Uploader::new(
         config.media_store_path.clone(),
         store,
         state.clone(),
         config.upload.multipart_threshold,
         config.upload.multipart_part_size,
+    )
+    .arbiter(db)
+    .heal(
+        config
+            .upload
+            .heal_bad_local_copies
+            .then_some(config.upload.settle),
     );
     let shared = Arc::new(Shared {
         config,

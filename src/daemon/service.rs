@@ -54,7 +54,10 @@ pub(super) async fn sweep(s: &Shared, dry_run: bool, cancel: &CancellationToken)
             }
             if !dry_run {
                 metrics::counter!(m::SWEEP_KEPT).increment(
-                    report.kept_not_in_bucket + report.kept_different + report.kept_error,
+                    report.kept_not_in_bucket
+                        + report.kept_different
+                        + report.kept_error
+                        + report.kept_bad_copy,
                 );
             }
             if outcome == "done" {

@@ -56,12 +56,6 @@ pub(super) async fn dispatch(s: Arc<Shared>, intake: CancellationToken) {
 }
 
 async fn process(s: Arc<Shared>, path: MediaPath, settle: bool) {
-    // Whether the file is new (just written): then its object is almost never in the bucket yet,
-    // and the HEAD that would look for it before the PUT is skipped. New means reported by its
-    // close event, or found by a scan while younger than `settle` (a new directory's scan often
-    // finds a file before its close event is handled). Older files found by a scan may be in the
-    // bucket already (uploaded before a crash, or by s3_media_upload): they are looked up first.
-    let mut new = !settle;
     if settle {
         // Found by a scan, not by a close event: a file modified less than `settle` ago may still
         // be being written. If the kernel says nobody has it open for writing, it is complete
@@ -76,8 +70,7 @@ async fn process(s: Arc<Shared>, path: MediaPath, settle: bool) {
             _ => None,
         });
         match check.await.ok().flatten() {
-            None => {}
-            Some((_, Some(false))) => new = true,
+            None | Some((_, Some(false))) => {}
             // Still open for writing: look again shortly (its close event may also come first).
             Some((settled_at, Some(true))) => {
                 tracing::trace!(path = %path, "Still open for writing.");
@@ -93,12 +86,9 @@ async fn process(s: Arc<Shared>, path: MediaPath, settle: bool) {
     }
     let started = std::time::Instant::now();
     let enqueued_ms = s.queue.enqueued_at(&path);
-    let result = if new {
-        s.uploader.upload_new(&path).await
-    } else {
-        s.uploader.upload(&path).await
-    };
-    if let Ok(Outcome::Uploaded { .. } | Outcome::Adopted { .. }) = &result {
+    let result = s.uploader.upload(&path).await;
+    if let Ok(Outcome::Uploaded { .. } | Outcome::Adopted { .. } | Outcome::Healed { .. }) = &result
+    {
         s.health.s3_ok();
         metrics::histogram!(m::UPLOAD_DURATION).record(started.elapsed().as_secs_f64());
         if let Some(t) = enqueued_ms {
@@ -113,11 +103,15 @@ async fn process(s: Arc<Shared>, path: MediaPath, settle: bool) {
             metrics::counter!(m::UPLOADED, "outcome" => "uploaded").increment(1);
             metrics::counter!(m::UPLOADED_BYTES).increment(record.size);
             tracing::debug!(path = %path, bytes = record.size, ms = started.elapsed().as_millis() as u64, "Uploaded.");
-            s.queue.finish(&path, Some(record)).await
+            s.queue.finish_written(&path, record).await
         }
         Ok(Outcome::Adopted { record }) => {
             s.stats.adopted.fetch_add(1, Ordering::Relaxed);
             metrics::counter!(m::UPLOADED, "outcome" => "adopted").increment(1);
+            s.queue.finish(&path, Some(record)).await
+        }
+        Ok(Outcome::Healed { record }) => {
+            s.stats.healed.fetch_add(1, Ordering::Relaxed);
             s.queue.finish(&path, Some(record)).await
         }
         Ok(Outcome::Unchanged | Outcome::Vanished | Outcome::NotRegular) => {
@@ -136,6 +130,13 @@ async fn process(s: Arc<Shared>, path: MediaPath, settle: bool) {
                 "transient"
             };
             metrics::counter!(m::UPLOAD_FAILURES, "kind" => label).increment(1);
+            // A bad local copy or a conflict is remembered for `status` and `audit` until an
+            // upload of the path is verified.
+            if let Some(problem) = e.problem() {
+                let _ = s
+                    .committer
+                    .submit(vec![crate::state::Op::Problem(path.clone(), problem)]);
+            }
             match s.queue.retry_later(&path, kind, message).await {
                 Ok(delay) if kind == ErrorKind::Permanent => {
                     tracing::error!(path = %path, error = %crate::Chain(&e), retry_in = ?delay, "Upload failed; the operator must act.");
@@ -184,6 +185,7 @@ pub(super) async fn summaries(s: Arc<Shared>, intake: CancellationToken) {
             uploaded_since_start = s.stats.uploaded.load(Ordering::Relaxed),
             already_in_bucket_since_start = s.stats.adopted.load(Ordering::Relaxed),
             mb_since_start = s.stats.bytes.load(Ordering::Relaxed) as f64 / 1e6,
+            healed_since_start = s.stats.healed.load(Ordering::Relaxed),
             "Status."
         );
     }

@@ -11,6 +11,7 @@ use std::time::Duration;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 
 use crate::config::{DatabaseConfig, SslMode};
+use crate::layout::MediaRef;
 
 /// The advisory lock key of the sweep (`pg_try_advisory_lock(7_135_921_405_338_915_661)`): the
 /// bytes of "cS3offld" read as a big-endian i64. Fixed forever: instances of different versions
@@ -39,23 +40,37 @@ pub enum DbError {
     Tls(String),
 }
 
-/// One aged media, as the database names it.
+/// One aged media, as the database names it. `sha256` is Synapse's hash of the original, where
+/// the database has one (Synapse ≥ 1.128, for media stored since).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AgedMedia {
     Local {
         media_id: String,
+        sha256: Option<[u8; 32]>,
     },
     Remote {
         origin: String,
         media_id: String,
         filesystem_id: String,
+        sha256: Option<[u8; 32]>,
     },
+}
+
+impl AgedMedia {
+    pub fn sha256(&self) -> Option<[u8; 32]> {
+        match self {
+            AgedMedia::Local { sha256, .. } | AgedMedia::Remote { sha256, .. } => *sha256,
+        }
+    }
 }
 
 pub struct Db {
     pool: Pool,
     target: String,
     timeout: Duration,
+    /// Whether Synapse's media tables have the `sha256` column (schema delta 91/01, Synapse
+    /// 1.128); asked once.
+    sha256_column: tokio::sync::OnceCell<bool>,
 }
 
 /// Holds the sweep's advisory lock on its own connection; released by [`SweepLock::release`] or,
@@ -153,6 +168,7 @@ impl Db {
             pool,
             target,
             timeout: cfg.statement_timeout + Duration::from_secs(5),
+            sha256_column: tokio::sync::OnceCell::new(),
         })
     }
 
@@ -277,21 +293,27 @@ impl Db {
         after: &str,
         limit: i64,
     ) -> Result<Vec<AgedMedia>, DbError> {
+        let sha = self.sha256_expr().await?;
         let c = self.client().await?;
         let rows = self
             .timed(
                 "aged local media",
                 c.query(
-                    "SELECT media_id FROM local_media_repository \
-                     WHERE url_cache IS NULL AND COALESCE(last_access_ts, created_ts) < $1 AND media_id > $2 \
-                     ORDER BY media_id LIMIT $3",
+                    &format!(
+                        "SELECT media_id, {sha} FROM local_media_repository \
+                         WHERE url_cache IS NULL AND COALESCE(last_access_ts, created_ts) < $1 AND media_id > $2 \
+                         ORDER BY media_id LIMIT $3"
+                    ),
                     &[&cutoff_ms, &after, &limit],
                 ),
             )
             .await?;
         Ok(rows
             .iter()
-            .map(|r| AgedMedia::Local { media_id: r.get(0) })
+            .map(|r| AgedMedia::Local {
+                media_id: r.get(0),
+                sha256: hash_at(r, 1),
+            })
             .collect())
     }
 
@@ -302,14 +324,17 @@ impl Db {
         after: (&str, &str),
         limit: i64,
     ) -> Result<Vec<AgedMedia>, DbError> {
+        let sha = self.sha256_expr().await?;
         let c = self.client().await?;
         let rows = self
             .timed(
                 "aged remote media",
                 c.query(
-                    "SELECT media_origin, media_id, filesystem_id FROM remote_media_cache \
-                     WHERE COALESCE(last_access_ts, created_ts) < $1 AND (media_origin, media_id) > ($2, $3) \
-                     ORDER BY media_origin, media_id LIMIT $4",
+                    &format!(
+                        "SELECT media_origin, media_id, filesystem_id, {sha} FROM remote_media_cache \
+                         WHERE COALESCE(last_access_ts, created_ts) < $1 AND (media_origin, media_id) > ($2, $3) \
+                         ORDER BY media_origin, media_id LIMIT $4"
+                    ),
                     &[&cutoff_ms, &after.0, &after.1, &limit],
                 ),
             )
@@ -320,9 +345,81 @@ impl Db {
                 origin: r.get(0),
                 media_id: r.get(1),
                 filesystem_id: r.get(2),
+                sha256: hash_at(r, 3),
             })
             .collect())
     }
+
+    /// Whether Synapse's media tables have the `sha256` column (asked once per process).
+    pub async fn has_sha256(&self) -> Result<bool, DbError> {
+        self.sha256_column
+            .get_or_try_init(|| async {
+                let c = self.client().await?;
+                let row = self
+                    .timed(
+                        "sha256 columns",
+                        c.query_one(
+                            "SELECT count(DISTINCT table_name) FROM information_schema.columns \
+                             WHERE table_name IN ('local_media_repository', 'remote_media_cache') \
+                               AND column_name = 'sha256' AND table_schema = ANY(current_schemas(false))",
+                            &[],
+                        ),
+                    )
+                    .await?;
+                Ok(row.get::<_, i64>(0) == 2)
+            })
+            .await
+            .copied()
+    }
+
+    /// The select-list expression of the hash: the column, or NULL before Synapse 1.128.
+    async fn sha256_expr(&self) -> Result<&'static str, DbError> {
+        Ok(if self.has_sha256().await? {
+            "sha256"
+        } else {
+            "NULL::text"
+        })
+    }
+
+    /// Synapse's SHA-256 of `media` (the arbiter of which bytes are right, DESIGN.md invariant 8),
+    /// where the database has one: `None` for media without a row, rows without a hash (stored
+    /// before Synapse 1.128) and databases without the column.
+    pub async fn content_sha256(&self, media: &MediaRef) -> Result<Option<[u8; 32]>, DbError> {
+        if !self.has_sha256().await? {
+            return Ok(None);
+        }
+        let c = self.client().await?;
+        let row = match media {
+            MediaRef::Local(id) => {
+                self.timed(
+                    "media sha256 (local)",
+                    c.query_opt(
+                        "SELECT sha256 FROM local_media_repository WHERE media_id = $1",
+                        &[id],
+                    ),
+                )
+                .await?
+            }
+            MediaRef::Remote { origin, fs_id } => {
+                self.timed(
+                    "media sha256 (remote)",
+                    c.query_opt(
+                        "SELECT sha256 FROM remote_media_cache WHERE media_origin = $1 AND filesystem_id = $2",
+                        &[origin, fs_id],
+                    ),
+                )
+                .await?
+            }
+        };
+        Ok(row.and_then(|r| hash_at(&r, 0)))
+    }
+}
+
+/// A hex SHA-256 column; `None` when NULL or not a hash.
+fn hash_at(row: &tokio_postgres::Row, idx: usize) -> Option<[u8; 32]> {
+    row.get::<_, Option<String>>(idx)
+        .as_deref()
+        .and_then(crate::sha256::parse_hex)
 }
 
 /// Shared handle.

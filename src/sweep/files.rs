@@ -19,6 +19,9 @@ pub struct MediaOutcome {
     pub kept_different: u64,
     pub kept_error: u64,
     pub kept_changed: u64,
+    /// Kept because the local file does not match Synapse's sha256 (a bad local copy: queued,
+    /// so the upload heals it from the bucket).
+    pub kept_bad_copy: u64,
     pub errors: Vec<String>,
 }
 
@@ -36,6 +39,7 @@ impl MediaOutcome {
         r.kept_different += self.kept_different;
         r.kept_error += self.kept_error;
         r.kept_changed += self.kept_changed;
+        r.kept_bad_copy += self.kept_bad_copy;
         let room = MAX_ERRORS.saturating_sub(r.errors.len());
         r.errors.extend(self.errors.into_iter().take(room));
     }
@@ -51,6 +55,9 @@ pub enum Verdict {
     },
     Missing,
     Different,
+    /// The local file does not match Synapse's sha256 of the media: never confirmed, whatever the
+    /// bucket holds.
+    BadCopy,
     /// No longer a regular file here.
     Gone,
     Error(String),
@@ -80,7 +87,7 @@ fn split(id: &str) -> Result<String, String> {
 /// (original, thumbnail directory) of a media, relative to the store.
 pub fn media_paths(media: &AgedMedia) -> Result<(String, String), String> {
     match media {
-        AgedMedia::Local { media_id } => {
+        AgedMedia::Local { media_id, .. } => {
             let dirs = split(media_id)?;
             Ok((
                 format!("local_content/{dirs}"),
@@ -102,13 +109,18 @@ pub fn media_paths(media: &AgedMedia) -> Result<(String, String), String> {
     }
 }
 
-/// One local file of a media as found: its snapshot and digest, and whether our state had no
-/// record of it yet.
+/// One local file of a media as found: its snapshot and digests, our record of it (any: stale
+/// or for other bytes too), and whether that record must be (re)written once confirmed.
 #[derive(Debug)]
 pub struct Local {
     pub snapshot: Snapshot,
     pub md5: [u8; 16],
+    /// Known when the record holds it or the file was read.
+    pub sha256: Option<[u8; 32]>,
+    pub record: Option<Record>,
     pub unrecorded: bool,
+    /// Synapse's sha256 of the media, for its original.
+    pub synapse: Option<[u8; 32]>,
 }
 
 /// The regular files of a media present locally (its original and its thumbnails), each with what
@@ -124,12 +136,15 @@ pub async fn examine(s: &Sweeper, media: &AgedMedia) -> Result<Examined, String>
     let thumbs = MediaPath::parse(&thumbs).map_err(|e| e.to_string())?;
     let root = s.config.media_store_path.clone();
     let state = s.state.clone();
+    let synapse = media.sha256();
     tokio::task::spawn_blocking(move || {
-        let paths = media_files(&root, original, thumbs)?;
+        let paths = media_files(&root, original.clone(), thumbs)?;
         Ok(paths
             .into_iter()
             .map(|p| {
-                let l = local(&state, &root, &p);
+                // Synapse's hash is of the original; thumbnails have none.
+                let hash = if p == original { synapse } else { None };
+                let l = local(&state, &root, &p, hash);
                 (p, l)
             })
             .collect())
@@ -172,28 +187,41 @@ fn media_files(
     Ok(out)
 }
 
-/// The file's snapshot and digest: from our record while the file still matches it, else read
-/// from the file. Blocking.
-fn local(state: &crate::state::State, root: &Path, p: &MediaPath) -> Result<Option<Local>, String> {
+/// The file's snapshot and digests: from our record while the file still matches it (and holds
+/// the SHA-256 when Synapse's hash is to be compared), else read from the file. Blocking.
+fn local(
+    state: &crate::state::State,
+    root: &Path,
+    p: &MediaPath,
+    synapse: Option<[u8; 32]>,
+) -> Result<Option<Local>, String> {
     let abs = p.to_path(root);
     let snapshot = match digest::stat(&abs).map_err(|e| e.to_string())? {
         Stat::File(s) => s,
         _ => return Ok(None),
     };
-    if let Some(r) = state.record(p).map_err(|e| e.to_string())?
+    let record = state.record_or_none(p).map_err(|e| e.to_string())?;
+    if let Some(r) = record
         && r.matches(snapshot.size, snapshot.mtime_ns)
+        && (synapse.is_none() || r.sha256.is_some())
     {
         return Ok(Some(Local {
             snapshot,
             md5: r.md5,
+            sha256: r.sha256,
+            record,
             unrecorded: false,
+            synapse,
         }));
     }
     match digest::read_and_hash(&abs, 0, None).map_err(|e| e.to_string())? {
         ReadOutcome::Hashed(h) => Ok(Some(Local {
             snapshot: h.snapshot,
             md5: h.md5,
+            sha256: Some(h.sha256),
+            record,
             unrecorded: true,
+            synapse,
         })),
         ReadOutcome::Changed => Err("the file changed while it was read".into()),
         _ => Ok(None),
@@ -205,8 +233,16 @@ pub async fn confirm(s: &Sweeper, path: &MediaPath, local: Local) -> Verdict {
     let Local {
         snapshot,
         md5,
+        sha256,
         unrecorded,
+        synapse,
+        ..
     } = local;
+    // Synapse's hash is the arbiter: local bytes that do not match it are never confirmed (and
+    // the object, which would have to hold the same bytes to confirm them, neither).
+    if synapse.is_some() && sha256 != synapse {
+        return Verdict::BadCopy;
+    }
     // The request runs as a task of its own: the SDK's work per request (signing, endpoint
     // resolution, parsing) then spreads over the runtime's workers instead of queuing on the one
     // task that polls all of the sweep's media at once.
@@ -220,7 +256,13 @@ pub async fn confirm(s: &Sweeper, path: &MediaPath, local: Local) -> Verdict {
         Ok(None) => Verdict::Missing,
         Ok(Some(info)) if info.confirms(snapshot.size, &md5) => Verdict::Confirmed {
             snapshot,
-            record: unrecorded.then(|| Record::new(snapshot.size, snapshot.mtime_ns, md5)),
+            record: unrecorded.then(|| {
+                let r = Record::new(snapshot.size, snapshot.mtime_ns, md5);
+                match sha256 {
+                    Some(h) => r.with_sha256(h),
+                    None => r,
+                }
+            }),
         },
         Ok(Some(_)) => Verdict::Different,
     }
@@ -302,6 +344,7 @@ mod tests {
     fn paths_follow_synapse_layout_and_refuse_escapes() {
         let local = AgedMedia::Local {
             media_id: "abcdefghij".into(),
+            sha256: None,
         };
         assert_eq!(
             media_paths(&local).unwrap(),
@@ -314,6 +357,7 @@ mod tests {
             origin: "matrix.org".into(),
             media_id: "x".into(),
             filesystem_id: "QWERTYuiop".into(),
+            sha256: None,
         };
         assert_eq!(
             media_paths(&remote).unwrap(),
@@ -333,12 +377,14 @@ mod tests {
                 origin: origin.into(),
                 media_id: "m".into(),
                 filesystem_id: fid.into(),
+                sha256: None,
             };
             assert!(media_paths(&m).is_err(), "{origin} {fid}");
         }
         assert!(
             media_paths(&AgedMedia::Local {
-                media_id: "../../../etc/passwd".into()
+                media_id: "../../../etc/passwd".into(),
+                sha256: None,
             })
             .is_err()
         );
@@ -346,6 +392,7 @@ mod tests {
         let local = |id: &str| {
             media_paths(&AgedMedia::Local {
                 media_id: id.into(),
+                sha256: None,
             })
         };
         assert_eq!(

@@ -1,14 +1,21 @@
 //! The sweep: frees local disk by deleting the local copies of media nobody accessed for
 //! `sweep.keep_local_for`, never the only copy.
 //!
-//! Invariants (DESIGN.md 1, 2, 5, 7):
+//! Invariants (DESIGN.md 1, 2, 5, 7, 8):
 //! - A file is deleted only if, right before, the bucket holds an object at its key with the same
 //!   size and digest (HEAD; the digest from our record when the file still matches it, else from
 //!   reading the file), its media is aged out per PostgreSQL, and the file's size and mtime did not
 //!   change between that check and the unlink.
+//! - Where Synapse's database holds the media's sha256, the original is deleted only if its bytes
+//!   match it (and so, by the MD5 above, the object's do): a bad local copy confirms nothing, and
+//!   neither does an object holding the same wrong bytes.
 //! - Any error while confirming a media (S3, timeout, permission) deletes nothing of that media; a
 //!   database error stops the sweep. Both are reported.
-//! - A file whose object is missing or different is not deleted: it is queued for upload.
+//! - A file whose object is missing or different, or that does not match Synapse's hash, is not
+//!   deleted: it is queued, and the upload decides what is right (the verified object wins, see
+//!   [`crate::upload::verdict`]): a missing object is uploaded again, a bad local copy is healed
+//!   from the bucket, never uploaded over the object. The sweep never forgets which bytes were
+//!   verified: it only marks the record stale.
 //! - Paths come from validated database ids through [`MediaPath`]; nothing outside the store is
 //!   touched, symlinks are never followed, and only the AB/CD levels below a top-level folder
 //!   (never the folder itself, nor a remote origin's folder) are removed when they become empty.
@@ -47,7 +54,9 @@ enum Cursor {
 fn next_cursor(page: &[AgedMedia], cursor: &Cursor) -> Option<Cursor> {
     let full = page.len() as i64 == PAGE;
     match (page.last(), cursor) {
-        (Some(AgedMedia::Local { media_id }), _) if full => Some(Cursor::Local(media_id.clone())),
+        (Some(AgedMedia::Local { media_id, .. }), _) if full => {
+            Some(Cursor::Local(media_id.clone()))
+        }
         (
             Some(AgedMedia::Remote {
                 origin, media_id, ..
@@ -96,6 +105,10 @@ pub struct Report {
     pub kept_error: u64,
     /// Files of aged media changed during the sweep (kept).
     pub kept_changed: u64,
+    /// Kept because the local file does not match Synapse's sha256 (a bad local copy, queued for
+    /// healing from the bucket).
+    #[serde(default)]
+    pub kept_bad_copy: u64,
     /// Relative paths deleted (or that would be, with `dry_run`). Not kept with the last sweep's
     /// report (so not in `status --json`): the counts are.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -146,6 +159,13 @@ impl std::fmt::Display for Report {
             self.kept_changed,
             self.seconds
         )?;
+        if self.kept_bad_copy > 0 {
+            write!(
+                f,
+                "; {} bad local copies (not matching Synapse's sha256) kept and queued for healing",
+                self.kept_bad_copy
+            )?;
+        }
         if let Some(s) = &self.stopped {
             write!(f, "; stopped early: {s}")?;
         }
@@ -159,7 +179,7 @@ impl std::fmt::Display for Report {
 /// What a sweep needs.
 pub struct Sweeper {
     pub config: Config,
-    pub db: Db,
+    pub db: Arc<Db>,
     pub store: Arc<ObjectStore>,
     pub state: State,
     pub committer: Committer,
@@ -203,7 +223,7 @@ pub async fn run_standalone(
     let queue = Arc::new(Queue::open(&state, committer.clone(), &config.upload)?);
     let sweeper = Sweeper {
         config: config.clone(),
-        db: Db::new(db_config)?,
+        db: Arc::new(Db::new(db_config)?),
         store: Arc::new(ObjectStore::new(&config.s3, config.upload.multipart_part_size).await),
         state,
         committer: committer.clone(),
@@ -382,22 +402,22 @@ impl Sweeper {
         // Confirm every file first: an error on any of them keeps the whole media.
         let mut verdicts = Vec::with_capacity(examined.len());
         for (path, local) in examined {
-            let v = match local {
-                Ok(Some(l)) => files::confirm(self, &path, l).await,
-                Ok(None) => Verdict::Gone,
-                Err(e) => Verdict::Error(e),
+            let (record, v) = match local {
+                Ok(Some(l)) => (l.record, files::confirm(self, &path, l).await),
+                Ok(None) => (None, Verdict::Gone),
+                Err(e) => (None, Verdict::Error(e)),
             };
             if let Verdict::Error(e) = &v {
                 out.error(format!("{path}: {e}"));
                 out.kept_error += 1;
                 return out;
             }
-            verdicts.push((path, v));
+            verdicts.push((path, record, v));
         }
         let mut to_upload = Vec::new();
         let mut stale = Vec::new();
         let mut to_delete = Vec::new();
-        for (path, v) in verdicts {
+        for (path, record, v) in verdicts {
             match v {
                 Verdict::Confirmed { snapshot, record } => {
                     if let Some(r) = record {
@@ -416,14 +436,23 @@ impl Sweeper {
                     }
                     to_delete.push((path, snapshot));
                 }
-                Verdict::Missing => {
-                    out.kept_not_in_bucket += 1;
-                    stale.push(crate::state::Op::Forget(path.clone()));
-                    to_upload.push(path);
-                }
-                Verdict::Different => {
-                    out.kept_different += 1;
-                    stale.push(crate::state::Op::Forget(path.clone()));
+                // The file is kept and queued: the upload decides (DESIGN.md invariant 8). A
+                // missing object is uploaded again; a bad local copy of a verified object is
+                // healed from it, never uploaded over it; a conflict is reported. Our record's
+                // (size, mtime) shortcut no longer holds (else the upload would trust it and skip
+                // the file), but its digest stays: it is our memory of which bytes were verified.
+                Verdict::Missing | Verdict::Different | Verdict::BadCopy => {
+                    match v {
+                        Verdict::Missing => out.kept_not_in_bucket += 1,
+                        Verdict::Different => out.kept_different += 1,
+                        _ => {
+                            out.kept_bad_copy += 1;
+                            tracing::error!(path = %path, "Sweep kept a local file that does not match Synapse's sha256 (a bad local copy); queued for healing.");
+                        }
+                    }
+                    if let Some(r) = record.filter(|r| !r.stale) {
+                        stale.push(crate::state::Op::Record(path.clone(), r.stale()));
+                    }
                     to_upload.push(path);
                 }
                 Verdict::Gone => {}
@@ -452,9 +481,9 @@ impl Sweeper {
             }
         }
         // A record of a file whose object is gone or different (deleted by hand, a lifecycle rule,
-        // another tool) is wrong now: forget it, or the upload would trust it and skip the file.
-        // Forgetting first: a crash in between leaves a file without record, which the next scan
-        // queues; never a record that hides a missing object. A dry run leaves the records alone.
+        // another tool, a bad local copy) no longer vouches for the file: marked stale before the
+        // file is queued, so a crash in between leaves a stale record, which the next scan queues;
+        // never a record that hides a missing object. A dry run leaves the records alone.
         if !dry_run
             && !stale.is_empty()
             && let Err(e) = self.committer.apply(stale).await
@@ -475,7 +504,7 @@ impl Sweeper {
 /// A media as an admin finds it in Synapse's admin API: `media_id`, or `origin/media_id`.
 fn media_name(m: &AgedMedia) -> String {
     match m {
-        AgedMedia::Local { media_id } => format!("local media {media_id}"),
+        AgedMedia::Local { media_id, .. } => format!("local media {media_id}"),
         AgedMedia::Remote {
             origin, media_id, ..
         } => format!("remote media {origin}/{media_id}"),
@@ -490,6 +519,7 @@ mod tests {
         (0..n)
             .map(|i| AgedMedia::Local {
                 media_id: format!("m{i:05}"),
+                sha256: None,
             })
             .collect()
     }
@@ -500,6 +530,7 @@ mod tests {
                 origin: "a.org".into(),
                 media_id: format!("r{i:05}"),
                 filesystem_id: format!("f{i:05}"),
+                sha256: None,
             })
             .collect()
     }

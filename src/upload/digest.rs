@@ -11,6 +11,7 @@ use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::Path;
 
 use crate::md5::Md5;
+use crate::sha256::Sha256;
 use bytes::Bytes;
 
 /// Files up to this size are read into memory and sent from there.
@@ -81,16 +82,20 @@ pub fn open_for_writing(path: &Path) -> Option<bool> {
 pub enum Content {
     /// The whole body, for files up to `inline_max`.
     Inline(Bytes),
-    /// Too large to keep in memory: sent in one PUT streamed from disk.
-    File,
-    /// MD5 of each part of `part_size` bytes (the last one shorter).
-    Parts(Vec<[u8; 16]>),
+    /// Too large to keep in memory: sent in one PUT streamed from this descriptor (the file that
+    /// was opened without following symlinks and hashed, never the path opened again).
+    File(File),
+    /// MD5 of each part of `part_size` bytes (the last one shorter), and the descriptor to stream
+    /// the parts from.
+    Parts(Vec<[u8; 16]>, File),
 }
 
 #[derive(Debug)]
 pub struct Hashed {
     pub snapshot: Snapshot,
     pub md5: [u8; 16],
+    /// Synapse's content hash of the same bytes (`sha256` column).
+    pub sha256: [u8; 32],
     pub content: Content,
 }
 
@@ -162,9 +167,11 @@ impl Opened {
                 return Ok(ReadOutcome::Changed);
             }
             let md5 = Md5::digest(&body);
+            let sha256 = Sha256::digest(&body);
             return Ok(ReadOutcome::Hashed(Hashed {
                 snapshot,
                 md5,
+                sha256,
                 content: Content::Inline(Bytes::from(body)),
             }));
         }
@@ -194,6 +201,7 @@ fn hash_parts(
     let multipart = part_size.is_some();
     let part_size = part_size.unwrap_or(u64::MAX);
     let mut whole = Md5::new();
+    let mut sha = Sha256::new();
     let mut part = Md5::new();
     let mut in_part = 0u64;
     let mut total = 0u64;
@@ -209,6 +217,7 @@ fn hash_parts(
             Err(e) => return Err(e),
         };
         whole.update(&buf[..n]);
+        sha.update(&buf[..n]);
         // Without parts this would be a second MD5 of every byte, thrown away.
         if multipart {
             part.update(&buf[..n]);
@@ -232,10 +241,11 @@ fn hash_parts(
     Ok(ReadOutcome::Hashed(Hashed {
         snapshot,
         md5: whole.finalize(),
+        sha256: sha.finalize(),
         content: if multipart {
-            Content::Parts(parts)
+            Content::Parts(parts, file)
         } else {
-            Content::File
+            Content::File(file)
         },
     }))
 }
@@ -265,7 +275,9 @@ mod tests {
         };
         assert_eq!(inline.md5, parts.md5);
         assert_eq!(inline.md5, <[u8; 16]>::from(::md5::Md5::digest(&data)));
-        let Content::Parts(p) = parts.content else {
+        assert_eq!(inline.sha256, parts.sha256);
+        assert_eq!(inline.sha256, crate::sha256::Sha256::digest(&data));
+        let Content::Parts(p, _) = parts.content else {
             panic!()
         };
         assert_eq!(p.len(), 3);
@@ -274,7 +286,8 @@ mod tests {
             panic!()
         };
         assert_eq!(streamed.md5, inline.md5);
-        assert!(matches!(streamed.content, Content::File));
+        assert_eq!(streamed.sha256, inline.sha256);
+        assert!(matches!(streamed.content, Content::File(_)));
     }
 
     fn p_path(dir: &tempfile::TempDir) -> std::path::PathBuf {
@@ -288,7 +301,7 @@ mod tests {
         let ReadOutcome::Hashed(h) = read_and_hash(&p, 0, Some(4096)).unwrap() else {
             panic!()
         };
-        let Content::Parts(parts) = h.content else {
+        let Content::Parts(parts, _) = h.content else {
             panic!()
         };
         assert_eq!(parts.len(), 2);

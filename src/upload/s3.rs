@@ -11,6 +11,7 @@
 //! which every S3 implementation checks, and the digest is also stored as `x-amz-meta-md5`, because
 //! the ETag is not an MD5 for multipart or SSE-C objects.
 
+use std::fs::File;
 use std::path::Path;
 use std::time::Duration;
 
@@ -92,6 +93,15 @@ pub struct Listed {
     /// not compute one (s3s-fs) leave it out.
     pub etag: Option<String>,
     pub last_modified_ms: Option<i64>,
+}
+
+/// A path that opens `file` itself again, whatever happened to its name since: the SDK streams a
+/// body from a path (and opens it again for each retry or part), and the media path may have been
+/// swapped for a symlink or another file since it was opened without following symlinks and
+/// hashed. `/proc/self/fd/N` names the open file, not the path.
+fn fd_path(file: &File) -> std::path::PathBuf {
+    use std::os::fd::AsRawFd;
+    std::path::PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()))
 }
 
 /// Adds the SSE-C headers to any request builder that takes them (PUT, HEAD, parts).
@@ -313,6 +323,24 @@ impl ObjectStore {
         Ok(())
     }
 
+    /// GET of a whole object as a stream (healing a bad local copy from its verified object).
+    /// `None` when there is no such object.
+    pub async fn get_stream(&self, key: &str) -> Result<Option<ByteStream>, S3Error> {
+        let mut req = self.client.get_object().bucket(&self.bucket).key(key);
+        with_sse!(req, self.sse);
+        match req.send().await {
+            Ok(out) => Ok(Some(out.body)),
+            Err(e) => {
+                let e = self.err("GET", key, e);
+                if e.kind == ErrorKind::NotFound {
+                    Ok(None)
+                } else {
+                    Err(e)
+                }
+            }
+        }
+    }
+
     /// HEAD of `key`: `None` when there is no such object.
     pub async fn head(&self, key: &str) -> Result<Option<ObjectInfo>, S3Error> {
         let mut req = self.client.head_object().bucket(&self.bucket).key(key);
@@ -344,17 +372,17 @@ impl ObjectStore {
         self.put(key, ByteStream::from(body), len, md5).await
     }
 
-    /// One PUT streamed from the file at `path` (too large to hold in memory, below the multipart
-    /// threshold). `Content-MD5` makes the provider reject the body if the file changed since hashing.
+    /// One PUT streamed from `file` (too large to hold in memory, below the multipart threshold).
+    /// `Content-MD5` makes the provider reject the body if the file changed since hashing.
     pub async fn put_file(
         &self,
         key: &str,
-        path: &Path,
+        file: &File,
         size: u64,
         md5: &[u8; 16],
     ) -> Result<(), S3Error> {
         let body = ByteStream::read_from()
-            .path(path)
+            .path(fd_path(file))
             .length(Length::Exact(size))
             .buffer_size(256 * 1024)
             .build()
@@ -393,14 +421,14 @@ impl ObjectStore {
         Ok(())
     }
 
-    /// Multipart upload of the file at `path`, streamed part by part from disk with each part's
+    /// Multipart upload of `file`, streamed part by part from disk with each part's
     /// `Content-MD5` (computed beforehand by [`crate::upload::digest`]). Aborted on any failure so no
     /// half-upload lingers (a crash can still leave one: a bucket lifecycle rule for incomplete
     /// multipart uploads cleans those).
     pub async fn put_multipart(
         &self,
         key: &str,
-        path: &Path,
+        file: &File,
         size: u64,
         md5: &[u8; 16],
         part_md5s: &[[u8; 16]],
@@ -438,8 +466,9 @@ impl ObjectStore {
                 hint: String::new(),
             });
         };
+        let path = fd_path(file);
         let result = self
-            .upload_parts(key, &upload_id, path, size, part_size, part_md5s)
+            .upload_parts(key, &upload_id, &path, size, part_size, part_md5s)
             .await;
         let result = match result {
             Ok(parts) => self

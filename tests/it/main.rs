@@ -18,3 +18,4 @@ mod sweep;
 mod synapse_config;
 mod systemd;
 mod upload;
+mod verified;

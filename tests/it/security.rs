@@ -339,3 +339,57 @@ async fn nothing_is_uploaded_through_a_symlinked_directory() {
     assert!(queued.is_empty(), "{queued:?}");
     assert!(outside.path().join("nk/new").exists());
 }
+
+/// A file swapped for a symlink to a file outside the store after it was opened and hashed: the
+/// upload streams from the descriptor it opened (never the path opened again), so what reaches
+/// the bucket is the file that was checked, not the outside one. Multipart parts are built lazily
+/// (four at a time), so the last parts of a slow upload are read after the swap.
+/// (s3s-fs does not check Content-MD5 on UploadPart, so nothing else would catch a mixed body.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_reads_the_file_it_opened_not_a_symlink_swapped_in() {
+    let env = s3_env();
+    let proxy = crate::proxy::Proxy::start(env.addr).await;
+    let bucket = create_bucket(&env, "swap").await;
+    let store = Store::new();
+    let rel = "local_content/sw/AP/pedfile";
+    let original = bytes(5, 6 * 5 * 1024 * 1024);
+    let path = store.write(rel, &original);
+    let outside = tempfile::tempdir().unwrap();
+    let secret = outside.path().join("secret");
+    std::fs::write(&secret, bytes(6, original.len())).unwrap();
+    let mut raw = raw_config(&env, &proxy.endpoint(), &bucket, &store);
+    raw.upload.multipart_threshold =
+        Some(synapse_s3_offload::config::SizeValue::Text("5MiB".into()));
+    raw.upload.multipart_part_size =
+        Some(synapse_s3_offload::config::SizeValue::Text("5MiB".into()));
+    let config = validated(raw);
+    proxy.set_put_delay(Duration::from_millis(700));
+    let run = tokio::spawn({
+        let config = config.clone();
+        async move {
+            synapse_s3_offload::backfill::run(
+                &config,
+                synapse_s3_offload::backfill::Progress::Log,
+                CancellationToken::new(),
+            )
+            .await
+            .unwrap()
+        }
+    });
+    wait_until("the first part", Duration::from_secs(30), || {
+        !proxy.object_requests("PUT").is_empty()
+    })
+    .await;
+    std::fs::remove_file(&path).unwrap();
+    std::os::unix::fs::symlink(&secret, &path).unwrap();
+    let s = run.await.unwrap();
+    // The path changed under the upload: it is not recorded as the file (it now is a symlink).
+    assert_eq!(s.uploaded, 0, "{s}");
+    let got = objects(&env, &bucket).await;
+    if let Some(o) = got.get(rel) {
+        assert!(
+            *o == original,
+            "the object holds bytes from outside the store"
+        );
+    }
+}

@@ -155,7 +155,8 @@ async fn objects_already_in_the_bucket_are_recorded_without_a_put() {
         .send()
         .await
         .unwrap();
-    // And one whose object has other content: it must be uploaded again, not adopted.
+    // And one whose object has other content, which we never verified and no database hash
+    // arbitrates: a conflict, both kept (never adopted, never overwritten).
     store.write("local_content/ot/he/rcontent", b"local version");
     client(&env)
         .await
@@ -169,17 +170,29 @@ async fn objects_already_in_the_bucket_are_recorded_without_a_put() {
 
     proxy.clear();
     let s = backfill(&config).await;
-    assert_eq!((s.adopted, s.uploaded, s.failed), (8, 1, 0), "{s}");
-    let puts: Vec<_> = proxy
-        .object_requests("PUT")
-        .into_iter()
-        .map(|r| r.path)
-        .collect();
-    assert_eq!(puts.len(), 1, "{puts:?}");
-    assert!(puts[0].contains("rcontent"));
+    assert_eq!(
+        (s.adopted, s.uploaded, s.failed, s.conflicts),
+        (8, 0, 1, 1),
+        "{s}"
+    );
+    let puts = proxy.object_requests("PUT");
+    assert!(puts.is_empty(), "{puts:?}");
     assert_eq!(
         objects(&env, &bucket).await["local_content/ot/he/rcontent"],
+        b"bucket version!"
+    );
+    assert_eq!(
+        std::fs::read(store.root.join("local_content/ot/he/rcontent")).unwrap(),
         b"local version"
+    );
+    // Reported for status and audit until resolved.
+    let state = synapse_s3_offload::state::State::open(&config.state_dir).unwrap();
+    let problems = state.problems_after(None, 10).unwrap();
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert_eq!(problems[0].0, "local_content/ot/he/rcontent");
+    assert_eq!(
+        problems[0].1.kind,
+        synapse_s3_offload::state::ProblemKind::Conflict
     );
 }
 
@@ -300,8 +313,23 @@ async fn a_body_damaged_in_transit_is_refused_by_its_content_md5() {
         assert!(put.header("content-md5").is_some(), "{put:?}");
     }
 
-    // Undamaged, the same run succeeds: the failures above came from the damage alone.
+    // s3s-fs kept the damaged bodies (S3 stores nothing on BadDigest): objects we never verified
+    // that differ from the files, so they are conflicts, reported and never overwritten blindly.
     proxy.corrupt_puts(false);
+    let summary = backfill(&config).await;
+    assert_eq!((summary.conflicts, summary.failed), (2, 2), "{summary}");
+    // As on S3, with no damaged object left behind, the same run succeeds: the failures above
+    // came from the damage alone.
+    for key in ["local_content/ab/cd/inline", "local_content/ab/cd/streamed"] {
+        client(&env)
+            .await
+            .delete_object()
+            .bucket(&bucket)
+            .key(key)
+            .send()
+            .await
+            .unwrap();
+    }
     let summary = backfill(&config).await;
     assert_eq!((summary.uploaded, summary.failed), (2, 0), "{summary}");
     let got = objects(&env, &bucket).await;
@@ -423,4 +451,35 @@ async fn odd_store_entries_are_uploaded_with_stable_keys_or_skipped() {
 
 unsafe extern "C" {
     fn mkfifo(path: *const std::ffi::c_char, mode: u32) -> i32;
+}
+
+/// An undecodable record (a damaged page, a bug) does not fail its file forever: the object is
+/// looked up again and a good record written over it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_record_is_verified_again_and_rewritten() {
+    let env = s3_env();
+    let bucket = create_bucket(&env, "badrecord").await;
+    let store = Store::new();
+    let rel = "local_content/ba/DR/ecord";
+    store.write(rel, &bytes(3, 5_000));
+    let config = validated(raw_config(&env, &env.endpoint, &bucket, &store));
+    assert_eq!(backfill(&config).await.uploaded, 1);
+    {
+        const UPLOADED: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("uploaded");
+        let db = redb::Database::create(store.state.join("state.redb")).unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.open_table(UPLOADED)
+            .unwrap()
+            .insert(rel, b"\x09garbage".as_slice())
+            .unwrap();
+        txn.commit().unwrap();
+    }
+    let p = synapse_s3_offload::layout::MediaPath::parse(rel).unwrap();
+    let state = synapse_s3_offload::state::State::open(&config.state_dir).unwrap();
+    assert!(state.record(&p).is_err(), "the record is unreadable");
+    drop(state);
+    let s = backfill(&config).await;
+    assert_eq!((s.adopted, s.failed), (1, 0), "{s}");
+    let state = synapse_s3_offload::state::State::open(&config.state_dir).unwrap();
+    assert!(state.record(&p).unwrap().is_some(), "rewritten");
 }
