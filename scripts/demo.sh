@@ -16,7 +16,8 @@ echo "==> An existing media store: two files already there"
 mk local_content/ab/cd/efghijklmnopqrstuv 200000
 mk local_thumbnails/ab/cd/efghijklmnopqrstuv/32-32-image-png-crop 3000
 
-cat >"$work/config.yaml" <<YAML
+# 0600 from the start, as the README asks of a config holding keys (no "readable by others" warning).
+(umask 077 && cat >"$work/config.yaml") <<YAML
 media_store_path: $work/media
 state_dir: $work/state
 s3:

@@ -44,7 +44,12 @@ pub struct Summary {
     pub unchanged: u64,
     pub vanished: u64,
     pub skipped: u64,
+    /// Files whose upload failed.
     pub failed: u64,
+    /// Parts of the store (directories, mostly) that could not be read: their files, whatever
+    /// they hold, were not looked at, so they are not "failed files". The first few, described.
+    pub unreadable: Vec<String>,
+    pub unreadable_count: u64,
     /// Bad local copies replaced with their verified object.
     pub healed: u64,
     /// Of the failed: bad local copies left as they are (healing off) and conflicts.
@@ -69,6 +74,16 @@ impl std::fmt::Display for Summary {
             self.failed,
             secs
         )?;
+        if self.unreadable_count > 0 {
+            write!(
+                f,
+                "; {} part(s) of the media store could not be read, their files were not looked at:",
+                self.unreadable_count
+            )?;
+            for u in &self.unreadable {
+                write!(f, "\n  {u}")?;
+            }
+        }
         if self.healed + self.bad_copies + self.conflicts > 0 {
             write!(
                 f,
@@ -296,7 +311,10 @@ fn tally(
 fn report_problem(p: &scan::Problem, summary: &mut Summary) {
     match p {
         scan::Problem::Unreadable { .. } => {
-            summary.failed += 1;
+            summary.unreadable_count += 1;
+            if summary.unreadable.len() < 10 {
+                summary.unreadable.push(p.to_string());
+            }
             tracing::error!(problem = %p, "Cannot read part of the media store.");
         }
         scan::Problem::BadName { .. } | scan::Problem::SymlinkedDir { .. } => {
@@ -392,5 +410,30 @@ impl Bar {
         if let Some(t) = self.counters.ticker.lock().expect("not poisoned").take() {
             t.abort();
         }
+    }
+}
+
+#[cfg(test)]
+mod summary_tests {
+    use super::*;
+
+    #[test]
+    fn an_unreadable_directory_is_not_a_failed_file_and_is_named_in_the_summary() {
+        let mut s = Summary::default();
+        report_problem(
+            &scan::Problem::Unreadable {
+                path: "/srv/media/local_content/ab".into(),
+                error: "Permission denied (os error 13)".into(),
+            },
+            &mut s,
+        );
+        assert_eq!((s.failed, s.unreadable_count), (0, 1));
+        let text = s.to_string();
+        assert!(
+            text.contains("failed 0")
+                && text.contains("could not be read")
+                && text.contains("/srv/media/local_content/ab"),
+            "{text}"
+        );
     }
 }

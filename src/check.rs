@@ -5,7 +5,7 @@ use std::path::Path;
 
 use crate::md5::Md5;
 
-use crate::config::Config;
+use crate::config::{DatabaseConfig, S3Config};
 use crate::upload::s3::{ObjectStore, PROBE_MARK};
 
 /// The outcome of all checks: printable lines, and whether any failed.
@@ -28,33 +28,76 @@ impl Checks {
     }
 }
 
-pub async fn run(config: &Config) -> Checks {
+/// Checks the config at `path` and everything it points to. A bad key is a ✗ line of its own;
+/// what does not depend on it is still checked (S3 with a right `s3:` and a wrong media path).
+pub async fn run_file(path: &Path) -> Checks {
     let mut c = Checks::default();
-    c.ok("config", "valid");
-    for w in &config.warnings {
+    let layers = match crate::config::load_layers(path) {
+        Ok(l) => l,
+        Err(e) => {
+            c.fail("config", crate::Chain(&e).to_string());
+            return c;
+        }
+    };
+    let warnings = layers.warnings;
+    let parts = crate::config::validate_parts(layers.raw, &layers.origins);
+    let errors = parts.errors();
+    if errors.is_empty() {
+        c.ok("config", format!("{} is valid", path.display()));
+    }
+    for e in errors {
+        c.fail("config", crate::Chain(e).to_string());
+    }
+    for w in &warnings {
         c.note("synapse config", w);
     }
-    check_s3(config, &mut c).await;
-    check_database(config, &mut c).await;
-    check_media_store(&config.media_store_path, &mut c);
-    check_inotify(&config.media_store_path, &mut c);
-    check_state_dir(config, &mut c).await;
-    match crate::sweep::check_provider(config) {
-        Ok(()) => c.ok("sweep safety", "Synapse reads media back from this bucket"),
-        Err(e) if config.database.is_some() && config.sweep.enabled => {
-            c.fail("sweep safety", crate::Chain(&e).to_string())
+    // The part size only shapes the client; a bad upload: section does not stop the S3 check.
+    let part_size = parts
+        .upload
+        .as_ref()
+        .map_or(16 << 20, |u| u.multipart_part_size);
+    match &parts.s3 {
+        Ok(s3) => check_s3(s3, part_size, &mut c).await,
+        Err(_) => c.note("S3", "not checked: fix the s3 key above first"),
+    }
+    match &parts.database {
+        Ok(db) => check_database(db.as_ref(), parts.synapse_uses_sqlite, &mut c).await,
+        Err(_) => c.note("PostgreSQL", "not checked: fix the config key above first"),
+    }
+    match &parts.media_store_path {
+        Ok(root) => {
+            check_media_store(root, &mut c);
+            check_inotify(root, &mut c);
         }
-        Err(e) => c.note("sweep safety", crate::Chain(&e).to_string()),
+        Err(_) => c.note("media store", "not checked: fix media_store_path first"),
+    }
+    if let Ok(dir) = &parts.state_dir {
+        check_state_dir(dir, &mut c).await;
+        if let Ok(root) = &parts.media_store_path
+            && let Some(p) = crate::owner::problem(crate::owner::euid(), root, dir)
+        {
+            c.fail("user", p);
+        }
+    }
+    match parts.into_config() {
+        Ok(config) => match crate::sweep::check_provider(&config) {
+            Ok(()) => c.ok("sweep safety", "Synapse reads media back from this bucket"),
+            Err(e) if config.database.is_some() && config.sweep.enabled => {
+                c.fail("sweep safety", crate::Chain(&e).to_string())
+            }
+            Err(e) => c.note("sweep safety", crate::Chain(&e).to_string()),
+        },
+        Err(_) => c.note("sweep safety", "not checked: fix the config first"),
     }
     c
 }
 
-async fn check_s3(config: &Config, c: &mut Checks) {
-    let store = ObjectStore::new(&config.s3, config.upload.multipart_part_size).await;
+async fn check_s3(s3: &S3Config, part_size: u64, c: &mut Checks) {
+    let store = ObjectStore::new(s3, part_size).await;
     let where_ = format!(
         "bucket {} at {}",
-        config.s3.bucket,
-        config.s3.endpoint_url.as_deref().unwrap_or("AWS S3")
+        s3.bucket,
+        s3.endpoint_url.as_deref().unwrap_or("AWS S3")
     );
     if let Err(e) = store.check_bucket().await {
         return c.fail("S3 bucket", format!("{where_}: {}", crate::Chain(&e)));
@@ -62,7 +105,7 @@ async fn check_s3(config: &Config, c: &mut Checks) {
     c.ok("S3 bucket", &where_);
     let key = format!(
         "{}{PROBE_MARK}{}-{}",
-        config.s3.prefix,
+        s3.prefix,
         std::process::id(),
         crate::state::now_ms()
     );
@@ -75,10 +118,27 @@ async fn check_s3(config: &Config, c: &mut Checks) {
             .map_err(|e| ("PUT", crate::Chain(&e).to_string()))?;
         match store.head(&key).await {
             Ok(Some(info)) if info.confirms(body.len() as u64, &md5) => {}
-            Ok(other) => {
+            Ok(None) => {
                 return Err((
                     "HEAD",
-                    format!("the object does not match what was written: {other:?}"),
+                    "the object just written is not there (does the provider list what it stores?)"
+                        .into(),
+                ));
+            }
+            Ok(Some(info)) => {
+                return Err((
+                    "HEAD",
+                    format!(
+                        "the object does not match what was written: {} bytes instead of {}, or a different digest (x-amz-meta-md5 {}, ETag {})",
+                        info.size,
+                        body.len(),
+                        if info.meta_md5.is_some() {
+                            "present"
+                        } else {
+                            "missing"
+                        },
+                        info.etag.as_deref().unwrap_or("none")
+                    ),
                 ));
             }
             Err(e) => return Err(("HEAD", crate::Chain(&e).to_string())),
@@ -98,15 +158,15 @@ async fn check_s3(config: &Config, c: &mut Checks) {
     let result = steps.await;
     let deleted = store.delete_probe(&key).await;
     match (result, deleted) {
-        (Ok(()), Ok(())) => c.ok("S3 read/write", format!("PUT, HEAD, GET and DELETE of a probe object under prefix {:?}", config.s3.prefix)),
+        (Ok(()), Ok(())) => c.ok("S3 read/write", format!("PUT, HEAD, GET and DELETE of a probe object under prefix {:?}", s3.prefix)),
         (Err((step, e)), _) => c.fail("S3 read/write", format!("{step} of the probe object failed: {e}")),
         (Ok(()), Err(e)) => c.fail("S3 read/write", format!("DELETE of the probe object failed (the daemon itself never deletes objects; the probe {key} stays): {}", crate::Chain(&e))),
     }
 }
 
-async fn check_database(config: &Config, c: &mut Checks) {
-    let Some(dbc) = &config.database else {
-        if config.synapse_uses_sqlite {
+async fn check_database(database: Option<&DatabaseConfig>, sqlite: bool, c: &mut Checks) {
+    let Some(dbc) = database else {
+        if sqlite {
             c.note(
                 "PostgreSQL",
                 "Synapse uses SQLite: uploads work, the sweep needs PostgreSQL",
@@ -158,8 +218,17 @@ fn check_inotify(root: &Path, c: &mut Checks) {
     }
 }
 
-async fn check_state_dir(config: &Config, c: &mut Checks) {
-    let dir = &config.state_dir;
+async fn check_state_dir(dir: &Path, c: &mut Checks) {
+    // Not created here: a typo'd path would then look like a fresh install with 0 files verified.
+    if !dir.exists() {
+        return c.note(
+            "state_dir",
+            format!(
+                "{} does not exist: `run` or `upload` creates it (if you expected the state of earlier uploads there, the path is wrong)",
+                dir.display()
+            ),
+        );
+    }
     if let Ok(Some(_)) = crate::control::request(dir, &crate::control::Request::Status).await {
         return c.ok(
             "state_dir",
@@ -177,6 +246,12 @@ impl std::fmt::Display for Checks {
         let mut s = String::new();
         for l in &self.lines {
             let _ = writeln!(s, "{l}");
+        }
+        if self.lines.iter().any(|l| l.starts_with('!')) {
+            let _ = writeln!(
+                s,
+                "(a line starting with ! is a note: worth reading, not a failure)"
+            );
         }
         f.write_str(&s)
     }

@@ -17,13 +17,15 @@ use crate::sweep::Report;
 pub const SOCKET: &str = "control.sock";
 /// Key of the last sweep's report (JSON, without its file list) in the state database.
 pub const LAST_SWEEP: &str = "last_sweep";
+/// The same for the last dry run: it deleted nothing, so it must not pass for the last sweep.
+pub const LAST_DRY_RUN: &str = "last_dry_run";
 
-/// The op that remembers `report` as the last sweep.
+/// The op that remembers `report` as the last sweep (or the last dry run).
 pub fn remember_sweep(report: &Report) -> crate::state::Op {
     let mut r = report.clone();
     r.deleted.clear();
     crate::state::Op::SetText(
-        LAST_SWEEP,
+        if r.dry_run { LAST_DRY_RUN } else { LAST_SWEEP },
         serde_json::to_string(&r).expect("reports serialize"),
     )
 }
@@ -61,7 +63,12 @@ pub struct Status {
     pub failed: usize,
     pub recorded: u64,
     pub failures: Vec<FailedItem>,
-    pub last_sweep: Option<Report>,
+    pub last_sweep: Option<Box<Report>>,
+    #[serde(default)]
+    pub last_dry_run: Option<Box<Report>>,
+    /// Parts of the media store the daemon's scans could not read (their files are not uploaded).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unreadable: Vec<String>,
     /// Local files that differ from their verified object and are not healed (healing off, or
     /// it failed), and conflicts (local file and an unverified object differ; both kept).
     #[serde(default)]
@@ -101,15 +108,20 @@ impl std::fmt::Display for Status {
             "uploaded:     {} files verified in the bucket",
             self.recorded
         )?;
+        let ago = |r: &Report| {
+            humantime::format_duration(Duration::from_secs(
+                crate::state::now_ms().saturating_sub(r.started_at_ms) / 1000,
+            ))
+        };
         match &self.last_sweep {
-            Some(r) => writeln!(
-                f,
-                "last sweep:   {} ago: {r}",
-                humantime::format_duration(Duration::from_secs(
-                    crate::state::now_ms().saturating_sub(r.started_at_ms) / 1000
-                ))
-            )?,
+            Some(r) => writeln!(f, "last sweep:   {} ago: {r}", ago(r))?,
             None => writeln!(f, "last sweep:   never")?,
+        }
+        if let Some(r) = &self.last_dry_run {
+            writeln!(f, "last dry run: {} ago: {r}", ago(r))?;
+        }
+        for u in &self.unreadable {
+            writeln!(f, "unreadable:   {u} (its files are not uploaded)")?;
         }
         if self.bad_local_copies + self.conflicts > 0 {
             writeln!(
@@ -142,7 +154,9 @@ pub enum ControlError {
     },
     #[error("the daemon answered something unreadable: {0}")]
     Protocol(String),
-    #[error("a daemon is already running with state_dir {0} (its control socket answers)")]
+    #[error(
+        "a daemon is already running with state_dir {0} (its control socket answers): stop it first, or use status, sweep and audit, which talk to it"
+    )]
     AlreadyRunning(PathBuf),
 }
 
@@ -168,6 +182,10 @@ pub fn status(state: &State, queue: &Queue, daemon_running: bool) -> Result<Stat
         last_sweep: state
             .text(LAST_SWEEP)?
             .and_then(|t| serde_json::from_str(&t).ok()),
+        last_dry_run: state
+            .text(LAST_DRY_RUN)?
+            .and_then(|t| serde_json::from_str(&t).ok()),
+        unreadable: Vec::new(),
         ..problems(state)?
     })
 }

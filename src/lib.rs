@@ -12,6 +12,7 @@ pub mod daemon;
 pub mod layout;
 pub mod md5;
 pub mod metrics;
+pub mod owner;
 pub mod queue;
 pub mod scan;
 pub mod sha256;
@@ -27,12 +28,41 @@ pub struct Chain<'a>(pub &'a (dyn std::error::Error + 'static));
 
 impl std::fmt::Display for Chain<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.0)?;
+        // A source whose text its wrapper already shows is skipped: tokio-postgres's "db error"
+        // is both a wrapper's suffix and a source of its own ("db error: db error: FATAL: …").
+        let mut last = self.0.to_string();
+        f.write_str(&last)?;
         let mut cur = self.0.source();
         while let Some(e) = cur {
-            write!(f, ": {e}")?;
+            let text = e.to_string();
+            if !last.ends_with(&text) {
+                write!(f, ": {text}")?;
+            }
+            last = text;
             cur = e.source();
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[derive(Debug, thiserror::Error)]
+    #[error("cannot connect: wrapped: db error")]
+    struct Outer(#[source] Inner);
+    #[derive(Debug, thiserror::Error)]
+    #[error("db error")]
+    struct Inner(#[source] Root);
+    #[derive(Debug, thiserror::Error)]
+    #[error("FATAL: no such database")]
+    struct Root;
+
+    #[test]
+    fn a_chain_says_each_thing_once() {
+        let e = Outer(Inner(Root));
+        assert_eq!(
+            super::Chain(&e).to_string(),
+            "cannot connect: wrapped: db error: FATAL: no such database"
+        );
     }
 }

@@ -125,6 +125,14 @@ fn init_logging(format: LogFormat) {
     // header (tests/it/security.rs caught it). Capped at DEBUG whatever RUST_LOG says, so that no
     // log filter can print a secret.
     let filter = filter.add_directive(SIGV4_CAP.parse().expect("a valid directive"));
+    // notify logs "unable to remove watch descriptor … Invalid argument" at INFO whenever a watched
+    // directory is removed (the sweep removes emptied thumbnail directories; the kernel already
+    // dropped the watch): noise, unless asked for by name.
+    let filter = if std::env::var("RUST_LOG").is_ok_and(|f| f.contains("notify")) {
+        filter
+    } else {
+        filter.add_directive("notify::inotify=warn".parse().expect("a valid directive"))
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -136,7 +144,30 @@ fn init_logging(format: LogFormat) {
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    if let Command::Check = cli.command {
+        // Before loading: a bad config is a ✗ line of the table, and the rest is still checked.
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .context("starting the async runtime")?;
+        let checks = rt.block_on(synapse_s3_offload::check::run_file(&cli.config));
+        print!("{checks}");
+        return match checks.failed {
+            0 => Ok(ExitCode::SUCCESS),
+            1 => anyhow::bail!("1 check failed (✗ above)"),
+            n => anyhow::bail!("{n} checks failed (✗ above)"),
+        };
+    }
     let config = config::load(&cli.config)?;
+    if !matches!(cli.command, Command::Status { .. })
+        && let Some(problem) = synapse_s3_offload::owner::problem(
+            synapse_s3_offload::owner::euid(),
+            &config.media_store_path,
+            &config.state_dir,
+        )
+    {
+        anyhow::bail!("{problem}");
+    }
     for w in &config.warnings {
         tracing::warn!("{w}");
     }
@@ -146,14 +177,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         .context("starting the async runtime")?;
     rt.block_on(async move {
         match cli.command {
-            Command::Check => {
-                let checks = synapse_s3_offload::check::run(&config).await;
-                print!("{checks}");
-                if checks.failed > 0 {
-                    anyhow::bail!("{} checks failed", checks.failed);
-                }
-                Ok(ExitCode::SUCCESS)
-            }
+            Command::Check => unreachable!("handled above"),
             Command::Sweep { dry_run } => {
                 let cancel = CancellationToken::new();
                 let on_signal = cancel.clone();
@@ -242,6 +266,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::SUCCESS)
             }
             Command::Status { json } => {
+                // Not created here: a typo'd path would look like a fresh install.
+                if !config.state_dir.exists() {
+                    anyhow::bail!(
+                        "state_dir {} does not exist: nothing has run with it yet (`run` or `upload` create it), or the path is wrong",
+                        config.state_dir.display()
+                    );
+                }
                 let answer = daemon_or_local(&config.state_dir, Request::Status, async || {
                     match control::status_standalone(&config) {
                         Err(StateError::Locked { .. }) => Ok(None),
@@ -289,6 +320,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     anyhow::bail!(
                         "{} files failed (see the errors above); run `upload` again once fixed",
                         summary.failed
+                    );
+                }
+                if summary.unreadable_count > 0 {
+                    anyhow::bail!(
+                        "{} part(s) of the media store could not be read (listed above): give the user this runs as read access, then run `upload` again",
+                        summary.unreadable_count
                     );
                 }
                 if cancel.is_cancelled() {

@@ -11,7 +11,7 @@ use std::time::Duration;
 use http_body_util::Full;
 use hyper::body::Bytes;
 use hyper::{Request, Response, StatusCode};
-use metrics_exporter_prometheus::PrometheusHandle;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio_util::sync::CancellationToken;
 
 use crate::state::now_ms;
@@ -81,7 +81,7 @@ fn describe() {
     );
     describe_counter!(
         SWEEPS,
-        "Sweeps, by outcome (done, skipped_locked, stopped, refused)."
+        "Sweeps, by outcome (done, dry_run, skipped_locked, stopped, refused)."
     );
     describe_counter!(SWEEP_DELETED_FILES, "Local files deleted by sweeps.");
     describe_counter!(SWEEP_DELETED_BYTES, Unit::Bytes, "Bytes freed by sweeps.");
@@ -92,9 +92,30 @@ fn describe() {
     describe_gauge!(
         LAST_SWEEP,
         Unit::Seconds,
-        "Unix time of the last sweep that ran to the end."
+        "Unix time of the last sweep (not dry run) that ran to the end; 0 until the first."
     );
     describe_gauge!(BUILD_INFO, "Always 1; the version label tells the build.");
+}
+
+/// Upload latencies: 10 ms to 10 min.
+const SECONDS_BUCKETS: &[f64] = &[
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+];
+/// Full scans: 100 ms to 2 h.
+const SCAN_BUCKETS: &[f64] = &[
+    0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 1800.0, 7200.0,
+];
+
+/// The sweep's series, at 0 from startup when the daemon sweeps, so that a rate or an alert on
+/// them works before the first sweep (`last_successful_sweep` 0 means never).
+pub fn sweep_metrics_at_zero() {
+    for outcome in ["done", "dry_run", "skipped_locked", "stopped", "refused"] {
+        metrics::counter!(SWEEPS, "outcome" => outcome).increment(0);
+    }
+    metrics::counter!(SWEEP_DELETED_FILES).increment(0);
+    metrics::counter!(SWEEP_DELETED_BYTES).increment(0);
+    metrics::counter!(SWEEP_KEPT).increment(0);
+    metrics::gauge!(LAST_SWEEP).increment(0.0);
 }
 
 /// Installs the recorder (once per process) and returns the handle that renders `/metrics`.
@@ -102,7 +123,18 @@ pub fn install() -> PrometheusHandle {
     static HANDLE: std::sync::OnceLock<PrometheusHandle> = std::sync::OnceLock::new();
     HANDLE
         .get_or_init(|| {
-            let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
+            // Histograms, not the exporter's default summaries: quantiles of summaries cannot be
+            // aggregated across instances, bucket counts can.
+            use metrics_exporter_prometheus::Matcher;
+            let buckets = |b: PrometheusBuilder, name: &str, v: &[f64]| {
+                b.set_buckets_for_metric(Matcher::Full(name.into()), v)
+                    .expect("bucket lists are not empty")
+            };
+            let b = PrometheusBuilder::new();
+            let b = buckets(b, UPLOAD_DURATION, SECONDS_BUCKETS);
+            let b = buckets(b, CLOSE_TO_UPLOADED, SECONDS_BUCKETS);
+            let b = buckets(b, SCAN_DURATION, SCAN_BUCKETS);
+            let handle = b
                 .install_recorder()
                 .expect("the metrics recorder is installed once");
             describe();

@@ -9,20 +9,22 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::config::{RawConfig, RawDatabase, S3Config, Secret};
+use crate::config::origin::{KeyLines, describe_yaml_error, yaml_options};
+use crate::config::{Origin, Origins, RawConfig, RawDatabase, S3Config, Secret};
 
 pub const PROVIDER_MODULE: &str = "s3_storage_provider.S3StorageProviderBackend";
 
 #[derive(Debug, thiserror::Error)]
 pub enum SynapseConfigError {
-    #[error("cannot read synapse_config {path}")]
+    #[error("cannot read Synapse's config {path}")]
     Read {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("synapse_config {path} is not valid YAML: {detail}")]
-    Parse { path: PathBuf, detail: String },
+    /// `detail` names the line and key, never the text (homeserver.yaml holds secrets).
+    #[error("{detail}")]
+    Parse { detail: String },
 }
 
 /// The keys of homeserver.yaml we use. Each is optional: conf.d files set some of them.
@@ -34,6 +36,9 @@ pub struct HomeserverYaml {
     pub media_storage_providers: Option<Vec<ProviderEntry>>,
     #[serde(default)]
     pub database: Option<SynapseDatabase>,
+    /// File and line of each key above (dotted, e.g. `database.args.host`).
+    #[serde(skip)]
+    pub origins: Origins,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -97,15 +102,31 @@ pub struct ProviderConfig {
     pub sse_customer_algo: Option<String>,
 }
 
+/// One file, read as Synapse (PyYAML) reads it: a duplicate key is no error, the last one wins.
 pub fn read(path: &Path) -> Result<HomeserverYaml, SynapseConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| SynapseConfigError::Read {
         path: path.to_owned(),
         source,
     })?;
-    serde_saphyr::from_str(&text).map_err(|e| SynapseConfigError::Parse {
-        path: path.to_owned(),
-        detail: e.to_string(),
-    })
+    let lines = KeyLines::of(&text);
+    let mut hs: HomeserverYaml = serde_saphyr::from_str_with_options(&text, yaml_options())
+        .map_err(|e| SynapseConfigError::Parse {
+            detail: format!(
+                "Synapse's config {}{}",
+                path.display(),
+                describe_yaml_error(&e, &lines)
+            ),
+        })?;
+    for (key, line) in lines.0 {
+        hs.origins.set(
+            key,
+            Origin::Synapse {
+                path: path.to_owned(),
+                line,
+            },
+        );
+    }
+    Ok(hs)
 }
 
 /// homeserver.yaml, then every `*.yaml` of `dir` in file-name order, merged the way Synapse merges
@@ -124,15 +145,15 @@ pub fn read_all(path: &Path, dir: Option<&Path>) -> Result<HomeserverYaml, Synap
         files.sort();
         for f in files {
             let more = read(&f)?;
-            if more.media_store_path.is_some() {
-                hs.media_store_path = more.media_store_path;
+            macro_rules! later_wins {
+                ($($key:ident),*) => {$(
+                    if more.$key.is_some() {
+                        hs.$key = more.$key;
+                        hs.origins.replace_under(stringify!($key), &more.origins);
+                    }
+                )*};
             }
-            if more.media_storage_providers.is_some() {
-                hs.media_storage_providers = more.media_storage_providers;
-            }
-            if more.database.is_some() {
-                hs.database = more.database;
-            }
+            later_wins!(media_store_path, media_storage_providers, database);
         }
     }
     Ok(hs)
@@ -140,18 +161,22 @@ pub fn read_all(path: &Path, dir: Option<&Path>) -> Result<HomeserverYaml, Synap
 
 /// Fills what `raw` leaves unset from Synapse's config (our own keys win). Returns warnings about
 /// provider settings that fight the daemon.
-pub fn fill(raw: &mut RawConfig, hs: &HomeserverYaml) -> Vec<String> {
+pub fn fill(raw: &mut RawConfig, hs: &HomeserverYaml, origins: &mut Origins) -> Vec<String> {
     let mut warnings = Vec::new();
-    if raw.media_store_path.is_none() {
+    let theirs = |key: &str| hs.origins.get(key).cloned();
+    if raw.media_store_path.is_none() && hs.media_store_path.is_some() {
         raw.media_store_path = hs.media_store_path.clone();
+        if let Some(o) = theirs("media_store_path") {
+            origins.set("media_store_path", o);
+        }
     }
     match &hs.database {
         Some(db) if db.name == "sqlite3" => {
             raw.synapse_uses_sqlite = Some(true);
         }
-        Some(db) if raw.database.is_none() => {
+        Some(db) => {
             let a = &db.args;
-            raw.database = Some(RawDatabase {
+            let from_synapse = RawDatabase {
                 host: a.host.clone(),
                 port: match &a.port {
                     Some(PortValue::Number(n)) => Some(*n),
@@ -168,7 +193,28 @@ pub fn fill(raw: &mut RawConfig, hs: &HomeserverYaml) -> Vec<String> {
                 cp_min: a.cp_min,
                 cp_max: a.cp_max,
                 statement_timeout: None,
-            });
+            };
+            // Key by key, as for s3: a `database:` of ours with only a password (or an env
+            // override) keeps Synapse's host, user and database name.
+            let ours = raw.database.take().unwrap_or_default();
+            for key in [
+                "host",
+                "port",
+                "user",
+                "password",
+                "database",
+                "dbname",
+                "sslmode",
+                "sslrootcert",
+                "connect_timeout",
+            ] {
+                if !ours_sets(&ours, key)
+                    && let Some(o) = theirs(&format!("database.args.{key}"))
+                {
+                    origins.set(format!("database.{key}"), o);
+                }
+            }
+            raw.database = Some(RawDatabase::over(from_synapse, ours));
         }
         _ => {}
     }
@@ -178,8 +224,16 @@ pub fn fill(raw: &mut RawConfig, hs: &HomeserverYaml) -> Vec<String> {
         )),
         Some(p) => {
             let (c, s3) = (&p.config, &mut raw.s3);
+            let provider = theirs("media_storage_providers");
             macro_rules! take {
-                ($($f:ident),*) => {$( if s3.$f.is_none() { s3.$f = c.$f.clone(); } )*};
+                ($($f:ident),*) => {$(
+                    if s3.$f.is_none() && c.$f.is_some() {
+                        s3.$f = c.$f.clone();
+                        if let Some(o) = &provider {
+                            origins.set(concat!("s3.", stringify!($f)), o.clone());
+                        }
+                    }
+                )*};
             }
             take!(bucket, prefix, endpoint_url, region_name, access_key_id, secret_access_key, session_token, storage_class, sse_customer_key, sse_customer_algo);
             if p.store_local == Some(true) && p.store_synchronous == Some(true) {
@@ -190,6 +244,22 @@ pub fn fill(raw: &mut RawConfig, hs: &HomeserverYaml) -> Vec<String> {
         }
     }
     warnings
+}
+
+/// Whether our `database:` sets `key` itself.
+fn ours_sets(ours: &RawDatabase, key: &str) -> bool {
+    match key {
+        "host" => ours.host.is_some(),
+        "port" => ours.port.is_some(),
+        "user" => ours.user.is_some(),
+        "password" => ours.password.is_some(),
+        // Either name replaces both of Synapse's (see RawDatabase::over).
+        "database" | "dbname" => ours.database.is_some() || ours.dbname.is_some(),
+        "sslmode" => ours.sslmode.is_some(),
+        "sslrootcert" => ours.sslrootcert.is_some(),
+        "connect_timeout" => ours.connect_timeout.is_some(),
+        _ => false,
+    }
 }
 
 impl HomeserverYaml {
@@ -225,9 +295,15 @@ pub fn reads_from_our_bucket(hs: &HomeserverYaml, s3: &S3Config) -> Result<(), S
         norm_endpoint(s3.endpoint_url.as_deref()),
     );
     if theirs != ours {
+        let endpoint = |e: &Option<String>| e.clone().unwrap_or_else(|| "AWS S3 (none set)".into());
         return Err(format!(
-            "Synapse's s3_storage_provider reads bucket {:?}, prefix {:?}, endpoint {:?}, but we upload to bucket {:?}, prefix {:?}, endpoint {:?}; make them the same before sweeping",
-            theirs.0, theirs.1, theirs.2, ours.0, ours.1, ours.2
+            "Synapse's s3_storage_provider reads bucket {}, prefix {:?}, endpoint {}, but we upload to bucket {}, prefix {:?}, endpoint {}; make them the same before sweeping",
+            theirs.0,
+            theirs.1,
+            endpoint(&theirs.2),
+            ours.0,
+            ours.1,
+            endpoint(&ours.2)
         ));
     }
     same_sse_c(&p.config, s3)
@@ -358,6 +434,7 @@ media_storage_providers:
         let err = reads_from_our_bucket(&hs, &s3("media", "", Some("https://s3.example.com")))
             .unwrap_err();
         assert!(err.contains("prefix"), "{err}");
+        assert!(!err.contains("Some("), "no programmer output: {err}");
         assert!(
             reads_from_our_bucket(&HomeserverYaml::default(), &s3("media", "", None))
                 .unwrap_err()

@@ -12,13 +12,21 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+pub use self::load::{Layers, load_layers, load_layers_with_env};
+pub use self::origin::{Origin, Origins};
 pub use self::prune::{PruneConfig, RawPrune};
 pub use self::sweep::{DatabaseConfig, RawDatabase, RawSweep, SslMode, SweepConfig};
 
+mod env;
+mod load;
+pub mod origin;
 mod prune;
 mod s3;
+mod summary;
+mod upload;
 #[cfg(test)]
 pub(crate) use self::s3::validate_s3_for_tests;
+use self::upload::validate_upload;
 mod sweep;
 
 pub const ENV_PREFIX: &str = "SYNAPSE_S3_OFFLOAD";
@@ -52,32 +60,110 @@ impl fmt::Display for Secret {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {path}")]
+    #[error("cannot read config file {path}{}", read_hint(source, path))]
     Read {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("config file {path} is invalid")]
-    Parse {
-        path: PathBuf,
+    /// `detail` names the line and key, never the text (it may hold a secret).
+    #[error("config file {path}: {detail}")]
+    Parse { path: PathBuf, detail: String },
+    #[error("environment variable {var}: {problem}")]
+    Env { var: String, problem: String },
+    #[error("synapse_config{}", from(origin))]
+    Synapse {
+        origin: Option<Origin>,
         #[source]
-        source: Box<config::ConfigError>,
+        source: crate::synapse::SynapseConfigError,
     },
-    #[error("config key `{key}` is invalid: {reason}")]
-    Invalid { key: &'static str, reason: String },
-    #[error("config key `{key}` is required: {hint}")]
+    #[error("config key `{key}`{} is invalid: {reason}", from(origin))]
+    Invalid {
+        key: &'static str,
+        reason: String,
+        origin: Option<Origin>,
+    },
+    /// The value is fine but what it points to cannot be used (permissions, I/O): not "invalid".
+    #[error("config key `{key}`{}: {reason}", from(origin))]
+    Inaccessible {
+        key: &'static str,
+        reason: String,
+        origin: Option<Origin>,
+    },
+    #[error(
+        "config key `{key}` is required (set it in the config file or as {}): {hint}",
+        env_var(key)
+    )]
     Missing {
         key: &'static str,
         hint: &'static str,
     },
 }
 
+/// The usual cause of a config the service cannot read: root created it 0600.
+fn read_hint(e: &std::io::Error, path: &Path) -> String {
+    match e.kind() {
+        std::io::ErrorKind::PermissionDenied => format!(
+            " (run as the user that owns it, or give it to the daemon's user: chown matrix-synapse: {} && chmod 600 {})",
+            path.display(),
+            path.display()
+        ),
+        _ => String::new(),
+    }
+}
+
+fn from(origin: &Option<Origin>) -> String {
+    origin
+        .as_ref()
+        .map(|o| format!(" (from {o})"))
+        .unwrap_or_default()
+}
+
+/// The variable that sets `key` (`s3.bucket` → `SYNAPSE_S3_OFFLOAD__S3__BUCKET`).
+pub fn env_var(key: &str) -> String {
+    format!(
+        "{}{}",
+        env::ENV_VAR_PREFIX,
+        key.to_ascii_uppercase().replace('.', "__")
+    )
+}
+
+impl ConfigError {
+    /// Names where the offending value came from.
+    pub fn with_origin(mut self, origins: &Origins) -> Self {
+        if let ConfigError::Invalid { key, origin, .. }
+        | ConfigError::Inaccessible { key, origin, .. } = &mut self
+        {
+            *origin = origins.get(key).cloned();
+        }
+        self
+    }
+}
+
 fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key,
         reason: reason.into(),
+        origin: None,
     }
+}
+
+fn inaccessible(key: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Inaccessible {
+        key,
+        reason: reason.into(),
+        origin: None,
+    }
+}
+
+/// `key:` with nothing after it (all its keys commented out) means the defaults, as an absent
+/// section does; serde alone would refuse the null.
+fn null_default<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de> + Default,
+{
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -91,19 +177,19 @@ pub struct RawConfig {
     pub scan_interval: Option<String>,
     pub scan_interval_when_degraded: Option<String>,
     pub shutdown_grace: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_default")]
     pub s3: RawS3,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_default")]
     pub upload: RawUpload,
     pub database: Option<RawDatabase>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_default")]
     pub sweep: RawSweep,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_default")]
     pub prune: RawPrune,
     /// Synapse's homeserver.yaml: fills media_store_path, database and s3 when they are not set
     /// here, and is checked before a sweep deletes anything (see `synapse`).
     pub synapse_config: Option<PathBuf>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_default")]
     pub metrics: RawMetrics,
     /// Extra Synapse config files (conf.d), merged after synapse_config in file-name order.
     pub synapse_config_dir: Option<PathBuf>,
@@ -174,7 +260,11 @@ impl DurationValue {
         match self {
             DurationValue::Seconds(0) => Err("must be greater than zero".into()),
             DurationValue::Seconds(n) => Ok(Duration::from_secs(*n)),
-            DurationValue::Text(s) => parse_duration(s),
+            // A number as text (an environment variable) is seconds too.
+            DurationValue::Text(s) => match s.trim().parse::<u64>() {
+                Ok(n) => DurationValue::Seconds(n).to_duration(),
+                Err(_) => parse_duration(s),
+            },
         }
     }
 }
@@ -267,123 +357,159 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/synapse-s3-offload";
 const MIN_PART_SIZE: u64 = 5 * 1024 * 1024;
 const MAX_PART_SIZE: u64 = 5 * 1024 * 1024 * 1024;
 
-/// Loads the file at `path` (YAML, or TOML when it ends in `.toml`), applies env overrides and
-/// validates the result.
+/// Loads the file at `path` (YAML, or TOML when it ends in `.toml`), applies env overrides,
+/// fills the rest from Synapse's config and validates the result.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
-    let mut raw = load_raw(path)?;
-    let has_secrets = raw.s3.secret_access_key.is_some()
-        || raw.s3.session_token.is_some()
-        || raw.s3.sse_customer_key.is_some()
-        || raw.database.as_ref().is_some_and(|d| d.password.is_some());
-    let mut warnings = import_synapse(&mut raw)?;
-    use std::os::unix::fs::PermissionsExt;
-    if has_secrets
-        && let Ok(meta) = std::fs::metadata(path)
-        && meta.permissions().mode() & 0o044 != 0
-    {
-        warnings.push(format!(
-            "config file {} holds secrets and is readable by other users: chmod 600 {}",
-            path.display(),
-            path.display()
-        ));
-    }
-    let mut config = validate(raw)?;
-    config.warnings = warnings;
+    finish(load_layers(path)?)
+}
+
+/// [`load`] with these environment variables instead of the process's (for tests).
+pub fn load_with_env(path: &Path, vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+    let vars = vars
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    finish(load_layers_with_env(path, vars)?)
+}
+
+fn finish(layers: Layers) -> Result<Config, ConfigError> {
+    let mut config = validate_parts(layers.raw, &layers.origins).into_config()?;
+    config.warnings = layers.warnings;
     Ok(config)
 }
 
-/// Fills unset keys from Synapse's own config when `synapse_config` is set.
-pub fn import_synapse(raw: &mut RawConfig) -> Result<Vec<String>, ConfigError> {
-    let Some(path) = raw.synapse_config.clone() else {
-        return Ok(Vec::new());
-    };
-    let hs = crate::synapse::read_all(&path, raw.synapse_config_dir.as_deref())
-        .map_err(|e| invalid("synapse_config", crate::Chain(&e).to_string()))?;
-    Ok(crate::synapse::fill(raw, &hs))
-}
-
-pub fn load_raw(path: &Path) -> Result<RawConfig, ConfigError> {
-    // Read it ourselves first so a missing/unreadable file gets an io error with the path, not the
-    // config crate's generic "not found".
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
-    let format = match path.extension().and_then(|e| e.to_str()) {
-        Some("toml") => config::FileFormat::Toml,
-        _ => config::FileFormat::Yaml,
-    };
-    let parse_err = |source| ConfigError::Parse {
-        path: path.to_owned(),
-        source: Box::new(source),
-    };
-    let built = config::Config::builder()
-        .add_source(config::File::from_str(&text, format))
-        .add_source(
-            config::Environment::with_prefix(ENV_PREFIX)
-                .prefix_separator("__")
-                .separator("__")
-                .try_parsing(true),
-        )
-        .build()
-        .map_err(parse_err)?;
-    built.try_deserialize::<RawConfig>().map_err(parse_err)
-}
-
 pub fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
-    let media_store_path = raw.media_store_path.ok_or(ConfigError::Missing {
-        key: "media_store_path",
-        hint: "set it to Synapse's media_store_path (e.g. /var/lib/matrix-synapse/media)",
-    })?;
-    let media_store_path = validate_media_store(&media_store_path)?;
+    validate_parts(raw, &Origins::default()).into_config()
+}
+
+/// Each part of the config validated on its own, so `check` can report every bad key and still
+/// check what is right (S3 with a good `s3:` while `media_store_path` is wrong).
+pub struct Parts {
+    pub media_store_path: Result<PathBuf, ConfigError>,
+    pub state_dir: Result<PathBuf, ConfigError>,
+    pub s3: Result<S3Config, ConfigError>,
+    pub upload: Result<UploadConfig, ConfigError>,
+    pub database: Result<Option<DatabaseConfig>, ConfigError>,
+    pub synapse_uses_sqlite: bool,
+    pub synapse_config: Option<PathBuf>,
+    pub synapse_config_dir: Option<PathBuf>,
+    rest: Result<Rest, ConfigError>,
+}
+
+struct Rest {
+    scan_interval: Duration,
+    scan_interval_when_degraded: Duration,
+    shutdown_grace: Duration,
+    sweep: SweepConfig,
+    prune: PruneConfig,
+    metrics: MetricsConfig,
+}
+
+impl Parts {
+    /// Every error, in the order of the keys.
+    pub fn errors(&self) -> Vec<&ConfigError> {
+        [
+            self.media_store_path.as_ref().err(),
+            self.state_dir.as_ref().err(),
+            self.s3.as_ref().err(),
+            self.upload.as_ref().err(),
+            self.database.as_ref().err(),
+            self.rest.as_ref().err(),
+        ]
+        .into_iter()
+        .flatten()
+        .collect()
+    }
+
+    pub fn into_config(self) -> Result<Config, ConfigError> {
+        let rest = self.rest?;
+        Ok(Config {
+            media_store_path: self.media_store_path?,
+            state_dir: self.state_dir?,
+            scan_interval: rest.scan_interval,
+            scan_interval_when_degraded: rest.scan_interval_when_degraded,
+            shutdown_grace: rest.shutdown_grace,
+            s3: self.s3?,
+            upload: self.upload?,
+            database: self.database?,
+            sweep: rest.sweep,
+            prune: rest.prune,
+            synapse_config: self.synapse_config,
+            synapse_config_dir: self.synapse_config_dir,
+            metrics: rest.metrics,
+            synapse_uses_sqlite: self.synapse_uses_sqlite,
+            warnings: Vec::new(),
+        })
+    }
+}
+
+/// Validates each part; each error names where its value came from, per `origins`.
+pub fn validate_parts(raw: RawConfig, origins: &Origins) -> Parts {
+    let media_store_path = raw
+        .media_store_path
+        .ok_or(ConfigError::Missing {
+            key: "media_store_path",
+            hint: "set it to Synapse's media_store_path (e.g. /var/lib/matrix-synapse/media), or set synapse_config",
+        })
+        .and_then(|p| validate_media_store(&p));
     let state_dir = raw
         .state_dir
         .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
-    if !state_dir.is_absolute() {
-        return Err(invalid("state_dir", "must be an absolute path"));
-    }
-    if state_dir.starts_with(&media_store_path) {
-        return Err(invalid(
+    let state_dir = if !state_dir.is_absolute() {
+        Err(invalid("state_dir", "must be an absolute path"))
+    } else if media_store_path
+        .as_ref()
+        .is_ok_and(|m| state_dir.starts_with(m))
+    {
+        Err(invalid(
             "state_dir",
             "must not be inside media_store_path (the daemon would upload its own database)",
-        ));
-    }
-    Ok(Config {
-        media_store_path,
-        state_dir,
-        scan_interval: duration("scan_interval", raw.scan_interval, "6h")?,
-        scan_interval_when_degraded: duration(
-            "scan_interval_when_degraded",
-            raw.scan_interval_when_degraded,
-            "1m",
-        )?,
-        shutdown_grace: duration("shutdown_grace", raw.shutdown_grace, "10s")?,
-        s3: s3::validate_s3(raw.s3)?,
-        upload: validate_upload(raw.upload)?,
-        database: sweep::validate_database(raw.database)?,
-        sweep: sweep::validate_sweep(raw.sweep)?,
-        prune: prune::validate_prune(raw.prune)?,
+        ))
+    } else {
+        Ok(state_dir)
+    };
+    let metrics = raw.metrics;
+    let rest = (|| {
+        Ok(Rest {
+            scan_interval: duration("scan_interval", raw.scan_interval, "6h")?,
+            scan_interval_when_degraded: duration(
+                "scan_interval_when_degraded",
+                raw.scan_interval_when_degraded,
+                "1m",
+            )?,
+            shutdown_grace: duration("shutdown_grace", raw.shutdown_grace, "10s")?,
+            sweep: sweep::validate_sweep(raw.sweep)?,
+            prune: prune::validate_prune(raw.prune)?,
+            metrics: MetricsConfig {
+                listen: match metrics.listen.as_deref().filter(|s| !s.is_empty()) {
+                    None => None,
+                    Some(l) => Some(l.parse().map_err(|e| {
+                        invalid(
+                            "metrics.listen",
+                            format!("{l:?} is not host:port ({e}); e.g. 127.0.0.1:9187"),
+                        )
+                    })?),
+                },
+                s3_probe_interval: duration(
+                    "metrics.s3_probe_interval",
+                    metrics.s3_probe_interval,
+                    "30s",
+                )?,
+            },
+        })
+    })();
+    let o = |e: ConfigError| e.with_origin(origins);
+    Parts {
+        media_store_path: media_store_path.map_err(o),
+        state_dir: state_dir.map_err(o),
+        s3: s3::validate_s3(raw.s3).map_err(o),
+        upload: validate_upload(raw.upload).map_err(o),
+        database: sweep::validate_database(raw.database).map_err(o),
+        synapse_uses_sqlite: raw.synapse_uses_sqlite.unwrap_or(false),
         synapse_config: raw.synapse_config,
         synapse_config_dir: raw.synapse_config_dir,
-        metrics: MetricsConfig {
-            listen: match raw.metrics.listen.as_deref().filter(|s| !s.is_empty()) {
-                None => None,
-                Some(l) => Some(l.parse().map_err(|e| {
-                    invalid(
-                        "metrics.listen",
-                        format!("{l:?} is not host:port ({e}); e.g. 127.0.0.1:9187"),
-                    )
-                })?),
-            },
-            s3_probe_interval: duration(
-                "metrics.s3_probe_interval",
-                raw.metrics.s3_probe_interval,
-                "30s",
-            )?,
-        },
-        synapse_uses_sqlite: raw.synapse_uses_sqlite.unwrap_or(false),
-        warnings: Vec::new(),
-    })
+        rest: rest.map_err(o),
+    }
 }
 
 fn validate_media_store(p: &Path) -> Result<PathBuf, ConfigError> {
@@ -393,30 +519,34 @@ fn validate_media_store(p: &Path) -> Result<PathBuf, ConfigError> {
             format!("{} is not an absolute path", p.display()),
         ));
     }
-    let canonical = std::fs::canonicalize(p).map_err(|e| {
-        invalid(
-            "media_store_path",
-            format!(
-                "{} cannot be opened ({e}); point it at Synapse's media store",
-                p.display()
+    let unusable = |e: std::io::Error, what: &str| {
+        let reason = format!("{} {what} ({e})", p.display());
+        match e.kind() {
+            std::io::ErrorKind::NotFound => invalid(
+                "media_store_path",
+                format!(
+                    "{} does not exist; point it at Synapse's media store",
+                    p.display()
+                ),
             ),
-        )
-    })?;
+            // Not a bad value: the path is fine, we may not enter it.
+            std::io::ErrorKind::PermissionDenied => inaccessible(
+                "media_store_path",
+                format!(
+                    "{reason}; run as the user Synapse runs as (e.g. matrix-synapse), or give that user access"
+                ),
+            ),
+            _ => inaccessible("media_store_path", reason),
+        }
+    };
+    let canonical = std::fs::canonicalize(p).map_err(|e| unusable(e, "cannot be opened"))?;
     if !canonical.is_dir() {
         return Err(invalid(
             "media_store_path",
             format!("{} is not a directory", p.display()),
         ));
     }
-    std::fs::read_dir(&canonical).map_err(|e| {
-        invalid(
-            "media_store_path",
-            format!(
-                "{} is not readable ({e}); run as the user Synapse runs as (e.g. matrix-synapse)",
-                p.display()
-            ),
-        )
-    })?;
+    std::fs::read_dir(&canonical).map_err(|e| unusable(e, "is not readable"))?;
     Ok(canonical)
 }
 
@@ -441,53 +571,6 @@ pub fn parse_size(v: &SizeValue) -> Result<u64, String> {
         SizeValue::Text(s) => parse_size::parse_size(s.trim())
             .map_err(|e| format!("{s:?} is not a size ({e}); write e.g. 16MiB or 8MB")),
     }
-}
-
-fn validate_upload(raw: RawUpload) -> Result<UploadConfig, ConfigError> {
-    let concurrency = raw.concurrency.unwrap_or(8);
-    if !(1..=256).contains(&concurrency) {
-        return Err(invalid("upload.concurrency", "must be between 1 and 256"));
-    }
-    let size = |key, v: Option<SizeValue>, default: u64| match v {
-        None => Ok(default),
-        Some(v) => parse_size(&v).map_err(|r| invalid(key, r)),
-    };
-    let multipart_threshold = size(
-        "upload.multipart_threshold",
-        raw.multipart_threshold,
-        16 << 20,
-    )?;
-    let multipart_part_size = size(
-        "upload.multipart_part_size",
-        raw.multipart_part_size,
-        16 << 20,
-    )?;
-    if multipart_threshold < MIN_PART_SIZE {
-        return Err(invalid(
-            "upload.multipart_threshold",
-            "must be at least 5MiB (S3's minimum part size)",
-        ));
-    }
-    if !(MIN_PART_SIZE..=MAX_PART_SIZE).contains(&multipart_part_size) {
-        return Err(invalid(
-            "upload.multipart_part_size",
-            "must be between 5MiB and 5GiB (S3's part size limits)",
-        ));
-    }
-    Ok(UploadConfig {
-        concurrency,
-        multipart_threshold,
-        multipart_part_size,
-        include_url_cache: raw.include_url_cache.unwrap_or(false),
-        max_backoff: duration("upload.max_backoff", raw.max_backoff, "5m")?,
-        settle: duration("upload.settle", raw.settle, "2s")?,
-        failed_retry_interval: duration(
-            "upload.failed_retry_interval",
-            raw.failed_retry_interval,
-            "10m",
-        )?,
-        heal_bad_local_copies: raw.heal_bad_local_copies.unwrap_or(true),
-    })
 }
 
 #[cfg(test)]

@@ -1,4 +1,5 @@
 //! Unit tests of config validation.
+use super::load::read_file;
 use super::*;
 
 fn raw_with(dir: &Path) -> RawConfig {
@@ -45,7 +46,7 @@ fn example_config_lists_only_real_keys() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("example.yaml");
     std::fs::write(&path, &all).unwrap();
-    let raw = load_raw(&path).unwrap();
+    let raw = read_file(&path, &mut Origins::default()).unwrap();
     assert_eq!(raw.s3.max_attempts, Some(3));
     assert_eq!(raw.upload.include_url_cache, Some(false));
     assert_eq!(raw.sweep.max_deletions_per_run, Some(10000));
@@ -271,4 +272,214 @@ mod properties {
             prop_assert_eq!(parse_size(&SizeValue::Text(format!("{mib} KiB"))), Ok(mib << 10));
         }
     }
+}
+
+#[test]
+fn the_shipped_example_loads_as_is_and_empty_sections_mean_defaults() {
+    let example = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/config/example.yaml"));
+    let raw = read_file(example, &mut Origins::default()).unwrap();
+    // As shipped it takes everything else from Synapse: no placeholder of ours overrides it.
+    assert_eq!(
+        raw.synapse_config.as_deref(),
+        Some(Path::new("/etc/matrix-synapse/homeserver.yaml"))
+    );
+    assert!(raw.media_store_path.is_none() && raw.s3.bucket.is_none());
+    assert!(
+        raw.database.is_none(),
+        "an empty database: section is no database of ours"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "media_store_path: {}\ns3:\n  bucket: b-ucket\nupload:\nsweep:\nmetrics:\ndatabase:\n",
+            dir.path().display()
+        ),
+    )
+    .unwrap();
+    let c = load_with_env(&path, &[]).unwrap();
+    assert_eq!(c.upload.concurrency, 8);
+    assert!(c.sweep.enabled && c.database.is_none());
+}
+
+#[test]
+fn duplicate_keys_last_wins_and_errors_never_quote_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.yaml");
+    let text = format!(
+        "media_store_path: {}\ns3:\n  bucket: b-ucket\n  access_key_id: a\n  secret_access_key: first-secret-value\n  secret_access_key: second-secret-value\n",
+        dir.path().display()
+    );
+    std::fs::write(&path, &text).unwrap();
+    let c = load_with_env(&path, &[]).unwrap();
+    assert_eq!(
+        c.s3.secret_access_key.unwrap().expose(),
+        "second-secret-value",
+        "the last one wins, as in PyYAML"
+    );
+    // A value of the wrong kind below a secret: the error names file, line and key, no text.
+    std::fs::write(
+        &path,
+        format!("{text}upload:\n  concurrency: many-secret-value\n"),
+    )
+    .unwrap();
+    let err = load_with_env(&path, &[]).unwrap_err().to_string();
+    assert!(
+        err.contains("line 8") && err.contains("upload.concurrency"),
+        "{err}"
+    );
+    assert!(err.contains("whole number"), "{err}");
+    assert!(!err.contains("secret-value"), "{err}");
+    // Broken syntax after a secret.
+    std::fs::write(&path, format!("{text}  - [unclosed\n")).unwrap();
+    let err = load_with_env(&path, &[]).unwrap_err().to_string();
+    assert!(
+        err.contains("not valid YAML") && err.contains("line"),
+        "{err}"
+    );
+    assert!(!err.contains("secret-value"), "{err}");
+    // An unknown key.
+    std::fs::write(&path, format!("{text}  buket: x\n")).unwrap();
+    let err = load_with_env(&path, &[]).unwrap_err().to_string();
+    assert!(
+        err.contains("unknown key `buket`") && err.contains("line 7"),
+        "{err}"
+    );
+    assert!(!err.contains("secret-value"), "{err}");
+}
+
+#[test]
+fn env_overrides_keep_strings_and_name_their_variable() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "media_store_path: {}\ns3:\n  bucket: b-ucket\n",
+            dir.path().display()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let c = load_with_env(
+        &path,
+        &[
+            ("SYNAPSE_S3_OFFLOAD__S3__SECRET_ACCESS_KEY", "00123"),
+            ("SYNAPSE_S3_OFFLOAD__S3__ACCESS_KEY_ID", "0042"),
+            ("SYNAPSE_S3_OFFLOAD__UPLOAD__CONCURRENCY", "16"),
+        ],
+    )
+    .unwrap();
+    assert_eq!(c.s3.secret_access_key.unwrap().expose(), "00123");
+    assert_eq!(c.s3.access_key_id.as_deref(), Some("0042"));
+    assert_eq!(c.upload.concurrency, 16);
+    assert!(
+        c.warnings.is_empty(),
+        "a secret from the environment alone does not make the file's mode matter: {:?}",
+        c.warnings
+    );
+    let err = load_with_env(&path, &[("SYNAPSE_S3_OFFLOAD__S3__BUKET", "x")])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("environment variable SYNAPSE_S3_OFFLOAD__S3__BUKET") && err.contains("buket"),
+        "{err}"
+    );
+    let err = load_with_env(&path, &[("SYNAPSE_S3_OFFLOAD__S3__BUCKET", "no/slash")])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("`s3.bucket` (from environment variable SYNAPSE_S3_OFFLOAD__S3__BUCKET)"),
+        "{err}"
+    );
+    let err = load_with_env(&path, &[("SYNAPSE_S3_OFFLOAD__UPLOAD__CONCURRENCY", "0")])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("SYNAPSE_S3_OFFLOAD__UPLOAD__CONCURRENCY"),
+        "{err}"
+    );
+}
+
+#[test]
+fn an_invalid_value_names_its_file_and_line_and_a_permission_problem_is_not_invalid() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.yaml");
+    std::fs::write(
+        &path,
+        "s3:\n  bucket: b-ucket\n  endpoint_url: s3.example.com\n",
+    )
+    .unwrap();
+    let err = load_with_env(&path, &[]).unwrap_err().to_string();
+    assert!(
+        err.contains("config key `media_store_path` is required"),
+        "{err}"
+    );
+    let media = dir.path().join("media");
+    std::fs::create_dir(&media).unwrap();
+    std::fs::write(
+        &path,
+        format!(
+            "media_store_path: {}\ns3:\n  bucket: b-ucket\n  endpoint_url: s3.example.com\n",
+            media.display()
+        ),
+    )
+    .unwrap();
+    let err = load_with_env(&path, &[]).unwrap_err().to_string();
+    assert!(
+        err.contains(&format!(
+            "`s3.endpoint_url` (from {} line 4) is invalid",
+            path.display()
+        )),
+        "{err}"
+    );
+    // Root ignores permissions: only meaningful for other users.
+    if unsafe { libc::geteuid() } != 0 {
+        std::fs::set_permissions(&media, std::fs::Permissions::from_mode(0o000)).unwrap();
+        std::fs::write(
+            &path,
+            format!(
+                "media_store_path: {}/sub\ns3:\n  bucket: b-ucket\n",
+                media.display()
+            ),
+        )
+        .unwrap();
+        let err = load_with_env(&path, &[]).unwrap_err().to_string();
+        std::fs::set_permissions(&media, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert!(
+            !err.contains("invalid") && err.contains("ermission denied"),
+            "{err}"
+        );
+    }
+}
+
+#[test]
+fn the_setup_summary_names_bucket_endpoint_metrics_and_sweep_and_no_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut raw = raw_with(dir.path());
+    raw.s3.endpoint_url = Some("http://127.0.0.1:9000".into());
+    raw.s3.access_key_id = Some("AKIDsummary".into());
+    raw.s3.secret_access_key = Some(Secret::new("summary-secret"));
+    raw.metrics.listen = Some("127.0.0.1:9187".into());
+    raw.database = Some(RawDatabase {
+        database: Some("synapse".into()),
+        password: Some(Secret::new("summary-db-password")),
+        ..Default::default()
+    });
+    let s = validate(raw).unwrap().summary();
+    for want in [
+        "bucket media",
+        "http://127.0.0.1:9000",
+        "metrics on http://127.0.0.1:9187/metrics",
+        "sweep every 1h, keeping media accessed in the last 30days",
+    ] {
+        assert!(s.contains(want), "{want}: {s}");
+    }
+    assert!(
+        !s.contains("secret") && !s.contains("password") && !s.contains("AKID"),
+        "{s}"
+    );
 }

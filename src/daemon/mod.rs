@@ -88,11 +88,35 @@ struct Shared {
     wake_scan: Arc<tokio::sync::Notify>,
     /// inotify does not cover the whole store (watch limit, watch error).
     degraded: AtomicBool,
+    /// The first parts of the store a scan could not read, for `status` (not only the log).
+    pub(super) unreadable: std::sync::Mutex<Vec<String>>,
     /// The watch is in place: a scan that starts now misses nothing written before it started.
     watching: AtomicBool,
     /// Last time (ms) the dispatcher loop ran: the systemd watchdog's liveness signal.
     heartbeat: AtomicU64,
     health: Arc<crate::metrics::Health>,
+}
+
+/// Opens the state database. A running daemon holds it for good: fail at once. A `status`, `sweep`
+/// or `upload` run holds it for a moment: wait for it, and say so.
+async fn open_state(state_dir: &std::path::Path) -> Result<State, DaemonError> {
+    let dir = state_dir.to_owned();
+    match tokio::task::spawn_blocking(move || State::open(&dir))
+        .await
+        .expect("open does not panic")
+    {
+        Err(StateError::Locked { .. }) => {}
+        other => return Ok(other?),
+    }
+    if let Ok(Some(_)) = crate::control::request(state_dir, &crate::control::Request::Status).await
+    {
+        return Err(crate::control::ControlError::AlreadyRunning(state_dir.to_owned()).into());
+    }
+    tracing::info!(
+        state_dir = %state_dir.display(),
+        "Waiting up to 10 s for the state database: another synapse-s3-offload command (status, sweep, upload) holds it."
+    );
+    Ok(State::open_waiting(state_dir, Duration::from_secs(10)).await?)
 }
 
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), DaemonError> {
@@ -105,7 +129,7 @@ pub async fn run_with(
     opts: Options,
 ) -> Result<(), DaemonError> {
     crate::upload::limit_malloc_arenas();
-    let state = State::open_waiting(&config.state_dir, Duration::from_secs(10)).await?;
+    let state = open_state(&config.state_dir).await?;
     let (committer, commit_thread) = Committer::start(state.clone());
     let queue = Arc::new(Queue::open(&state, committer.clone(), &config.upload)?);
     let control = crate::control::bind(&config.state_dir).await?;
@@ -171,6 +195,7 @@ pub async fn run_with(
         rescan: Arc::new(AtomicBool::new(true)),
         wake_scan: Arc::new(tokio::sync::Notify::new()),
         degraded: AtomicBool::new(false),
+        unreadable: std::sync::Mutex::new(Vec::new()),
         watching: AtomicBool::new(false),
         heartbeat: AtomicU64::new(now_ms()),
         health: Arc::new(crate::metrics::Health::default()),
@@ -179,7 +204,7 @@ pub async fn run_with(
         shared.health.s3_ok();
     }
     let depth = shared.queue.depth();
-    tracing::info!(queued = depth.queued, failed = depth.failed, root = %shared.config.media_store_path.display(), "Starting.");
+    tracing::info!(queued = depth.queued, failed = depth.failed, setup = %shared.config.summary(), "Starting.");
 
     let intake = shutdown.child_token();
     let mut tasks = JoinSet::new();
@@ -412,6 +437,12 @@ fn to_enqueue(s: &Shared, item: Item) -> Option<(MediaPath, u64, bool)> {
         Item::Problem(p) => {
             tracing::warn!(problem = %p, "Scan problem.");
             if matches!(p, scan::Problem::Unreadable { .. }) {
+                let mut seen = s.unreadable.lock().expect("not poisoned");
+                let text = p.to_string();
+                if seen.len() < 10 && !seen.contains(&text) {
+                    seen.push(text);
+                }
+                drop(seen);
                 unreadable(s);
             }
             None

@@ -14,6 +14,7 @@ pub(super) async fn sweeps(s: Arc<Shared>, intake: CancellationToken) {
     if s.sweeper.is_none() || !s.config.sweep.enabled {
         return;
     }
+    crate::metrics::sweep_metrics_at_zero();
     loop {
         tokio::select! {
             _ = intake.cancelled() => return,
@@ -34,10 +35,16 @@ pub(super) async fn sweep(s: &Shared, dry_run: bool, cancel: &CancellationToken)
     use crate::metrics as m;
     match sweeper.run(dry_run, cancel).await {
         Ok(report) => {
-            tracing::info!(report = %report, "Sweep finished.");
+            if dry_run {
+                tracing::info!(report = %report, "Dry-run sweep finished (nothing deleted).");
+            } else {
+                tracing::info!(report = %report, "Sweep finished.");
+            }
+            // A dry run deletes nothing: it is not a sweep that kept the disk in check.
             let outcome = match (&report.stopped, report.skipped_locked) {
                 (_, true) => "skipped_locked",
                 (Some(_), _) => "stopped",
+                (None, _) if dry_run => "dry_run",
                 (None, _) => "done",
             };
             metrics::counter!(m::SWEEPS, "outcome" => outcome).increment(1);
@@ -45,12 +52,14 @@ pub(super) async fn sweep(s: &Shared, dry_run: bool, cancel: &CancellationToken)
                 metrics::counter!(m::SWEEP_DELETED_FILES).increment(report.files_deleted);
                 metrics::counter!(m::SWEEP_DELETED_BYTES).increment(report.bytes_freed);
             }
-            metrics::counter!(m::SWEEP_KEPT).increment(
-                report.kept_not_in_bucket
-                    + report.kept_different
-                    + report.kept_error
-                    + report.kept_bad_copy,
-            );
+            if !dry_run {
+                metrics::counter!(m::SWEEP_KEPT).increment(
+                    report.kept_not_in_bucket
+                        + report.kept_different
+                        + report.kept_error
+                        + report.kept_bad_copy,
+                );
+            }
             if outcome == "done" {
                 metrics::gauge!(m::LAST_SWEEP).set(report.started_at_ms as f64 / 1000.0);
             }
@@ -132,7 +141,10 @@ pub(super) async fn control(s: Arc<Shared>, listener: UnixListener, intake: Canc
             control::serve_one(stream, move |req| async move {
                 match req {
                     Request::Status => match control::status(&s.state, &s.queue, true) {
-                        Ok(st) => Response::Status(st),
+                        Ok(mut st) => {
+                            st.unreadable = s.unreadable.lock().expect("not poisoned").clone();
+                            Response::Status(st)
+                        }
                         Err(e) => Response::Error(crate::Chain(&e).to_string()),
                     },
                     Request::Sweep { dry_run } => sweep(&s, dry_run, &cancel).await,

@@ -206,25 +206,37 @@ async fn process(s: Arc<Shared>, path: MediaPath, settle: bool) {
     }
 }
 
-/// An info line every minute.
+/// An info line at most once a minute, and only when something changed: an idle daemon does not
+/// repeat the same numbers all day. `uploaded` means what it means in `status`: files verified in
+/// the bucket (in total, not since this start).
 pub(super) async fn summaries(s: Arc<Shared>, intake: CancellationToken) {
     let mut every = tokio::time::interval(Duration::from_secs(60));
     every.tick().await;
+    let mut last = None;
     loop {
         tokio::select! {
             _ = intake.cancelled() => return,
             _ = every.tick() => {}
         }
         let d = s.queue.depth();
+        let Ok(uploaded) = s.state.record_count() else {
+            continue;
+        };
+        let now = (d.queued, d.in_flight, d.retrying, d.failed, uploaded);
+        if last == Some(now) {
+            continue;
+        }
+        last = Some(now);
         tracing::info!(
             queued = d.queued,
             in_flight = d.in_flight,
             retrying = d.retrying,
             failed = d.failed,
-            uploaded = s.stats.uploaded.load(Ordering::Relaxed),
-            already_in_bucket = s.stats.adopted.load(Ordering::Relaxed),
-            healed = s.stats.healed.load(Ordering::Relaxed),
-            mb = s.stats.bytes.load(Ordering::Relaxed) as f64 / 1e6,
+            uploaded,
+            uploaded_since_start = s.stats.uploaded.load(Ordering::Relaxed),
+            already_in_bucket_since_start = s.stats.adopted.load(Ordering::Relaxed),
+            mb_since_start = s.stats.bytes.load(Ordering::Relaxed) as f64 / 1e6,
+            healed_since_start = s.stats.healed.load(Ordering::Relaxed),
             "Status."
         );
     }

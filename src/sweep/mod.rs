@@ -113,7 +113,11 @@ pub struct Report {
     pub dry_run: bool,
     /// Another instance held the lock: nothing was done.
     pub skipped_locked: bool,
+    /// Aged media that still had local files.
     pub media_examined: u64,
+    /// Aged media with no local file left (swept before): nothing to do.
+    #[serde(default)]
+    pub media_without_local_files: u64,
     pub files_deleted: u64,
     pub bytes_freed: u64,
     /// Kept because no object is at their key (queued for upload).
@@ -128,7 +132,9 @@ pub struct Report {
     /// healing from the bucket).
     #[serde(default)]
     pub kept_bad_copy: u64,
-    /// Relative paths deleted (or that would be, with `dry_run`).
+    /// Relative paths deleted (or that would be, with `dry_run`). Not kept with the last sweep's
+    /// report (so not in `status --json`): the counts are.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub deleted: Vec<String>,
     /// First errors, for the report.
     pub errors: Vec<String>,
@@ -155,8 +161,19 @@ impl std::fmt::Display for Report {
         };
         write!(
             f,
-            "{} media examined, {verb} {} files ({:.1} MB); kept: {} not in bucket, {} different, {} errors, {} changed; {:.1}s",
-            self.media_examined,
+            "{} aged media with local files examined",
+            self.media_examined
+        )?;
+        if self.media_without_local_files > 0 {
+            write!(
+                f,
+                " ({} more have no local file left)",
+                self.media_without_local_files
+            )?;
+        }
+        write!(
+            f,
+            ", {verb} {} files ({:.1} MB); kept: {} not in bucket, {} different, {} errors, {} changed; {:.1}s",
             self.files_deleted,
             self.bytes_freed as f64 / 1e6,
             self.kept_not_in_bucket,
@@ -339,8 +356,14 @@ impl Sweeper {
                 .buffer_unordered(self.config.sweep.concurrency)
                 .collect::<Vec<_>>();
             let (outcomes, fetched) = tokio::join!(sweep_page, fetch_next);
-            for o in outcomes {
-                report.media_examined += 1;
+            for (o, had_local_files) in outcomes {
+                // Aged media swept earlier are still aged: counting them as examined made "1 media
+                // examined, would delete 0 files" of a media with nothing left to delete.
+                if had_local_files {
+                    report.media_examined += 1;
+                } else {
+                    report.media_without_local_files += 1;
+                }
                 o.add_to(report);
             }
             let (Some(c), Some(fetched)) = (next, fetched) else {
@@ -381,22 +404,40 @@ impl Sweeper {
         }
     }
 
-    /// Confirms and deletes the files of one media. Errors affect this media only.
+    /// Confirms and deletes the files of one media, and says whether it had any local file left.
+    /// Errors affect this media only.
     async fn sweep_media(
         &self,
         media: AgedMedia,
         dry_run: bool,
         deletions: &AtomicU64,
         cancel: &CancellationToken,
-    ) -> files::MediaOutcome {
-        let mut out = files::MediaOutcome::default();
+    ) -> (files::MediaOutcome, bool) {
         let examined = match files::examine(self, &media).await {
             Ok(f) => f,
             Err(e) => {
-                out.error(format!("{media:?}: {e}"));
-                return out;
+                let mut out = files::MediaOutcome::default();
+                out.error(format!("{}: {e}", media_name(&media)));
+                return (out, true);
             }
         };
+        let had_local_files = examined.iter().any(|(_, l)| !matches!(l, Ok(None)));
+        (
+            self.sweep_files(media, examined, dry_run, deletions, cancel)
+                .await,
+            had_local_files,
+        )
+    }
+
+    async fn sweep_files(
+        &self,
+        media: AgedMedia,
+        examined: files::Examined,
+        dry_run: bool,
+        deletions: &AtomicU64,
+        cancel: &CancellationToken,
+    ) -> files::MediaOutcome {
+        let mut out = files::MediaOutcome::default();
         // Confirm every file first: an error on any of them keeps the whole media.
         let mut verdicts = Vec::with_capacity(examined.len());
         for (path, local) in examined {
@@ -501,6 +542,16 @@ impl Sweeper {
             }
         }
         out
+    }
+}
+
+/// A media as an admin finds it in Synapse's admin API: `media_id`, or `origin/media_id`.
+fn media_name(m: &AgedMedia) -> String {
+    match m {
+        AgedMedia::Local { media_id, .. } => format!("local media {media_id}"),
+        AgedMedia::Remote {
+            origin, media_id, ..
+        } => format!("remote media {origin}/{media_id}"),
     }
 }
 

@@ -123,10 +123,23 @@ async fn bad_inputs_each_give_one_clear_line() {
     assert_clear_error(&run(&cfg, &[]), &["media_store_path", "/nonexistent/media"]);
 
     write_yaml(&cfg, &format!("{good}  bukket: x\n"));
-    assert_clear_error(&run(&cfg, &[]), &["unknown field `bukket`", "s3"]);
+    assert_clear_error(
+        &run(&cfg, &[]),
+        &["unknown key `bukket`", "line 10, key `s3.bukket`"],
+    );
 
     write_yaml(&cfg, "media_store_path: [unclosed\n");
-    assert_clear_error(&run(&cfg, &[]), &["config.yaml is invalid"]);
+    assert_clear_error(&run(&cfg, &[]), &["config.yaml", "not valid YAML"]);
+
+    // A typo'd environment variable names the variable, not the file.
+    write_yaml(&cfg, &good);
+    assert_clear_error(
+        &run(&cfg, &[("SYNAPSE_S3_OFFLOAD__S3__BUKET", "x")]),
+        &[
+            "environment variable SYNAPSE_S3_OFFLOAD__S3__BUKET",
+            "`buket`",
+        ],
+    );
 
     write_yaml(&cfg, &format!("{good}upload:\n  concurrency: many\n"));
     assert_clear_error(&run(&cfg, &[]), &["upload.concurrency"]);
@@ -206,4 +219,31 @@ async fn a_corrupted_state_database_is_refused_with_the_recovery_steps() {
         "{}",
         r.stdout
     );
+}
+
+/// `upload` as root on a store that belongs to Synapse's user would leave a root-owned state_dir
+/// that the service cannot use: refused before anything is created, with what to do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn root_against_a_store_owned_by_another_user_is_refused_with_advice() {
+    if unsafe { libc::geteuid() } != 0 {
+        return; // Only root can be root.
+    }
+    let env = s3_env();
+    let bucket = create_bucket(&env, "root").await;
+    let store = Store::new();
+    let cfg = store.dir.path().join("c.yaml");
+    write_yaml(&cfg, &yaml(&store, &env.endpoint, &bucket, &env.secret_key));
+    std::os::unix::fs::chown(&store.root, Some(65534), Some(65534)).unwrap();
+    let r = tokio::task::block_in_place(|| run(&cfg, &[]));
+    assert_ne!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("running as root") && r.stderr.contains("chown -R"),
+        "{}",
+        r.stderr
+    );
+    assert!(!store.state.exists(), "state_dir created by root");
+    // A root-owned state_dir says root is the daemon's user (a container): allowed.
+    std::fs::create_dir(&store.state).unwrap();
+    let r = tokio::task::block_in_place(|| run(&cfg, &[]));
+    assert_eq!(r.code, 0, "{}", r.stderr);
 }

@@ -503,3 +503,89 @@ unsafe extern "C" {
     #[link_name = "kill"]
     fn libc_kill(pid: i32, sig: i32) -> i32;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_daemon_on_the_same_state_dir_fails_at_once() {
+    let env = s3_env();
+    let bucket = create_bucket(&env, "second").await;
+    let store = Store::new();
+    let raw = raw_config(&env, &env.endpoint, &bucket, &store);
+    let config = validated(raw);
+    let d = Daemon::start(config.clone(), Options::default());
+    let state_dir = config.state_dir.clone();
+    eventually("the first daemon answers", Duration::from_secs(20), || {
+        let dir = state_dir.clone();
+        async move {
+            match synapse_s3_offload::control::request(
+                &dir,
+                &synapse_s3_offload::control::Request::Status,
+            )
+            .await
+            {
+                Ok(Some(_)) => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        }
+    })
+    .await;
+    // It used to wait 10 s in silence, then fail.
+    let started = Instant::now();
+    let second = daemon::run(config, CancellationToken::new()).await;
+    let err = second.expect_err("a second daemon must not start");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(err.to_string().contains("already running"), "{err}");
+    d.stop().await;
+}
+
+/// What an admin reads in the journal: one line with the effective setup (no secret), and no
+/// notify noise when a watched directory goes away (the sweep removes emptied ones).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_log_shows_the_setup_once_and_no_watch_removal_noise() {
+    let env = s3_env();
+    let bucket = create_bucket(&env, "logs").await;
+    let store = Store::new();
+    let cfg = config_yaml(&store, &env, &env.endpoint, &bucket, "");
+    let log = store.dir.path().join("daemon.log");
+    let mut child = spawn_daemon(&cfg, &log, &[]);
+    let read = || std::fs::read_to_string(&log).unwrap_or_default();
+    wait_until("the watches", Duration::from_secs(30), || {
+        read().contains("Watching the media store.")
+    })
+    .await;
+    let first = vec![("local_content/lo/gs/gone".to_string(), bytes(1, 100))];
+    store.write(&first[0].0, &first[0].1);
+    eventually("the first file", Duration::from_secs(30), || {
+        listed(&env, &bucket, &first)
+    })
+    .await;
+    // The watched directories of that media go, as after a sweep.
+    std::fs::remove_dir_all(store.root.join("local_content/lo")).unwrap();
+    let second = vec![("local_content/lo/gt/next".to_string(), bytes(2, 100))];
+    store.write(&second[0].0, &second[0].1);
+    eventually("a file after the removal", Duration::from_secs(30), || {
+        listed(&env, &bucket, &second)
+    })
+    .await;
+    unsafe { libc_kill(child.id() as i32, 15) };
+    assert!(child.wait().unwrap().success());
+    let text = read();
+    assert!(
+        !text.contains("unable to remove watch descriptor"),
+        "{text}"
+    );
+    let starting: Vec<&str> = text.lines().filter(|l| l.contains("Starting.")).collect();
+    assert_eq!(starting.len(), 1, "{text}");
+    for want in [
+        format!("bucket {bucket}"),
+        env.endpoint.clone(),
+        "metrics off".into(),
+        "sweep off (no database: section)".into(),
+    ] {
+        assert!(starting[0].contains(&want), "{want}: {}", starting[0]);
+    }
+    assert!(!text.contains(&env.secret_key), "{text}");
+}

@@ -131,3 +131,102 @@ async fn metrics_move_and_health_follows_s3() {
     token.cancel();
     d.await.unwrap().unwrap();
 }
+
+/// `name{labels} value` of one series, if the exporter shows it.
+fn series(metrics: &str, name_and_labels: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(name_and_labels) && l[name_and_labels.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn histograms_sweep_series_from_startup_and_a_dry_run_is_not_a_sweep() {
+    let env = s3_env();
+    let bucket = create_bucket(&env, "msweep").await;
+    let store = Store::new();
+    let db = TestDb::create().await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut raw = raw_config(&env, &env.endpoint, &bucket, &store);
+    raw.metrics.listen = Some(addr.clone());
+    raw.database = Some(db.raw());
+    raw.sweep.confirm_synapse_reads_from_bucket = Some(true);
+    let config = validated(raw);
+    let state_dir = config.state_dir.clone();
+    let token = CancellationToken::new();
+    let d = tokio::spawn(daemon::run_with(config, token.clone(), Options::default()));
+    let rel = "local_content/sw/ee/pmetrics";
+    store.write(rel, &bytes(5, 1_000));
+    eventually("the upload counted", Duration::from_secs(30), || {
+        let addr = addr.clone();
+        async move {
+            let (_, body) = get(&addr, "/metrics").await;
+            match value(&body, "synapse_s3_offload_upload_duration_seconds_count") {
+                n if n >= 1.0 => Ok(()),
+                n => Err(format!("{n}")),
+            }
+        }
+    })
+    .await;
+    let (_, m) = get(&addr, "/metrics").await;
+    // Buckets, not quantiles: histograms aggregate across instances.
+    assert!(
+        m.contains("# TYPE synapse_s3_offload_upload_duration_seconds histogram")
+            && m.contains("synapse_s3_offload_upload_duration_seconds_bucket{le=\"0.5\"}"),
+        "{m}"
+    );
+    assert!(!m.contains("quantile="), "{m}");
+    // Before any sweep, the sweep's series are there at 0.
+    for s in [
+        "synapse_s3_offload_sweeps_total{outcome=\"done\"}",
+        "synapse_s3_offload_sweep_deleted_files_total",
+        "synapse_s3_offload_last_successful_sweep_timestamp_seconds",
+    ] {
+        assert!(series(&m, s).is_some(), "{s} missing:\n{m}");
+    }
+    let done_before = series(&m, "synapse_s3_offload_sweeps_total{outcome=\"done\"}").unwrap();
+    let last_before = series(
+        &m,
+        "synapse_s3_offload_last_successful_sweep_timestamp_seconds",
+    )
+    .unwrap();
+
+    use synapse_s3_offload::control::{self, Request, Response};
+    let answer = control::request(&state_dir, &Request::Sweep { dry_run: true })
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(matches!(answer, Response::Sweep(_)), "{answer:?}");
+    let (_, m) = get(&addr, "/metrics").await;
+    assert_eq!(
+        series(&m, "synapse_s3_offload_sweeps_total{outcome=\"done\"}"),
+        Some(done_before),
+        "a dry run is not a successful sweep:\n{m}"
+    );
+    assert!(series(&m, "synapse_s3_offload_sweeps_total{outcome=\"dry_run\"}").unwrap() >= 1.0);
+    assert_eq!(
+        series(
+            &m,
+            "synapse_s3_offload_last_successful_sweep_timestamp_seconds"
+        ),
+        Some(last_before)
+    );
+    let Some(Response::Status(st)) = control::request(&state_dir, &Request::Status)
+        .await
+        .unwrap()
+    else {
+        panic!("no status")
+    };
+    assert!(st.last_sweep.is_none(), "{st:?}");
+    assert!(st.last_dry_run.is_some(), "{st:?}");
+    assert!(st.to_string().contains("last sweep:   never"), "{st}");
+    let json = serde_json::to_string(&st).unwrap();
+    assert!(!json.contains("\"deleted\":[]"), "{json}");
+    token.cancel();
+    d.await.unwrap().unwrap();
+}

@@ -196,6 +196,15 @@ async fn deletes_only_aged_media_confirmed_in_the_bucket() {
         r.media_examined, 6,
         "aged, non-URL-preview media: 5 local + 1 remote... {r}"
     );
+    // Again: the media swept just now have nothing local left, and are not "examined".
+    let again = run(&config, true).await.unwrap();
+    assert!(again.media_without_local_files >= 1, "{again}");
+    assert_eq!(
+        again.media_examined + again.media_without_local_files,
+        6,
+        "{again}"
+    );
+    assert!(again.to_string().contains("no local file left"), "{again}");
     // The media's own thumbnail directory went with its files; top-level folders stay.
     assert!(!exists(&f.store.root, "local_thumbnails/aa/AG/EDuploaded1"));
     for top in [

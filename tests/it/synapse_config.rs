@@ -10,6 +10,14 @@ fn fixture_dir() -> std::path::PathBuf {
 
 /// Writes our config with `extra` and loads it; the media path is replaced by a real directory.
 fn load(extra: &str, conf_d: bool) -> Result<config::Config, config::ConfigError> {
+    load_env(extra, conf_d, &[])
+}
+
+fn load_env(
+    extra: &str,
+    conf_d: bool,
+    vars: &[(&str, &str)],
+) -> Result<config::Config, config::ConfigError> {
     let store = Store::new();
     let hs = std::fs::read_to_string(fixture_dir().join("homeserver.yaml"))
         .unwrap()
@@ -36,7 +44,7 @@ fn load(extra: &str, conf_d: bool) -> Result<config::Config, config::ConfigError
             store.state.display()
         ),
     );
-    let r = config::load(&cfg);
+    let r = config::load_with_env(&cfg, vars);
     drop(store);
     r
 }
@@ -136,4 +144,115 @@ fn a_config_with_secrets_readable_by_others_is_warned_about() {
     );
     std::fs::set_permissions(&cfg, std::fs::Permissions::from_mode(0o600)).unwrap();
     assert!(config::load(&cfg).unwrap().warnings.is_empty());
+}
+
+#[test]
+fn a_partial_database_section_or_env_override_merges_key_by_key_with_synapses() {
+    // Only a password of ours: host, port, user and database name stay Synapse's.
+    let c = load("database:\n  password: our-password\n", true).unwrap();
+    let db = c.database.unwrap();
+    assert_eq!(
+        (
+            db.host.as_str(),
+            db.port,
+            db.user.as_str(),
+            db.dbname.as_str()
+        ),
+        ("/var/run/postgresql", 5433, "synapse_user", "synapse")
+    );
+    assert_eq!(db.password.unwrap().expose(), "our-password");
+    // Our `dbname` replaces Synapse's `database` (the same key under psycopg2's other name).
+    let db = load("database:\n  dbname: other\n", true)
+        .unwrap()
+        .database
+        .unwrap();
+    assert_eq!(
+        (db.dbname.as_str(), db.user.as_str()),
+        ("other", "synapse_user")
+    );
+    // An environment override alone merges too.
+    let db = load_env(
+        "",
+        true,
+        &[("SYNAPSE_S3_OFFLOAD__DATABASE__PASSWORD", "00123")],
+    )
+    .unwrap()
+    .database
+    .unwrap();
+    assert_eq!(db.password.unwrap().expose(), "00123");
+    assert_eq!(db.dbname, "synapse");
+}
+
+#[test]
+fn a_bad_value_from_homeserver_yaml_is_named_as_synapses() {
+    // Docker's media path, which does not exist here: the error says it came from Synapse's file
+    // (our file has no media_store_path).
+    let store = Store::new();
+    let hs_path = store.dir.path().join("homeserver.yaml");
+    std::fs::write(
+        &hs_path,
+        "server_name: x\nmedia_store_path: /data/media_store\n",
+    )
+    .unwrap();
+    let cfg = store.dir.path().join("offload.yaml");
+    write_yaml(
+        &cfg,
+        &format!(
+            "synapse_config: {}\ns3:\n  bucket: b-ucket\n",
+            hs_path.display()
+        ),
+    );
+    let err = config::load_with_env(&cfg, &[]).unwrap_err().to_string();
+    assert!(
+        err.contains(&format!(
+            "`media_store_path` (from Synapse's config {} line 2)",
+            hs_path.display()
+        )) && err.contains("does not exist"),
+        "{err}"
+    );
+}
+
+#[test]
+fn duplicate_keys_in_homeserver_yaml_are_read_as_synapse_does_and_never_printed() {
+    let store = Store::new();
+    let hs_path = store.dir.path().join("homeserver.yaml");
+    // PyYAML accepts duplicates, the last one winning; a harmless duplicate below a secret.
+    std::fs::write(
+        &hs_path,
+        format!(
+            "media_store_path: {}\nmax_upload_size: 50M\ndatabase:\n  name: psycopg2\n  args:\n    password: first-db-secret\n    password: second-db-secret\n    database: synapse\nmax_upload_size: 100M\nmedia_storage_providers:\n- module: s3_storage_provider.S3StorageProviderBackend\n  config:\n    bucket: b-ucket\n    secret_access_key: s3-first-secret\n    secret_access_key: s3-second-secret\n    access_key_id: a\n",
+            store.root.display()
+        ),
+    )
+    .unwrap();
+    let cfg = store.dir.path().join("offload.yaml");
+    write_yaml(&cfg, &format!("synapse_config: {}\n", hs_path.display()));
+    let c = config::load_with_env(&cfg, &[]).unwrap();
+    assert_eq!(
+        c.database.unwrap().password.unwrap().expose(),
+        "second-db-secret"
+    );
+    assert_eq!(c.s3.secret_access_key.unwrap().expose(), "s3-second-secret");
+    // A value of the wrong kind in Synapse's file: file, line and key, no text of it.
+    let text = std::fs::read_to_string(&hs_path).unwrap();
+    std::fs::write(
+        &hs_path,
+        text.replace(
+            "    database: synapse\n",
+            "    database: synapse\n    port: [first-db-secret]\n",
+        ),
+    )
+    .unwrap();
+    let err = config::load_with_env(&cfg, &[]).unwrap_err();
+    let shown = format!("{:#}", anyhow::Error::from(err));
+    assert!(
+        shown.contains(&format!(
+            "{} line 9, key `database.args.port`",
+            hs_path.display()
+        )),
+        "{shown}"
+    );
+    for secret in ["first-db-secret", "second-db-secret", "s3-first-secret"] {
+        assert!(!shown.contains(secret), "{shown}");
+    }
 }

@@ -6,34 +6,83 @@ use std::time::{Duration, Instant};
 
 use crate::support::*;
 
+const UNITS: [&str; 3] = [
+    "synapse-s3-offload.service",
+    "synapse-s3-offload-audit.service",
+    "synapse-s3-offload-audit.timer",
+];
+
+fn unit(name: &str) -> String {
+    std::fs::read_to_string(format!("{}/dist/{name}", env!("CARGO_MANIFEST_DIR"))).unwrap()
+}
+
+fn setting<'a>(text: &'a str, key: &str) -> Option<&'a str> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+}
+
 #[test]
-fn the_unit_file_verifies() {
-    let unit = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/dist/synapse-s3-offload.service"
-    ))
-    .unwrap();
+fn the_unit_files_verify() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("synapse-s3-offload.service");
-    // verify checks that ExecStart exists: point it at the binary under test.
-    std::fs::write(
-        &path,
-        unit.replace(
-            "/usr/local/bin/synapse-s3-offload",
-            env!("CARGO_BIN_EXE_synapse-s3-offload"),
-        ),
-    )
-    .unwrap();
+    for name in UNITS {
+        // verify checks that ExecStart exists: point it at the binary under test.
+        std::fs::write(
+            dir.path().join(name),
+            unit(name).replace(
+                "/usr/local/bin/synapse-s3-offload",
+                env!("CARGO_BIN_EXE_synapse-s3-offload"),
+            ),
+        )
+        .unwrap();
+    }
     let out = Command::new("systemd-analyze")
         .arg("verify")
-        .arg(&path)
+        .args(UNITS.map(|n| dir.path().join(n)))
         .output()
         .expect("systemd-analyze (Debian package systemd) is needed for this test");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert!(
-        !stderr.contains("synapse-s3-offload.service:"),
-        "warnings about our unit: {stderr}"
+        !stderr.contains("synapse-s3-offload"),
+        "warnings about our units: {stderr}"
+    );
+}
+
+#[test]
+fn the_audit_unit_runs_as_the_main_unit_does() {
+    let (main, audit) = (
+        unit("synapse-s3-offload.service"),
+        unit("synapse-s3-offload-audit.service"),
+    );
+    for key in ["User", "Group"] {
+        assert_eq!(setting(&main, key), setting(&audit, key), "{key}");
+    }
+    let exec = |t: &str| {
+        setting(t, "ExecStart")
+            .unwrap()
+            .split(" run")
+            .next()
+            .unwrap()
+            .split(" audit")
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(exec(&main), exec(&audit), "same binary and config");
+    assert!(
+        setting(&audit, "ExecStart")
+            .unwrap()
+            .ends_with("audit --json")
+    );
+    assert!(
+        setting(&main, "ReadWritePaths")
+            .unwrap()
+            .contains(setting(&audit, "ReadWritePaths").unwrap()),
+        "the audit writes only to the state directory"
+    );
+    assert_eq!(
+        setting(&unit("synapse-s3-offload-audit.timer"), "OnCalendar"),
+        Some("daily")
     );
 }
 

@@ -1,0 +1,53 @@
+//! The `upload:` section, validated.
+
+use super::{
+    ConfigError, MAX_PART_SIZE, MIN_PART_SIZE, RawUpload, SizeValue, UploadConfig, duration,
+    invalid, parse_size,
+};
+
+pub(super) fn validate_upload(raw: RawUpload) -> Result<UploadConfig, ConfigError> {
+    let concurrency = raw.concurrency.unwrap_or(8);
+    if !(1..=256).contains(&concurrency) {
+        return Err(invalid("upload.concurrency", "must be between 1 and 256"));
+    }
+    let size = |key, v: Option<SizeValue>, default: u64| match v {
+        None => Ok(default),
+        Some(v) => parse_size(&v).map_err(|r| invalid(key, r)),
+    };
+    let multipart_threshold = size(
+        "upload.multipart_threshold",
+        raw.multipart_threshold,
+        16 << 20,
+    )?;
+    let multipart_part_size = size(
+        "upload.multipart_part_size",
+        raw.multipart_part_size,
+        16 << 20,
+    )?;
+    if multipart_threshold < MIN_PART_SIZE {
+        return Err(invalid(
+            "upload.multipart_threshold",
+            "must be at least 5MiB (S3's minimum part size)",
+        ));
+    }
+    if !(MIN_PART_SIZE..=MAX_PART_SIZE).contains(&multipart_part_size) {
+        return Err(invalid(
+            "upload.multipart_part_size",
+            "must be between 5MiB and 5GiB (S3's part size limits)",
+        ));
+    }
+    Ok(UploadConfig {
+        concurrency,
+        multipart_threshold,
+        multipart_part_size,
+        include_url_cache: raw.include_url_cache.unwrap_or(false),
+        max_backoff: duration("upload.max_backoff", raw.max_backoff, "5m")?,
+        settle: duration("upload.settle", raw.settle, "2s")?,
+        failed_retry_interval: duration(
+            "upload.failed_retry_interval",
+            raw.failed_retry_interval,
+            "10m",
+        )?,
+        heal_bad_local_copies: raw.heal_bad_local_copies.unwrap_or(true),
+    })
+}
