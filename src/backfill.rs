@@ -16,6 +16,7 @@ use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::layout::MediaPath;
 use crate::scan::{self, Item};
 use crate::state::{Committer, Op, State, StateError};
 use crate::upload::s3::{ObjectStore, S3Error};
@@ -254,6 +255,16 @@ pub async fn run(
     while let Ok(p) = problem_rx.try_recv() {
         report_problem(&p, &mut summary);
     }
+    // Copy problems of files that are gone (an operator resolved a conflict by deleting the local
+    // file; the walk never met them again) are over.
+    if !stop_walk.load(Ordering::Relaxed) {
+        let gone = problems_of_gone_files(&state, &config.media_store_path);
+        if !gone.is_empty() {
+            committer
+                .apply(gone.into_iter().map(Op::ProblemClear).collect())
+                .await?;
+        }
+    }
     // Dropping the last committer ends the commit thread once it has committed what is left.
     drop(committer);
     let _ = tokio::task::spawn_blocking(move || commit_thread.join()).await;
@@ -263,6 +274,28 @@ pub async fn run(
         return Err(BackfillError::Fatal { done, source });
     }
     Ok(summary)
+}
+
+/// The paths with a copy problem whose local file no longer exists. Blocking (a stat each; the
+/// table holds only the problems of the moment).
+fn problems_of_gone_files(state: &State, root: &std::path::Path) -> Vec<MediaPath> {
+    let mut gone = Vec::new();
+    let mut after: Option<String> = None;
+    while let Ok(page) = state.problems_after(after.as_deref(), 1000) {
+        let Some((last, _)) = page.last() else { break };
+        after = Some(last.clone());
+        for (p, _) in page {
+            if let Ok(p) = MediaPath::parse(&p)
+                && matches!(
+                    crate::upload::digest::stat(&p.to_path(root)),
+                    Ok(crate::upload::digest::Stat::Vanished)
+                )
+            {
+                gone.push(p);
+            }
+        }
+    }
+    gone
 }
 
 /// How long the commit thread gathers records before each commit. A crash loses only records not

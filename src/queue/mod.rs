@@ -403,8 +403,9 @@ impl Queue {
                 .map(|r| Op::Record(path.clone(), r))
                 .into_iter()
                 .collect();
-            // A verified upload ends any copy problem the path had (status, audit).
-            if record.is_some_and(|r| !r.provisional) {
+            // A verified upload ends any copy problem the path had (status, audit), and so does
+            // the file's going away (e.g. an operator resolving a conflict by deleting it).
+            if record.is_none_or(|r| !r.provisional) {
                 ops.push(Op::ProblemClear(path.clone()));
             }
             if dirty {

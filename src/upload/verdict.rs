@@ -110,9 +110,7 @@ pub fn decide(
             sha256: r.sha256,
         }),
         None => Decision::Conflict(format!(
-            "the object ({} bytes) differs from the local file ({} bytes) and was never verified by us{}",
-            o.size,
-            local.size,
+            "the object differs from the local file and was never verified by us{}",
             match record {
                 Some(_) => " (our record describes other bytes than either)",
                 None => "",

@@ -194,6 +194,43 @@ async fn objects_already_in_the_bucket_are_recorded_without_a_put() {
         problems[0].1.kind,
         synapse_s3_offload::state::ProblemKind::Conflict
     );
+    drop(state);
+
+    // The operator resolves it (README): the local file is right, so the object is deleted; the
+    // next run uploads the file and the conflict is over.
+    client(&env)
+        .await
+        .delete_object()
+        .bucket(&bucket)
+        .key("local_content/ot/he/rcontent")
+        .send()
+        .await
+        .unwrap();
+    let s = backfill(&config).await;
+    assert_eq!((s.uploaded, s.failed), (1, 0), "{s}");
+    let state = synapse_s3_offload::state::State::open(&config.state_dir).unwrap();
+    assert_eq!(state.problems_after(None, 10).unwrap(), []);
+    drop(state);
+    // Or the object is right: the local file is deleted (Synapse reads the object back).
+    store.write("local_content/ot/he/rcontent2", b"local version");
+    client(&env)
+        .await
+        .put_object()
+        .bucket(&bucket)
+        .key("local_content/ot/he/rcontent2")
+        .body(b"bucket version!".to_vec().into())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(backfill(&config).await.conflicts, 1);
+    std::fs::remove_file(store.root.join("local_content/ot/he/rcontent2")).unwrap();
+    assert_eq!(backfill(&config).await.failed, 0);
+    let state = synapse_s3_offload::state::State::open(&config.state_dir).unwrap();
+    assert_eq!(
+        state.problems_after(None, 10).unwrap(),
+        [],
+        "over once the file is gone"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
