@@ -1,7 +1,12 @@
 # Shared helpers of the demo and benchmark scripts (sourced, not run).
 
-# Builds the release binary; sets $bin.
+# Builds the release binary; sets $bin. SSO_BIN names a binary to use instead (e.g. a debug build,
+# for a soak run on a busy machine).
 build_release() {
+  if [[ -n "${SSO_BIN:-}" ]]; then
+    bin=$SSO_BIN
+    return
+  fi
   export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
   cargo build --release --locked -q
   bin="$CARGO_TARGET_DIR/release/synapse-s3-offload"

@@ -161,6 +161,8 @@ sweeps = sum("Sweep finished." in l for l in open(f"{work}/daemon.log"))
 errors = [l.strip() for l in open(f"{work}/daemon.log") if " ERROR " in l]
 print(f"media written:     {w['written']} ({w['files']} files, {w['bytes'] / 1e9:.2f} GB); deleted by 'Synapse': {w['deleted_media']} media")
 print(f"reads:             {w['reads']} ({w['reads_from_bucket']} from the bucket after the sweep), failed {w['read_errors']}")
+print(f"write-backs:       {w['write_backs']} complete, {w['write_backs_cut']} cut short (truncated local copies to heal)")
+print(f"local files:       {a['local_changed']} differ from what was written (must be 0: bad copies healed)")
 print(f"files to audit:    {a['files']}")
 print(f"uploaded:          {a['in_bucket']} in the bucket byte-identical ({a['swept']} of them swept locally)")
 print(f"lost:              {a['lost']} (must be 0)")

@@ -71,7 +71,7 @@ def write(args):
     db = Db(args.pg_host, args.pg_port)
     live = []  # (media key for deletion, [relative paths])
     counts = dict(written=0, files=0, bytes=0, reads=0, reads_from_bucket=0, read_errors=0,
-                  deleted_media=0)
+                  deleted_media=0, write_backs=0, write_backs_cut=0)
     end = time.monotonic() + args.seconds
     next_flush = time.monotonic() + 1
     period = 1.0 / args.rate
@@ -125,8 +125,17 @@ def write(args):
                 except FileNotFoundError:
                     try:
                         with open(os.path.join(args.bucket_dir, rel), "rb") as f:
-                            f.read()
+                            data = f.read()
                         counts["reads_from_bucket"] += 1
+                        # Sometimes Synapse writes it back locally (ensure_media_is_in_local_cache:
+                        # open(path, "wb"), no temp file), and sometimes that write is cut short
+                        # (a full disk, a restart): a truncated local copy that the daemon must
+                        # heal from the bucket, never upload (the audit's local_changed must be 0).
+                        if rng.random() < 0.3:
+                            cut = rng.random() < 0.3
+                            with open(os.path.join(args.root, rel), "wb") as f:
+                                f.write(data[: rng.randrange(len(data))] if cut and data else data)
+                            counts["write_backs_cut" if cut else "write_backs"] += 1
                     except FileNotFoundError:
                         counts["read_errors"] += 1
 
