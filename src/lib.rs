@@ -18,7 +18,7 @@ pub mod scan;
 pub mod sha256;
 pub mod state;
 pub mod sweep;
-pub mod synapse;
+pub mod synapse_db;
 pub mod upload;
 pub mod watch;
 
