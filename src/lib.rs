@@ -22,6 +22,9 @@ pub mod synapse_db;
 pub mod upload;
 pub mod watch;
 
+#[cfg(test)]
+mod architecture_tests;
+
 /// Displays an error with its chain of sources (`outer: inner: innermost`), for logs, reports and
 /// messages built outside `main` (where anyhow's `{:#}` does the same).
 pub struct Chain<'a>(pub &'a (dyn std::error::Error + 'static));
