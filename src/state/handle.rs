@@ -77,3 +77,28 @@ impl StateHandle {
         commit_thread
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::Op;
+
+    /// What was handed to the committer and not yet awaited is durable once `close` returns, and
+    /// the database is free for the next opener.
+    #[tokio::test]
+    async fn close_commits_what_was_submitted_and_frees_the_database() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = StateHandle::open(dir.path()).unwrap();
+        let clone = h.committer.clone();
+        let pending = clone.submit(vec![Op::SetText("handle_test", "kept".into())]);
+        drop(clone);
+        h.close().await;
+        pending.wait().await.unwrap();
+        let h = StateHandle::open(dir.path()).unwrap();
+        assert_eq!(
+            h.state.text("handle_test").unwrap().as_deref(),
+            Some("kept")
+        );
+        h.close_blocking();
+    }
+}

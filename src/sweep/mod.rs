@@ -19,9 +19,10 @@
 //! - Paths come from validated database ids through [`MediaPath`]; nothing outside the store is
 //!   touched, symlinks are never followed, and only the AB/CD levels below a top-level folder
 //!   (never the folder itself, nor a remote origin's folder) are removed when they become empty.
-//! - One sweep at a time across instances: PostgreSQL advisory lock [`crate::synapse_db::SWEEP_LOCK_KEY`], held
-//!   on a connection that never returns to the pool ([`SweepLock`]) and confirmed every
-//!   second; a sweep that cannot confirm it (PostgreSQL restarted) deletes nothing more and stops.
+//! - One sweep at a time across instances: PostgreSQL advisory lock
+//!   [`crate::synapse_db::SWEEP_LOCK_KEY`], held on a connection that never returns to the pool
+//!   ([`SweepLock`]) and confirmed every second; a sweep that cannot confirm it (PostgreSQL
+//!   restarted) deletes nothing more and stops.
 
 mod files;
 pub mod provider;
