@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::layout::MediaPath;
 use crate::scan::{self, Item};
-use crate::state::{Committer, Op, State, StateError};
+use crate::state::{Op, State, StateError, StateHandle};
 use crate::upload::s3::{ObjectStore, S3Error};
 use crate::upload::{Outcome, UploadError, Uploader};
 
@@ -29,7 +29,7 @@ pub enum BackfillError {
     #[error("the bucket is not usable")]
     Bucket(#[source] S3Error),
     #[error("the database: section is not usable")]
-    Database(#[source] crate::sweep::db::DbError),
+    Database(#[source] crate::synapse_db::DbError),
     #[error("stopped after {done} files")]
     Fatal {
         done: u64,
@@ -118,7 +118,7 @@ pub async fn run(
     let store = Arc::new(ObjectStore::new(&config.s3, config.upload.multipart_part_size).await);
     store.check_bucket().await.map_err(BackfillError::Bucket)?;
     // Records may wait a little for their commit: fewer, larger transactions (see below).
-    let (committer, commit_thread) = Committer::start_lingering(state.clone(), COMMIT_LINGER);
+    let handle = StateHandle::start_lingering(state.clone(), COMMIT_LINGER);
     // An empty prefix has nothing to adopt: skip the HEAD before every PUT (half the requests).
     let empty = store
         .prefix_is_empty()
@@ -131,7 +131,7 @@ pub async fn run(
     }
     let arbiter = match &config.database {
         Some(db) => Some(Arc::new(
-            crate::sweep::db::Db::new(db).map_err(BackfillError::Database)?,
+            crate::synapse_db::Db::new(db).map_err(BackfillError::Database)?,
         )),
         None => None,
     };
@@ -229,7 +229,7 @@ pub async fn run(
                         Err(e) => e.problem().map(|p| vec![Op::Problem(found.path.clone(), p)]),
                     };
                     if let Some(ops) = ops {
-                        let pending = committer.submit(ops);
+                        let pending = handle.committer.submit(ops);
                         commits.push(async move {
                             match pending.wait().await {
                                 Ok(()) => (result, found),
@@ -260,14 +260,14 @@ pub async fn run(
     if !stop_walk.load(Ordering::Relaxed) {
         let gone = problems_of_gone_files(&state, &config.media_store_path);
         if !gone.is_empty() {
-            committer
+            handle
+                .committer
                 .apply(gone.into_iter().map(Op::ProblemClear).collect())
                 .await?;
         }
     }
-    // Dropping the last committer ends the commit thread once it has committed what is left.
-    drop(committer);
-    let _ = tokio::task::spawn_blocking(move || commit_thread.join()).await;
+    // The commit thread ends once it has committed what is left.
+    handle.close().await;
     bar.finish();
     summary.elapsed = started.elapsed();
     if let Some(source) = fatal {

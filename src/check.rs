@@ -80,7 +80,7 @@ pub async fn run_file(path: &Path) -> Checks {
         }
     }
     match parts.into_config() {
-        Ok(config) => match crate::sweep::check_provider(&config) {
+        Ok(config) => match crate::sweep::provider::check_provider(&config) {
             Ok(()) => c.ok("sweep safety", "Synapse reads media back from this bucket"),
             Err(e) if config.database.is_some() && config.sweep.enabled => {
                 c.fail("sweep safety", crate::Chain(&e).to_string())
@@ -179,7 +179,7 @@ async fn check_database(database: Option<&DatabaseConfig>, sqlite: bool, c: &mut
         }
         return;
     };
-    let db = match crate::sweep::db::Db::new(dbc) {
+    let db = match crate::synapse_db::Db::new(dbc) {
         Ok(db) => db,
         Err(e) => return c.fail("PostgreSQL", crate::Chain(&e).to_string()),
     };

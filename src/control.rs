@@ -11,24 +11,10 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
 use crate::queue::Queue;
-use crate::state::{State, StateError};
+use crate::state::{State, StateError, StateHandle};
 use crate::sweep::Report;
 
 pub const SOCKET: &str = "control.sock";
-/// Key of the last sweep's report (JSON, without its file list) in the state database.
-pub const LAST_SWEEP: &str = "last_sweep";
-/// The same for the last dry run: it deleted nothing, so it must not pass for the last sweep.
-pub const LAST_DRY_RUN: &str = "last_dry_run";
-
-/// The op that remembers `report` as the last sweep (or the last dry run).
-pub fn remember_sweep(report: &Report) -> crate::state::Op {
-    let mut r = report.clone();
-    r.deleted.clear();
-    crate::state::Op::SetText(
-        if r.dry_run { LAST_DRY_RUN } else { LAST_SWEEP },
-        serde_json::to_string(&r).expect("reports serialize"),
-    )
-}
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "snake_case")]
@@ -163,6 +149,7 @@ pub enum ControlError {
 /// The status, read from `state` and `queue` (shared by the daemon and standalone `status`).
 pub fn status(state: &State, queue: &Queue, daemon_running: bool) -> Result<Status, StateError> {
     let d = queue.depth();
+    let last = crate::sweep::report::Last::load(state)?;
     Ok(Status {
         daemon_running,
         queued: d.queued,
@@ -179,12 +166,8 @@ pub fn status(state: &State, queue: &Queue, daemon_running: bool) -> Result<Stat
                 last_error: i.last_error,
             })
             .collect(),
-        last_sweep: state
-            .text(LAST_SWEEP)?
-            .and_then(|t| serde_json::from_str(&t).ok()),
-        last_dry_run: state
-            .text(LAST_DRY_RUN)?
-            .and_then(|t| serde_json::from_str(&t).ok()),
+        last_sweep: last.sweep,
+        last_dry_run: last.dry_run,
         unreadable: Vec::new(),
         ..problems(state)?
     })
@@ -226,12 +209,11 @@ fn problems(state: &State) -> Result<Status, StateError> {
 
 /// `status` without a running daemon: reads the state database itself.
 pub fn status_standalone(config: &crate::config::Config) -> Result<Status, StateError> {
-    let state = State::open(&config.state_dir)?;
-    let (committer, thread) = crate::state::Committer::start(state.clone());
-    let queue = Queue::open(&state, committer, &config.upload)?;
-    let st = status(&state, &queue, false);
-    drop((queue, state));
-    let _ = thread.join();
+    let h = StateHandle::open(&config.state_dir)?;
+    let queue = Queue::open(&h.state, h.committer.clone(), &config.upload)?;
+    let st = status(&h.state, &queue, false);
+    drop(queue);
+    h.close_blocking();
     st
 }
 

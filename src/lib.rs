@@ -18,9 +18,12 @@ pub mod scan;
 pub mod sha256;
 pub mod state;
 pub mod sweep;
-pub mod synapse;
+pub mod synapse_db;
 pub mod upload;
 pub mod watch;
+
+#[cfg(test)]
+mod architecture_tests;
 
 /// Displays an error with its chain of sources (`outer: inner: innermost`), for logs, reports and
 /// messages built outside `main` (where anyhow's `{:#}` does the same).

@@ -179,12 +179,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         match cli.command {
             Command::Check => unreachable!("handled above"),
             Command::Sweep { dry_run } => {
-                let cancel = CancellationToken::new();
-                let on_signal = cancel.clone();
-                tokio::spawn(async move {
-                    shutdown_signal().await;
-                    on_signal.cancel();
-                });
+                let cancel = cancel_on_signal();
                 let answer = daemon_or_local(&config.state_dir, Request::Sweep { dry_run }, async || {
                     match sweep::run_standalone(&config, dry_run, &cancel).await {
                         Err(sweep::SweepError::State(StateError::Locked { .. })) => Ok(None),
@@ -222,12 +217,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 examples,
                 ignore_prune_limits,
             } => {
-                let cancel = CancellationToken::new();
-                let on_signal = cancel.clone();
-                tokio::spawn(async move {
-                    shutdown_signal().await;
-                    on_signal.cancel();
-                });
+                let cancel = cancel_on_signal();
                 let options = audit::Options {
                     fix,
                     delete_orphans,
@@ -293,22 +283,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::SUCCESS)
             }
             Command::Run => {
-                let shutdown = CancellationToken::new();
-                let on_signal = shutdown.clone();
-                tokio::spawn(async move {
-                    shutdown_signal().await;
-                    on_signal.cancel();
-                });
+                let shutdown = cancel_on_signal();
                 daemon::run(config, shutdown).await?;
                 Ok(ExitCode::SUCCESS)
             }
             Command::Upload { no_progress } => {
-                let cancel = CancellationToken::new();
-                let on_signal = cancel.clone();
-                tokio::spawn(async move {
-                    shutdown_signal().await;
-                    on_signal.cancel();
-                });
+                let cancel = cancel_on_signal();
                 let progress = if no_progress {
                     backfill::Progress::Log
                 } else {
@@ -360,6 +340,17 @@ async fn daemon_or_local<T>(
         }
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
+}
+
+/// A token cancelled on SIGTERM or SIGINT, for the command run in this runtime to stop on.
+fn cancel_on_signal() -> CancellationToken {
+    let cancel = CancellationToken::new();
+    let on_signal = cancel.clone();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        on_signal.cancel();
+    });
+    cancel
 }
 
 /// SIGTERM or SIGINT.

@@ -31,8 +31,8 @@ use self::sources::{BucketStream, DbKind, DbStream, DiskStream, StateStream};
 use crate::config::Config;
 use crate::layout::MediaPath;
 use crate::queue::Queue;
-use crate::state::{Committer, Op, State, now_ms};
-use crate::sweep::db::{Db, DbError};
+use crate::state::{Committer, Op, State, StateHandle, now_ms};
+use crate::synapse_db::{Db, DbError};
 use crate::upload::s3::ObjectStore;
 
 /// Deletions one audit prepares at most; the next audit goes on.
@@ -108,23 +108,21 @@ pub async fn run_standalone(
             AuditError::NoDatabase
         })?;
     let db = Db::new(db_config)?;
-    let state = State::open(&config.state_dir)?;
-    let (committer, thread) = Committer::start(state.clone());
-    let queue = Arc::new(Queue::open(&state, committer.clone(), &config.upload)?);
+    let h = StateHandle::open(&config.state_dir)?;
+    let queue = Arc::new(Queue::open(&h.state, h.committer.clone(), &config.upload)?);
     let store = ObjectStore::new(&config.s3, config.upload.multipart_part_size).await;
     let report = Auditor {
         config,
         db: &db,
         store: &store,
-        state: &state,
-        committer: &committer,
+        state: &h.state,
+        committer: &h.committer,
         queue: &queue,
     }
     .run(opts, cancel)
     .await;
-    // The commit thread ends once the last committer is gone, after committing everything.
-    drop((queue, committer));
-    let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+    drop(queue);
+    h.close().await;
     report
 }
 

@@ -15,7 +15,7 @@ use std::time::Duration;
 use super::AuditError;
 use crate::layout::{MEDIA_DIRS, MediaPath};
 use crate::state::{Record, State};
-use crate::sweep::db::{Db, DbError};
+use crate::synapse_db::{Db, DbError};
 use crate::upload::digest::Snapshot;
 use crate::upload::s3::{Listed, ObjectStore};
 

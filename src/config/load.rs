@@ -124,13 +124,14 @@ fn import_synapse(raw: &mut RawConfig, origins: &mut Origins) -> Result<Vec<Stri
     let Some(path) = raw.synapse_config.clone() else {
         return Ok(Vec::new());
     };
-    let hs = crate::synapse::read_all(&path, raw.synapse_config_dir.as_deref()).map_err(|e| {
-        ConfigError::Synapse {
-            origin: origins.get("synapse_config").cloned(),
-            source: e,
-        }
-    })?;
-    Ok(crate::synapse::fill(raw, &hs, origins))
+    let hs =
+        super::homeserver::read_all(&path, raw.synapse_config_dir.as_deref()).map_err(|e| {
+            ConfigError::Synapse {
+                origin: origins.get("synapse_config").cloned(),
+                source: e,
+            }
+        })?;
+    Ok(super::homeserver::fill(raw, &hs, origins))
 }
 
 /// `overlay`: every key `other` sets replaces ours. Written by destructuring, so a new field that

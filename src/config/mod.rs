@@ -18,6 +18,7 @@ pub use self::prune::{PruneConfig, RawPrune};
 pub use self::sweep::{DatabaseConfig, RawDatabase, RawSweep, SslMode, SweepConfig};
 
 mod env;
+pub mod homeserver;
 mod load;
 pub mod origin;
 mod prune;
@@ -75,7 +76,7 @@ pub enum ConfigError {
     Synapse {
         origin: Option<Origin>,
         #[source]
-        source: crate::synapse::SynapseConfigError,
+        source: homeserver::SynapseConfigError,
     },
     #[error("config key `{key}`{} is invalid: {reason}", from(origin))]
     Invalid {
@@ -187,7 +188,7 @@ pub struct RawConfig {
     #[serde(default, deserialize_with = "null_default")]
     pub prune: RawPrune,
     /// Synapse's homeserver.yaml: fills media_store_path, database and s3 when they are not set
-    /// here, and is checked before a sweep deletes anything (see `synapse`).
+    /// here, and is checked before a sweep deletes anything (see `sweep::provider`).
     pub synapse_config: Option<PathBuf>,
     #[serde(default, deserialize_with = "null_default")]
     pub metrics: RawMetrics,

@@ -39,7 +39,7 @@ pub enum DaemonError {
     #[error("the bucket is not usable")]
     Bucket(#[source] S3Error),
     #[error(transparent)]
-    Db(#[from] crate::sweep::db::DbError),
+    Db(#[from] crate::synapse_db::DbError),
     #[error(transparent)]
     Control(#[from] crate::control::ControlError),
     #[error("cannot listen on metrics.listen {addr} (in use? another daemon?)")]
@@ -156,7 +156,7 @@ pub async fn run_with(
     };
     // One pool for the sweep and the uploads' arbiter (Synapse's sha256 of a media).
     let db = match &config.database {
-        Some(db) => Some(Arc::new(crate::sweep::db::Db::new(db)?)),
+        Some(db) => Some(Arc::new(crate::synapse_db::Db::new(db)?)),
         None => None,
     };
     let sweeper = db.as_ref().map(|db| {

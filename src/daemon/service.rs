@@ -66,7 +66,7 @@ pub(super) async fn sweep(s: &Shared, dry_run: bool, cancel: &CancellationToken)
             if !report.skipped_locked
                 && let Err(e) = s
                     .committer
-                    .apply(vec![control::remember_sweep(&report)])
+                    .apply(vec![crate::sweep::report::remember(&report)])
                     .await
             {
                 tracing::warn!(error = %crate::Chain(&e), "Cannot remember the sweep report.");

@@ -21,9 +21,11 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use crate::layout::MediaPath;
 
 mod commit;
+mod handle;
 mod record;
 
 pub use self::commit::{Committer, Pending};
+pub use self::handle::StateHandle;
 pub use self::record::{Problem, ProblemKind, Record};
 
 /// Relative media path → encoded [`Record`].

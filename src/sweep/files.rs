@@ -4,9 +4,9 @@ use std::path::Path;
 
 use super::Report;
 use super::Sweeper;
-use super::db::AgedMedia;
 use crate::layout::MediaPath;
 use crate::state::Record;
+use crate::synapse_db::AgedMedia;
 use crate::upload::digest::{self, ReadOutcome, Snapshot, Stat};
 
 /// Errors kept in a report, at most.

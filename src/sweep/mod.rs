@@ -19,27 +19,28 @@
 //! - Paths come from validated database ids through [`MediaPath`]; nothing outside the store is
 //!   touched, symlinks are never followed, and only the AB/CD levels below a top-level folder
 //!   (never the folder itself, nor a remote origin's folder) are removed when they become empty.
-//! - One sweep at a time across instances: PostgreSQL advisory lock [`db::SWEEP_LOCK_KEY`], held
-//!   on a connection that never returns to the pool ([`db::SweepLock`]) and confirmed every
-//!   second; a sweep that cannot confirm it (PostgreSQL restarted) deletes nothing more and stops.
+//! - One sweep at a time across instances: PostgreSQL advisory lock
+//!   [`crate::synapse_db::SWEEP_LOCK_KEY`], held on a connection that never returns to the pool
+//!   ([`SweepLock`]) and confirmed every second; a sweep that cannot confirm it (PostgreSQL
+//!   restarted) deletes nothing more and stops.
 
-pub mod db;
 mod files;
-mod tls;
+pub mod provider;
+pub mod report;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use self::db::{AgedMedia, Db, DbError};
 use self::files::Verdict;
+pub use self::report::Report;
 use crate::config::Config;
 use crate::queue::Queue;
-use crate::state::{Committer, State, now_ms};
+use crate::state::{Committer, State, StateHandle, now_ms};
+use crate::synapse_db::{AgedMedia, Db, DbError, SweepLock};
 use crate::upload::s3::ObjectStore;
 
 const PAGE: i64 = 1000;
@@ -49,7 +50,7 @@ const LOCK_CHECK_EVERY: Duration = Duration::from_secs(1);
 /// Checks the lock every [`LOCK_CHECK_EVERY`] until `done`; once it cannot be confirmed, cancels
 /// `stop` and returns why.
 async fn watch_lock(
-    lock: &db::SweepLock,
+    lock: &SweepLock,
     stop: &CancellationToken,
     done: &CancellationToken,
 ) -> Option<String> {
@@ -107,98 +108,6 @@ pub enum SweepError {
     State(#[from] crate::state::StateError),
 }
 
-/// What a sweep did (or, with `dry_run`, would do).
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-pub struct Report {
-    pub dry_run: bool,
-    /// Another instance held the lock: nothing was done.
-    pub skipped_locked: bool,
-    /// Aged media that still had local files.
-    pub media_examined: u64,
-    /// Aged media with no local file left (swept before): nothing to do.
-    #[serde(default)]
-    pub media_without_local_files: u64,
-    pub files_deleted: u64,
-    pub bytes_freed: u64,
-    /// Kept because no object is at their key (queued for upload).
-    pub kept_not_in_bucket: u64,
-    /// Kept because the object differs in size or digest (queued for upload).
-    pub kept_different: u64,
-    /// Kept because confirming them failed (S3 error, timeout, permission).
-    pub kept_error: u64,
-    /// Files of aged media changed during the sweep (kept).
-    pub kept_changed: u64,
-    /// Kept because the local file does not match Synapse's sha256 (a bad local copy, queued for
-    /// healing from the bucket).
-    #[serde(default)]
-    pub kept_bad_copy: u64,
-    /// Relative paths deleted (or that would be, with `dry_run`). Not kept with the last sweep's
-    /// report (so not in `status --json`): the counts are.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub deleted: Vec<String>,
-    /// First errors, for the report.
-    pub errors: Vec<String>,
-    /// Set when the sweep stopped before the end (database error, shutdown).
-    pub stopped: Option<String>,
-    /// `sweep.max_deletions_per_run` was reached; the next sweep goes on.
-    pub limit_reached: bool,
-    pub started_at_ms: u64,
-    pub seconds: f64,
-}
-
-impl std::fmt::Display for Report {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.skipped_locked {
-            return write!(
-                f,
-                "another sweep is running (PostgreSQL advisory lock held); skipped"
-            );
-        }
-        let verb = if self.dry_run {
-            "would delete"
-        } else {
-            "deleted"
-        };
-        write!(
-            f,
-            "{} aged media with local files examined",
-            self.media_examined
-        )?;
-        if self.media_without_local_files > 0 {
-            write!(
-                f,
-                " ({} more have no local file left)",
-                self.media_without_local_files
-            )?;
-        }
-        write!(
-            f,
-            ", {verb} {} files ({:.1} MB); kept: {} not in bucket, {} different, {} errors, {} changed; {:.1}s",
-            self.files_deleted,
-            self.bytes_freed as f64 / 1e6,
-            self.kept_not_in_bucket,
-            self.kept_different,
-            self.kept_error,
-            self.kept_changed,
-            self.seconds
-        )?;
-        if self.kept_bad_copy > 0 {
-            write!(
-                f,
-                "; {} bad local copies (not matching Synapse's sha256) kept and queued for healing",
-                self.kept_bad_copy
-            )?;
-        }
-        if let Some(s) = &self.stopped {
-            write!(f, "; stopped early: {s}")?;
-        }
-        if self.limit_reached {
-            write!(f, "; sweep.max_deletions_per_run reached")?;
-        }
-        Ok(())
-    }
-}
-
 /// What a sweep needs.
 pub struct Sweeper {
     pub config: Config,
@@ -207,21 +116,6 @@ pub struct Sweeper {
     pub state: State,
     pub committer: Committer,
     pub queue: Arc<Queue>,
-}
-
-/// Refuses to delete anything unless Synapse can read media back from our bucket.
-pub fn check_provider(config: &Config) -> Result<(), SweepError> {
-    match &config.synapse_config {
-        Some(path) => {
-            let hs = crate::synapse::read_all(path, config.synapse_config_dir.as_deref())
-                .map_err(|e| SweepError::Unsafe(crate::Chain(&e).to_string()))?;
-            crate::synapse::reads_from_our_bucket(&hs, &config.s3).map_err(SweepError::Unsafe)
-        }
-        None if config.sweep.confirm_synapse_reads_from_bucket => Ok(()),
-        None => Err(SweepError::Unsafe(
-            "deleting local copies makes media unavailable unless Synapse reads them back from the bucket; set synapse_config (checked automatically) or sweep.confirm_synapse_reads_from_bucket: true once s3_storage_provider is configured with the same bucket and prefix".into(),
-        )),
-    }
 }
 
 /// `sweep` without a running daemon: opens the state itself, sweeps once, remembers the report.
@@ -239,29 +133,26 @@ pub async fn run_standalone(
             SweepError::NoDatabase
         })?;
     if !dry_run {
-        check_provider(config)?;
+        provider::check_provider(config)?;
     }
-    let state = State::open(&config.state_dir)?;
-    let (committer, commit_thread) = Committer::start(state.clone());
-    let queue = Arc::new(Queue::open(&state, committer.clone(), &config.upload)?);
+    let h = StateHandle::open(&config.state_dir)?;
+    let queue = Arc::new(Queue::open(&h.state, h.committer.clone(), &config.upload)?);
     let sweeper = Sweeper {
         config: config.clone(),
         db: Arc::new(Db::new(db_config)?),
         store: Arc::new(ObjectStore::new(&config.s3, config.upload.multipart_part_size).await),
-        state,
-        committer: committer.clone(),
+        state: h.state.clone(),
+        committer: h.committer.clone(),
         queue,
     };
     let report = sweeper.run(dry_run, cancel).await;
     if let Ok(r) = &report
         && !r.skipped_locked
     {
-        committer
-            .apply(vec![crate::control::remember_sweep(r)])
-            .await?;
+        h.committer.apply(vec![report::remember(r)]).await?;
     }
-    drop((sweeper, committer));
-    let _ = tokio::task::spawn_blocking(move || commit_thread.join()).await;
+    drop(sweeper);
+    h.close().await;
     report
 }
 
@@ -273,7 +164,7 @@ impl Sweeper {
         cancel: &CancellationToken,
     ) -> Result<Report, SweepError> {
         if !dry_run {
-            check_provider(&self.config)?;
+            provider::check_provider(&self.config)?;
         }
         let started = Instant::now();
         let mut report = Report {

@@ -50,7 +50,7 @@ use self::verdict::{Decision, Expect, Local};
 use crate::layout::MediaPath;
 use crate::metrics as m;
 use crate::state::{Problem, ProblemKind, Record, State, StateError, now_ms};
-use crate::sweep::db::{Db, DbError};
+use crate::synapse_db::{Db, DbError};
 
 /// How many times a file that keeps changing under us is re-read before giving up for now.
 const MAX_ROUNDS: usize = 3;

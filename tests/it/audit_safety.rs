@@ -203,7 +203,7 @@ async fn the_walk_does_not_follow_a_symlinked_top_level_folder() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_database_snapshot_is_renewed_and_yields_every_row_once() {
     use synapse_s3_offload::audit::sources::DbStream;
-    use synapse_s3_offload::sweep::db::Db;
+    use synapse_s3_offload::synapse_db::Db;
     let env = s3_env();
     let store = Store::new();
     let db = TestDb::create().await;

@@ -305,7 +305,7 @@ async fn a_second_instance_skips_while_the_lock_is_held() {
     let f = fixture(&env, &env.endpoint).await;
     let config = sweep_config(&env, &env.endpoint, &f, |_| {});
     // Another instance (here: a session of ours) holds the sweep lock.
-    let key = synapse_s3_offload::sweep::db::SWEEP_LOCK_KEY;
+    let key = synapse_s3_offload::synapse_db::SWEEP_LOCK_KEY;
     f.db.client
         .execute("SELECT pg_advisory_lock($1)", &[&key])
         .await
@@ -456,7 +456,7 @@ async fn database_lost_mid_sweep_stops_cleanly_and_the_next_sweep_completes() {
 /// Whether a session of the test's own can take the sweep lock in the fixture's database (advisory
 /// locks are per database), releasing it again at once.
 async fn lock_is_free(db: &TestDb) -> bool {
-    let key = synapse_s3_offload::sweep::db::SWEEP_LOCK_KEY;
+    let key = synapse_s3_offload::synapse_db::SWEEP_LOCK_KEY;
     let got: bool = db
         .client
         .query_one("SELECT pg_try_advisory_lock($1)", &[&key])
@@ -478,7 +478,7 @@ async fn lock_is_free(db: &TestDb) -> bool {
 /// re-entering sweep left it held after unlocking.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lock_whose_reply_times_out_is_not_left_held() {
-    use synapse_s3_offload::sweep::db::Db;
+    use synapse_s3_offload::synapse_db::Db;
     let env = s3_env();
     let store = Store::new();
     let db = TestDb::create().await;

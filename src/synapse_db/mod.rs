@@ -1,5 +1,7 @@
-//! Synapse's PostgreSQL, read-only: which media are aged out, and the lock that keeps sweeps of
-//! every instance sharing the database from running at once.
+//! Synapse's database, read-only, for every user of it (the sweep, `audit`, `check`, and the
+//! uploads' arbiter of which bytes are right): which media are aged out or exist, their sha256, and
+//! the lock that keeps sweeps of every instance sharing the database from running at once.
+//! PostgreSQL today; SQLite is to live here too.
 //!
 //! Rows are read page by page with keyset pagination (`… > last key ORDER BY key LIMIT n`): memory
 //! stays bounded at any table size, and no long transaction holds back Synapse's vacuum. Every
@@ -12,6 +14,8 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 
 use crate::config::{DatabaseConfig, SslMode};
 use crate::layout::MediaRef;
+
+mod tls;
 
 /// The advisory lock key of the sweep (`pg_try_advisory_lock(7_135_921_405_338_915_661)`): the
 /// bytes of "cS3offld" read as a big-endian i64. Fixed forever: instances of different versions
@@ -171,8 +175,8 @@ impl Db {
                     SslMode::Prefer => tokio_postgres::config::SslMode::Prefer,
                     _ => tokio_postgres::config::SslMode::Require,
                 });
-                let tls = super::tls::client_config(mode, cfg.sslrootcert.as_deref())
-                    .map_err(DbError::Tls)?;
+                let tls =
+                    tls::client_config(mode, cfg.sslrootcert.as_deref()).map_err(DbError::Tls)?;
                 Manager::from_config(
                     pg,
                     tokio_postgres_rustls::MakeRustlsConnect::new(tls),

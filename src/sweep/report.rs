@@ -1,0 +1,132 @@
+//! What a sweep did, and the last one remembered in the state's text table for `status`: the sweep
+//! owns its report; `control` only serves it.
+
+use serde::{Deserialize, Serialize};
+
+use crate::state::{Op, State, StateError};
+
+/// Key of the last sweep's report (JSON, without its file list) in the state database.
+pub const LAST_SWEEP: &str = "last_sweep";
+/// The same for the last dry run: it deleted nothing, so it must not pass for the last sweep.
+pub const LAST_DRY_RUN: &str = "last_dry_run";
+
+/// The op that remembers `report` as the last sweep (or the last dry run).
+pub fn remember(report: &Report) -> Op {
+    let mut r = report.clone();
+    r.deleted.clear();
+    Op::SetText(
+        if r.dry_run { LAST_DRY_RUN } else { LAST_SWEEP },
+        serde_json::to_string(&r).expect("reports serialize"),
+    )
+}
+
+/// The last sweep and the last dry run remembered in a state (`None`: never, or unreadable).
+#[derive(Debug, Default)]
+pub struct Last {
+    pub sweep: Option<Box<Report>>,
+    pub dry_run: Option<Box<Report>>,
+}
+
+impl Last {
+    pub fn load(state: &State) -> Result<Last, StateError> {
+        let load = |key| -> Result<Option<Box<Report>>, StateError> {
+            Ok(state.text(key)?.and_then(|t| serde_json::from_str(&t).ok()))
+        };
+        Ok(Last {
+            sweep: load(LAST_SWEEP)?,
+            dry_run: load(LAST_DRY_RUN)?,
+        })
+    }
+}
+
+/// What a sweep did (or, with `dry_run`, would do).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Report {
+    pub dry_run: bool,
+    /// Another instance held the lock: nothing was done.
+    pub skipped_locked: bool,
+    /// Aged media that still had local files.
+    pub media_examined: u64,
+    /// Aged media with no local file left (swept before): nothing to do.
+    #[serde(default)]
+    pub media_without_local_files: u64,
+    pub files_deleted: u64,
+    pub bytes_freed: u64,
+    /// Kept because no object is at their key (queued for upload).
+    pub kept_not_in_bucket: u64,
+    /// Kept because the object differs in size or digest (queued for upload).
+    pub kept_different: u64,
+    /// Kept because confirming them failed (S3 error, timeout, permission).
+    pub kept_error: u64,
+    /// Files of aged media changed during the sweep (kept).
+    pub kept_changed: u64,
+    /// Kept because the local file does not match Synapse's sha256 (a bad local copy, queued for
+    /// healing from the bucket).
+    #[serde(default)]
+    pub kept_bad_copy: u64,
+    /// Relative paths deleted (or that would be, with `dry_run`). Not kept with the last sweep's
+    /// report (so not in `status --json`): the counts are.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deleted: Vec<String>,
+    /// First errors, for the report.
+    pub errors: Vec<String>,
+    /// Set when the sweep stopped before the end (database error, shutdown).
+    pub stopped: Option<String>,
+    /// `sweep.max_deletions_per_run` was reached; the next sweep goes on.
+    pub limit_reached: bool,
+    pub started_at_ms: u64,
+    pub seconds: f64,
+}
+
+impl std::fmt::Display for Report {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.skipped_locked {
+            return write!(
+                f,
+                "another sweep is running (PostgreSQL advisory lock held); skipped"
+            );
+        }
+        let verb = if self.dry_run {
+            "would delete"
+        } else {
+            "deleted"
+        };
+        write!(
+            f,
+            "{} aged media with local files examined",
+            self.media_examined
+        )?;
+        if self.media_without_local_files > 0 {
+            write!(
+                f,
+                " ({} more have no local file left)",
+                self.media_without_local_files
+            )?;
+        }
+        write!(
+            f,
+            ", {verb} {} files ({:.1} MB); kept: {} not in bucket, {} different, {} errors, {} changed; {:.1}s",
+            self.files_deleted,
+            self.bytes_freed as f64 / 1e6,
+            self.kept_not_in_bucket,
+            self.kept_different,
+            self.kept_error,
+            self.kept_changed,
+            self.seconds
+        )?;
+        if self.kept_bad_copy > 0 {
+            write!(
+                f,
+                "; {} bad local copies (not matching Synapse's sha256) kept and queued for healing",
+                self.kept_bad_copy
+            )?;
+        }
+        if let Some(s) = &self.stopped {
+            write!(f, "; stopped early: {s}")?;
+        }
+        if self.limit_reached {
+            write!(f, "; sweep.max_deletions_per_run reached")?;
+        }
+        Ok(())
+    }
+}
