@@ -1,5 +1,10 @@
 //! Shared test support: the real S3 server from the environment (started by scripts/test.sh),
-//! unique buckets, Synapse-like media stores and configs.
+//! unique buckets, Synapse-like media stores and configs, and the daemon under test ([`daemon`]).
+
+mod daemon;
+
+#[allow(unused_imports)]
+pub use daemon::*;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -467,7 +472,7 @@ impl TestDb {
             .unwrap();
         let client = connect(name.clone()).await;
         client
-            .batch_execute(include_str!("../fixtures/synapse_media_schema.sql"))
+            .batch_execute(include_str!("../../fixtures/synapse_media_schema.sql"))
             .await
             .unwrap();
         TestDb {
