@@ -165,14 +165,14 @@ pub async fn run_with(
 
     let unreadable = crate::scan::Unreadable::default();
     let signals = Signals::new();
-    let feed = Intake::new(
-        config.media_store_path.clone(),
-        config.upload.include_url_cache,
-        queue.clone(),
-        state.clone(),
-        signals.clone(),
-        unreadable.clone(),
-    );
+    let feed = Intake {
+        root: config.media_store_path.clone(),
+        include_url_cache: config.upload.include_url_cache,
+        queue: queue.clone(),
+        state: state.clone(),
+        signals: signals.clone(),
+        unreadable: unreadable.clone(),
+    };
     let watcher = Watcher {
         intake: feed.clone(),
         signals: signals.clone(),
@@ -194,7 +194,7 @@ pub async fn run_with(
     );
     let status_line = pool.status_line(state.clone());
     let heartbeat = pool.heartbeat.clone();
-    let services = Arc::new(service::Shared {
+    let services = Arc::new(service::Services {
         config: config.clone(),
         state,
         committer: committer.clone(),

@@ -17,7 +17,7 @@ use crate::sweep::Sweeper;
 use crate::upload::s3::ObjectStore;
 
 /// What the sweeps, the audits and the control socket share.
-pub(super) struct Shared {
+pub(super) struct Services {
     pub(super) config: Config,
     pub(super) state: State,
     pub(super) committer: Committer,
@@ -31,7 +31,7 @@ pub(super) struct Shared {
 }
 
 /// Runs the sweep every `sweep.interval` (first one an interval after startup).
-pub(super) async fn sweeps(s: Arc<Shared>, intake: CancellationToken) {
+pub(super) async fn sweeps(s: Arc<Services>, intake: CancellationToken) {
     if s.sweeper.is_none() || !s.config.sweep.enabled {
         return;
     }
@@ -46,7 +46,7 @@ pub(super) async fn sweeps(s: Arc<Shared>, intake: CancellationToken) {
 }
 
 /// One sweep, serialized with any other in this process; its report is remembered for `status`.
-pub(super) async fn sweep(s: &Shared, dry_run: bool, cancel: &CancellationToken) -> Response {
+pub(super) async fn sweep(s: &Services, dry_run: bool, cancel: &CancellationToken) -> Response {
     let Some(sweeper) = &s.sweeper else {
         return Response::Error(
             "the sweep needs the database: section (Synapse's PostgreSQL)".into(),
@@ -104,7 +104,7 @@ pub(super) async fn sweep(s: &Shared, dry_run: bool, cancel: &CancellationToken)
 
 /// One audit, run by the daemon (which owns the state database); serialized with the sweeps.
 async fn audit(
-    s: &Shared,
+    s: &Services,
     options: &crate::audit::Options,
     cancel: &CancellationToken,
 ) -> Response {
@@ -142,7 +142,7 @@ async fn audit(
 }
 
 /// Answers `status`, `sweep` and `audit` on the control socket until shutdown.
-pub(super) async fn control(s: Arc<Shared>, listener: UnixListener, intake: CancellationToken) {
+pub(super) async fn control(s: Arc<Services>, listener: UnixListener, intake: CancellationToken) {
     let mut conns = JoinSet::new();
     loop {
         let stream = tokio::select! {

@@ -23,41 +23,18 @@ pub type Unreadable = Arc<Mutex<Vec<String>>>;
 
 #[derive(Clone)]
 pub struct Intake {
-    root: PathBuf,
-    include_url_cache: bool,
-    queue: Arc<Queue>,
-    state: State,
-    signals: Signals,
-    unreadable: Unreadable,
+    /// The media store (canonical).
+    pub root: PathBuf,
+    pub include_url_cache: bool,
+    pub queue: Arc<Queue>,
+    /// Its upload records decide what a scan may skip.
+    pub state: State,
+    /// A failed enqueue or an unreadable part of the store asks the scan stage for more.
+    pub signals: Signals,
+    pub unreadable: Unreadable,
 }
 
 impl Intake {
-    pub fn new(
-        root: PathBuf,
-        include_url_cache: bool,
-        queue: Arc<Queue>,
-        state: State,
-        signals: Signals,
-        unreadable: Unreadable,
-    ) -> Intake {
-        Intake {
-            root,
-            include_url_cache,
-            queue,
-            state,
-            signals,
-            unreadable,
-        }
-    }
-
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
-
-    pub fn include_url_cache(&self) -> bool {
-        self.include_url_cache
-    }
-
     /// The media path of an event's absolute path, if it is a file to upload.
     pub fn media_path(&self, p: &Path) -> Option<MediaPath> {
         MediaPath::from_absolute(&self.root, p)

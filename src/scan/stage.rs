@@ -169,7 +169,7 @@ impl Scanner {
         let walker = tokio::task::spawn_blocking(move || {
             let mut chunk = Vec::new();
             let mut files = 0u64;
-            super::walk(intake.root(), intake.include_url_cache(), |item| {
+            super::walk(&intake.root, intake.include_url_cache, |item| {
                 files += matches!(item, Item::File(_)) as u64;
                 if let Some(x) = intake.to_enqueue(item) {
                     chunk.push(x);
@@ -205,5 +205,39 @@ impl Scanner {
         if settled && !cancel.is_cancelled() {
             self.ready.set(watched);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn ready_resolves_once_with_the_first_startup_and_keeps_it() {
+        let ready = Ready::new();
+        assert_eq!(ready.get(), None);
+        let waiter = tokio::spawn({
+            let ready = ready.clone();
+            async move { ready.wait().await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished(), "not before the startup is over");
+        ready.set(false);
+        // A later scan (the watch was set up after all) does not change the startup's answer.
+        ready.set(true);
+        assert!(!waiter.await.unwrap());
+        assert_eq!(ready.get(), Some(false));
+        assert!(!ready.wait().await, "resolves at once afterwards");
+    }
+
+    #[test]
+    fn degraded_mode_is_entered_once_and_the_watch_asks_for_a_scan() {
+        let s = Signals::new();
+        assert!(s.rescan.swap(false, Ordering::SeqCst), "the startup scan");
+        assert!(s.degrade());
+        assert!(!s.degrade(), "said once");
+        s.watching();
+        assert!(s.watching.load(Ordering::SeqCst) && s.settled.load(Ordering::SeqCst));
+        assert!(s.rescan.load(Ordering::SeqCst), "a scan under the watch");
     }
 }

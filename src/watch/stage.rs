@@ -36,7 +36,7 @@ impl Watcher {
         // and handle events while it runs (the channel would overflow otherwise). The live watch
         // is this task's output: it lives in the join handle until awaited below.
         let setup = {
-            let root = self.intake.root().to_owned();
+            let root = self.intake.root.clone();
             let signals = self.signals.clone();
             tokio::task::spawn_blocking(move || {
                 let overflowed = signals.clone();

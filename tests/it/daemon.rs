@@ -17,15 +17,6 @@ pub(crate) fn fast(raw: &mut RawConfig) {
     raw.upload.max_backoff = Some("2s".into());
 }
 
-/// A random Synapse-like relative path (2/2/rest split); `fresh` dirs are mostly brand-new.
-fn media_name(rng: &mut impl Rng) -> String {
-    const A: &[u8] = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ";
-    let id: String = (0..24)
-        .map(|_| A[rng.random_range(0..A.len())] as char)
-        .collect();
-    format!("local_content/{}/{}/{}", &id[..2], &id[2..4], &id[4..])
-}
-
 /// Writes `n` files Synapse-style (makedirs, open/write/close) as fast as possible.
 fn write_burst(store: &Store, n: usize, seed: u64) -> Vec<(String, Vec<u8>)> {
     write_burst_at(&store.root, n, seed)

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use synapse_s3_offload::config::{Config, RawConfig};
 
 use crate::faults_proxy::FaultProxy;
@@ -64,15 +64,6 @@ impl Rig {
             assert!(&on_disk == data, "{rel} changed on disk");
         }
     }
-}
-
-/// A Synapse-like relative path for a new local media.
-pub fn media_name(rng: &mut impl Rng) -> String {
-    const A: &[u8] = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ";
-    let id: String = (0..24)
-        .map(|_| A[rng.random_range(0..A.len())] as char)
-        .collect();
-    format!("local_content/{}/{}/{}", &id[..2], &id[2..4], &id[4..])
 }
 
 /// Writes `n` small files into `root`, one every `every` (a writer thread, like Synapse's media

@@ -233,6 +233,16 @@ pub fn validated(raw: RawConfig) -> Config {
     config::validate(raw).expect("valid test config")
 }
 
+/// A random Synapse-like relative path for a new local media (media id split 2/2/rest).
+#[allow(dead_code)]
+pub fn media_name(rng: &mut impl Rng) -> String {
+    const A: &[u8] = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ";
+    let id: String = (0..24)
+        .map(|_| A[rng.random_range(0..A.len())] as char)
+        .collect();
+    format!("local_content/{}/{}/{}", &id[..2], &id[2..4], &id[4..])
+}
+
 /// Writes `raw`-equivalent YAML for CLI tests.
 pub fn write_yaml(path: &Path, yaml: &str) {
     std::fs::write(path, yaml).unwrap();
