@@ -105,7 +105,9 @@ impl Pool {
             }
         }
         // Shutdown: let uploads in flight finish within the grace period; the rest stays queued.
-        // An aborted upload has committed nothing: its item is still in the durable queue.
+        // Aborting one is safe at any await: its record is committed with its queue change in
+        // one transaction or not at all, so its item is at worst still queued (looked at again at
+        // the next start: a duplicate upload at most, never a lost one).
         let grace = tokio::time::sleep(s.shutdown_grace);
         tokio::pin!(grace);
         while !running.is_empty() {
