@@ -1,16 +1,37 @@
-//! The daemon's periodic sweep and its control socket (`sweep` and `status` from the CLI).
+//! The daemon's periodic sweep and its control socket (`sweep` and `status` from the CLI), the
+//! systemd notifications and the metrics endpoint: the services beside the stages.
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 
 use tokio::net::UnixListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use super::Shared;
+use crate::config::Config;
 use crate::control::{self, Request, Response};
+use crate::queue::Queue;
+use crate::scan::Unreadable;
+use crate::state::{Committer, State};
+use crate::sweep::Sweeper;
+use crate::upload::s3::ObjectStore;
+
+/// What the sweeps, the audits and the control socket share.
+pub(super) struct Services {
+    pub(super) config: Config,
+    pub(super) state: State,
+    pub(super) committer: Committer,
+    pub(super) queue: Arc<Queue>,
+    /// Present when the database is configured.
+    pub(super) sweeper: Option<Arc<Sweeper>>,
+    /// One sweep at a time in this process (the advisory lock covers other instances).
+    pub(super) sweeping: tokio::sync::Mutex<()>,
+    /// Filled by the scans, shown by `status`.
+    pub(super) unreadable: Unreadable,
+}
 
 /// Runs the sweep every `sweep.interval` (first one an interval after startup).
-pub(super) async fn sweeps(s: Arc<Shared>, intake: CancellationToken) {
+pub(super) async fn sweeps(s: Arc<Services>, intake: CancellationToken) {
     if s.sweeper.is_none() || !s.config.sweep.enabled {
         return;
     }
@@ -25,7 +46,7 @@ pub(super) async fn sweeps(s: Arc<Shared>, intake: CancellationToken) {
 }
 
 /// One sweep, serialized with any other in this process; its report is remembered for `status`.
-pub(super) async fn sweep(s: &Shared, dry_run: bool, cancel: &CancellationToken) -> Response {
+pub(super) async fn sweep(s: &Services, dry_run: bool, cancel: &CancellationToken) -> Response {
     let Some(sweeper) = &s.sweeper else {
         return Response::Error(
             "the sweep needs the database: section (Synapse's PostgreSQL)".into(),
@@ -83,7 +104,7 @@ pub(super) async fn sweep(s: &Shared, dry_run: bool, cancel: &CancellationToken)
 
 /// One audit, run by the daemon (which owns the state database); serialized with the sweeps.
 async fn audit(
-    s: &Shared,
+    s: &Services,
     options: &crate::audit::Options,
     cancel: &CancellationToken,
 ) -> Response {
@@ -121,7 +142,7 @@ async fn audit(
 }
 
 /// Answers `status`, `sweep` and `audit` on the control socket until shutdown.
-pub(super) async fn control(s: Arc<Shared>, listener: UnixListener, intake: CancellationToken) {
+pub(super) async fn control(s: Arc<Services>, listener: UnixListener, intake: CancellationToken) {
     let mut conns = JoinSet::new();
     loop {
         let stream = tokio::select! {
@@ -162,7 +183,11 @@ pub(super) async fn control(s: Arc<Shared>, listener: UnixListener, intake: Canc
 /// systemd integration (a no-op without `NOTIFY_SOCKET`): READY=1 once started, then every half
 /// watchdog interval WATCHDOG=1 — only while the dispatcher loop is alive — and STATUS= with the
 /// queue depth.
-pub(super) async fn systemd(s: Arc<Shared>, intake: CancellationToken) {
+pub(super) async fn systemd(
+    queue: Arc<Queue>,
+    heartbeat: Arc<AtomicU64>,
+    intake: CancellationToken,
+) {
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     let watchdog = sd_notify::watchdog_enabled();
     let every = watchdog.map_or(std::time::Duration::from_secs(10), |w| w / 2);
@@ -174,14 +199,14 @@ pub(super) async fn systemd(s: Arc<Shared>, intake: CancellationToken) {
             }
             _ = tokio::time::sleep(every) => {}
         }
-        let d = s.queue.depth();
+        let d = queue.depth();
         let status = format!(
             "queued {}, in flight {}, failed {}",
             d.queued, d.in_flight, d.failed
         );
         let mut states = vec![sd_notify::NotifyState::Status(&status)];
         // The dispatcher wakes at least once a second; a stale heartbeat means it is stuck.
-        let beat = s.heartbeat.load(std::sync::atomic::Ordering::Relaxed);
+        let beat = heartbeat.load(std::sync::atomic::Ordering::Relaxed);
         if watchdog.is_some() && crate::state::now_ms().saturating_sub(beat) < 30_000 {
             states.push(sd_notify::NotifyState::Watchdog);
         }
@@ -191,44 +216,42 @@ pub(super) async fn systemd(s: Arc<Shared>, intake: CancellationToken) {
 
 /// `/metrics` and `/health`, plus an S3 probe so `/health` notices an outage while idle.
 pub(super) async fn metrics(
-    s: Arc<Shared>,
+    max_backoff: std::time::Duration,
+    probe_every: std::time::Duration,
+    queue: Arc<Queue>,
+    store: Arc<ObjectStore>,
+    health: Arc<crate::metrics::Health>,
     listener: tokio::net::TcpListener,
     intake: CancellationToken,
 ) {
     use crate::metrics as m;
     let handle = m::install();
-    let q = s.clone();
     let refresh: Arc<dyn Fn() -> usize + Send + Sync> = Arc::new(move || {
-        let d = q.queue.depth();
+        let d = queue.depth();
         metrics::gauge!(m::QUEUE_DEPTH).set(d.queued as f64);
         metrics::gauge!(m::QUEUE_IN_FLIGHT).set(d.in_flight as f64);
         metrics::gauge!(m::QUEUE_FAILED).set(d.failed as f64);
         d.queued
     });
     // Unhealthy when work waits and nothing succeeded for this long.
-    let stale = s
-        .config
-        .upload
-        .max_backoff
-        .max(std::time::Duration::from_secs(60))
-        * 2;
+    let stale = max_backoff.max(std::time::Duration::from_secs(60)) * 2;
     let server = tokio::spawn(m::serve(
         listener,
         handle,
-        s.health.clone(),
+        health.clone(),
         stale,
         refresh,
         intake.clone(),
     ));
-    let every = s.config.metrics.s3_probe_interval;
+    let every = probe_every;
     loop {
         tokio::select! {
             _ = intake.cancelled() => break,
             _ = tokio::time::sleep(every) => {}
         }
-        match s.uploader.store().check_bucket().await {
-            Ok(()) => s.health.s3_ok(),
-            Err(e) => s.health.s3_failed(&crate::Chain(&e).to_string()),
+        match store.check_bucket().await {
+            Ok(()) => health.s3_ok(),
+            Err(e) => health.s3_failed(&crate::Chain(&e).to_string()),
         }
     }
     let _ = server.await;

@@ -7,7 +7,6 @@ use synapse_s3_offload::audit::{self, Options, Report};
 use synapse_s3_offload::backfill::{self, Progress};
 use synapse_s3_offload::config::{Config, RawConfig};
 use synapse_s3_offload::control::{self, Request, Response};
-use synapse_s3_offload::daemon;
 use tokio_util::sync::CancellationToken;
 
 use crate::support::*;
@@ -382,33 +381,26 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<Report>>,
 {
-    let end = std::time::Instant::now() + deadline;
-    loop {
-        let r = f().await;
-        if let Some(r) = r {
-            if ok(&r) {
-                return r;
-            }
-            assert!(
-                std::time::Instant::now() < end,
-                "gave up waiting; last report:\n{r}"
-            );
-        } else {
-            assert!(
-                std::time::Instant::now() < end,
-                "gave up waiting: no report"
-            );
+    let last = std::sync::Mutex::new(None);
+    eventually("a report", deadline, || {
+        let (next, last, ok) = (f(), &last, &ok);
+        async move {
+            let r = next.await.ok_or_else(|| "no report".to_string())?;
+            let good = ok(&r);
+            let text = format!("last report:\n{r}");
+            *last.lock().unwrap() = Some(r);
+            if good { Ok(()) } else { Err(text) }
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    })
+    .await;
+    last.into_inner().unwrap().expect("a good report")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn audit_through_the_daemon_and_fix_uploads_at_once() {
     let env = s3_env();
     let f = fixture(&env).await;
-    let token = CancellationToken::new();
-    let d = tokio::spawn(daemon::run(f.config.clone(), token.clone()));
+    let d = Daemon::start(f.config.clone());
     let ask = |o: Options| {
         let dir = f.config.state_dir.clone();
         async move {
@@ -444,8 +436,7 @@ async fn audit_through_the_daemon_and_fix_uploads_at_once() {
         |r| r.not_uploaded.count + r.mismatched.count == 0,
     )
     .await;
-    token.cancel();
-    d.await.unwrap().unwrap();
+    d.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,7 +1,7 @@
 //! `sweep` and `status` from the command line, with and without a running daemon: same output,
 //! and a stale control socket left by a crash does not get in the way.
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use crate::support::*;
@@ -70,16 +70,8 @@ async fn sweep_and_status_work_with_and_without_a_daemon() {
     assert_eq!(would.len(), f.deleted.len(), "{standalone}");
 
     // With a daemon: the same commands go through its control socket.
-    let log = std::fs::File::create(f.store.dir.path().join("daemon.log")).unwrap();
-    let mut daemon = Command::new(env!("CARGO_BIN_EXE_synapse-s3-offload"))
-        .arg("--config")
-        .arg(&cfg)
-        .arg("run")
-        .env("AWS_EC2_METADATA_DISABLED", "true")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
+    let log = f.store.dir.path().join("daemon.log");
+    let mut daemon = ChildDaemon::spawn(&cfg, &log, &[]);
     let sock = f.store.state.join("control.sock");
     wait_until("the control socket", Duration::from_secs(20), || {
         sock.exists()
@@ -117,8 +109,7 @@ async fn sweep_and_status_work_with_and_without_a_daemon() {
     assert_eq!(st["last_sweep"]["files_deleted"], 6, "{out}");
 
     // A crash leaves the socket behind: the commands still work, and a new daemon replaces it.
-    daemon.kill().unwrap();
-    daemon.wait().unwrap();
+    daemon.kill9();
     assert!(sock.exists(), "a stale socket is left by kill -9");
     let (code, out, err) = tokio::task::block_in_place(|| cli(&cfg, &["status"]));
     assert_eq!(code, 0, "{err}");
@@ -127,31 +118,16 @@ async fn sweep_and_status_work_with_and_without_a_daemon() {
         out.contains("last sweep:") && !out.contains("never"),
         "the last sweep is remembered: {out}"
     );
-    let mut daemon = Command::new(env!("CARGO_BIN_EXE_synapse-s3-offload"))
-        .arg("--config")
-        .arg(&cfg)
-        .arg("run")
-        .env("AWS_EC2_METADATA_DISABLED", "true")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut up = false;
-    for _ in 0..100 {
-        let (_, out, _) = tokio::task::block_in_place(|| cli(&cfg, &["status"]));
-        if out.contains("daemon:       running") {
-            up = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(up, "the new daemon took over the stale socket");
-    unsafe { libc_kill(daemon.id() as i32, 15) };
-    assert!(daemon.wait().unwrap().success());
+    let mut daemon = ChildDaemon::spawn(&cfg, &log, &[]);
+    wait_until(
+        "the new daemon took over the stale socket",
+        Duration::from_secs(20),
+        || {
+            let (_, out, _) = tokio::task::block_in_place(|| cli(&cfg, &["status"]));
+            out.contains("daemon:       running")
+        },
+    )
+    .await;
+    assert!(daemon.terminate().success());
     assert!(!sock.exists(), "a clean shutdown removes the socket");
-}
-
-unsafe extern "C" {
-    #[link_name = "kill"]
-    fn libc_kill(pid: i32, sig: i32) -> i32;
 }

@@ -1,11 +1,10 @@
 //! The daemon (`run`): every closed file reaches the bucket, across kill -9, S3 outages, lost
 //! inotify events and the watch limit; clean shutdown.
 
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use rand::Rng;
-use synapse_s3_offload::config::{Config, RawConfig};
+use synapse_s3_offload::config::RawConfig;
 use synapse_s3_offload::daemon::{self, Options};
 use synapse_s3_offload::state::State;
 use tokio_util::sync::CancellationToken;
@@ -13,42 +12,9 @@ use tokio_util::sync::CancellationToken;
 use crate::proxy::Proxy;
 use crate::support::*;
 
-pub(crate) struct Daemon {
-    token: CancellationToken,
-    handle: tokio::task::JoinHandle<Result<(), daemon::DaemonError>>,
-}
-
-impl Daemon {
-    pub(crate) fn start(config: Config, opts: Options) -> Daemon {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::new(
-                "info,synapse_s3_offload=debug",
-            ))
-            .with_test_writer()
-            .try_init();
-        let token = CancellationToken::new();
-        let handle = tokio::spawn(daemon::run_with(config, token.clone(), opts));
-        Daemon { token, handle }
-    }
-
-    pub(crate) async fn stop(self) {
-        self.token.cancel();
-        self.handle.await.unwrap().expect("daemon ran cleanly");
-    }
-}
-
 pub(crate) fn fast(raw: &mut RawConfig) {
     raw.upload.settle = Some("300ms".into());
     raw.upload.max_backoff = Some("2s".into());
-}
-
-/// A random Synapse-like relative path (2/2/rest split); `fresh` dirs are mostly brand-new.
-fn media_name(rng: &mut impl Rng) -> String {
-    const A: &[u8] = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ";
-    let id: String = (0..24)
-        .map(|_| A[rng.random_range(0..A.len())] as char)
-        .collect();
-    format!("local_content/{}/{}/{}", &id[..2], &id[2..4], &id[4..])
 }
 
 /// Writes `n` files Synapse-style (makedirs, open/write/close) as fast as possible.
@@ -77,7 +43,7 @@ async fn five_hundred_files_written_at_full_speed_all_arrive() {
     let store = Store::new();
     let mut raw = raw_config(&env, &env.endpoint, &bucket, &store);
     fast(&mut raw);
-    let d = Daemon::start(validated(raw), Options::default());
+    let d = Daemon::start(validated(raw));
     let s = &store;
     let mut files = tokio::task::block_in_place(|| write_burst(s, 450, 1));
     // Thumbnails written into the media's new thumbnail directory right after, like Synapse.
@@ -110,8 +76,14 @@ async fn lost_events_are_recovered_by_a_rescan() {
         std::fs::create_dir_all(store.root.join(format!("local_content/ov/{d:02}"))).unwrap();
     }
     // A two-slot channel between notify and the daemon: most events of a burst are dropped.
-    let d = Daemon::start(validated(raw), Options { event_buffer: 2 });
-    tokio::time::sleep(Duration::from_millis(500)).await; // let the watch be set up
+    let mut d = Daemon::start_with(
+        validated(raw),
+        Options {
+            event_buffer: 2,
+            ..Options::default()
+        },
+    );
+    d.ready().await;
     let files: Vec<_> = (0..300)
         .map(|i| {
             let rel = format!("local_content/ov/{:02}/file{i}", i % 30);
@@ -137,7 +109,7 @@ async fn an_s3_outage_loses_nothing() {
     let mut raw = raw_config(&env, &s3.endpoint(), &bucket, &store);
     fast(&mut raw);
     raw.s3.connect_timeout = Some("1s".into());
-    let d = Daemon::start(validated(raw), Options::default());
+    let d = Daemon::start(validated(raw));
     let mut files = tokio::task::block_in_place(|| write_burst(&store, 20, 3));
     eventually("the first files", Duration::from_secs(30), || {
         listed(&penv, &bucket, &files)
@@ -181,8 +153,8 @@ async fn slow_deleted_and_rewritten_files() {
     raw.upload.settle = Some("2s".into());
     let config = validated(raw);
     let state_dir = config.state_dir.clone();
-    let d = Daemon::start(config, Options::default());
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut d = Daemon::start(config);
+    d.ready().await;
 
     // Written slowly over 5 s into a brand-new directory: uploaded once, with its final content.
     let slow = "local_content/sl/ow/slowlywrittenfile";
@@ -257,29 +229,6 @@ fn config_yaml(
     path
 }
 
-fn spawn_daemon(config: &std::path::Path, log: &std::path::Path, wrapper: &[&str]) -> Child {
-    let bin = env!("CARGO_BIN_EXE_synapse-s3-offload");
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .unwrap();
-    let mut cmd = match wrapper.split_first() {
-        Some((first, rest)) => {
-            let mut c = Command::new(first);
-            c.args(rest).arg(bin);
-            c
-        }
-        None => Command::new(bin),
-    };
-    cmd.arg("--config")
-        .arg(config)
-        .arg("run")
-        .env("RUST_LOG", "info")
-        .env("AWS_EC2_METADATA_DISABLED", "true");
-    cmd.stdout(Stdio::null()).stderr(log).spawn().unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_dash_nine_at_random_moments_loses_nothing() {
     let env = s3_env();
@@ -289,18 +238,17 @@ async fn kill_dash_nine_at_random_moments_loses_nothing() {
     let log = store.dir.path().join("daemon.log");
     let mut files = Vec::new();
     for round in 0..5u64 {
-        let mut child = spawn_daemon(&cfg, &log, &[]);
+        let mut child = ChildDaemon::spawn(&cfg, &log, &[]);
         let writer = {
             let root = store.root.clone();
             std::thread::spawn(move || write_burst_at(&root, 400, 10 + round))
         };
         let pause = rand::rng().random_range(50..1500);
         tokio::time::sleep(Duration::from_millis(pause)).await;
-        child.kill().unwrap(); // SIGKILL
-        child.wait().unwrap();
+        child.kill9();
         files.extend(writer.join().unwrap());
     }
-    let mut child = spawn_daemon(&cfg, &log, &[]);
+    let mut child = ChildDaemon::spawn(&cfg, &log, &[]);
     let check = eventually(
         "2000 files after 5 kill -9",
         Duration::from_secs(120),
@@ -308,8 +256,7 @@ async fn kill_dash_nine_at_random_moments_loses_nothing() {
     );
     check.await;
     all_uploaded(&env, &bucket, &files).await.unwrap();
-    unsafe { libc_kill(child.id() as i32, 15) };
-    assert!(child.wait().unwrap().success());
+    assert!(child.terminate().success());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -327,15 +274,14 @@ async fn sigterm_with_uploads_in_flight_exits_zero_and_loses_nothing() {
         "shutdown_grace: 5s\n",
     );
     let log = store.dir.path().join("daemon.log");
-    let mut child = spawn_daemon(&cfg, &log, &[]);
+    let mut child = ChildDaemon::spawn(&cfg, &log, &[]);
     let files = tokio::task::block_in_place(|| write_burst(&store, 30, 20));
     wait_until("a PUT in flight", Duration::from_secs(20), || {
         !proxy.object_requests("PUT").is_empty()
     })
     .await;
     let t = Instant::now();
-    unsafe { libc_kill(child.id() as i32, 15) };
-    let status = tokio::task::block_in_place(|| child.wait().unwrap());
+    let status = child.terminate();
     assert!(
         status.success(),
         "{status:?}: {}",
@@ -348,13 +294,12 @@ async fn sigterm_with_uploads_in_flight_exits_zero_and_loses_nothing() {
     );
 
     proxy.set_put_delay(Duration::ZERO);
-    let mut child = spawn_daemon(&cfg, &log, &[]);
+    let mut child = ChildDaemon::spawn(&cfg, &log, &[]);
     eventually("all files after restart", Duration::from_secs(60), || {
         listed(&env, &bucket, &files)
     })
     .await;
-    unsafe { libc_kill(child.id() as i32, 15) };
-    assert!(child.wait().unwrap().success());
+    assert!(child.terminate().success());
 }
 
 /// A new file goes straight to PUT, without a HEAD looking for an object that is not there (one
@@ -393,20 +338,10 @@ async fn new_files_are_looked_up_once_then_put_and_older_ones_found_at_startup_a
     let yaml = std::fs::read_to_string(&cfg).unwrap();
     write_yaml(&cfg, &yaml.replace("settle: 300ms", "settle: 1h"));
     let log = store.dir.path().join("daemon.log");
-    let mut child = spawn_daemon(&cfg, &log, &[]);
+    let mut child = ChildDaemon::spawn(&cfg, &log, &[]);
     // From the end of the first scan made with the watch in place, new files reach the daemon by
     // their events only (the next periodic scan is hours away).
-    wait_until(
-        "the startup scan under the watch",
-        Duration::from_secs(60),
-        || {
-            std::fs::read_to_string(&log)
-                .unwrap_or_default()
-                .lines()
-                .any(|l| l.contains("Scan finished") && l.contains("watched=true"))
-        },
-    )
-    .await;
+    child.ready().await;
     let new = [(
         "local_content/ne/ww/closedfile".to_owned(),
         bytes(22, 40_000),
@@ -420,8 +355,7 @@ async fn new_files_are_looked_up_once_then_put_and_older_ones_found_at_startup_a
     )
     .await;
     all_uploaded(&env, &bucket, &both).await.unwrap();
-    unsafe { libc_kill(child.id() as i32, 15) };
-    assert!(child.wait().unwrap().success());
+    assert!(child.terminate().success());
 
     let on = |method: &str, key: &str| {
         proxy
@@ -462,7 +396,7 @@ async fn the_inotify_watch_limit_degrades_to_scans_and_loses_nothing() {
     let log = store.dir.path().join("daemon.log");
     // A user namespace of its own, where inotify watches are limited to 20 (the limit is per
     // user namespace, so other tests are not affected).
-    let mut child = spawn_daemon(
+    let mut child = ChildDaemon::spawn(
         &cfg,
         &log,
         &[
@@ -482,7 +416,11 @@ async fn the_inotify_watch_limit_degrades_to_scans_and_loses_nothing() {
             )
         })
         .collect();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The startup of degraded mode: the watch limit was met (and said).
+    wait_until("the watch limit", Duration::from_secs(60), || {
+        child.log().contains("max_user_watches")
+    })
+    .await;
     files.extend(tokio::task::block_in_place(|| write_burst(&store, 50, 30)));
     eventually(
         "all files with degraded watching",
@@ -490,18 +428,12 @@ async fn the_inotify_watch_limit_degrades_to_scans_and_loses_nothing() {
         || listed(&env, &bucket, &files),
     )
     .await;
-    unsafe { libc_kill(child.id() as i32, 15) };
-    assert!(child.wait().unwrap().success());
+    assert!(child.terminate().success());
     let log = std::fs::read_to_string(&log).unwrap();
     assert!(
         log.contains("max_user_watches"),
         "the limit is explained: {log}"
     );
-}
-
-unsafe extern "C" {
-    #[link_name = "kill"]
-    fn libc_kill(pid: i32, sig: i32) -> i32;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -511,23 +443,9 @@ async fn a_second_daemon_on_the_same_state_dir_fails_at_once() {
     let store = Store::new();
     let raw = raw_config(&env, &env.endpoint, &bucket, &store);
     let config = validated(raw);
-    let d = Daemon::start(config.clone(), Options::default());
+    let d = Daemon::start(config.clone());
     let state_dir = config.state_dir.clone();
-    eventually("the first daemon answers", Duration::from_secs(20), || {
-        let dir = state_dir.clone();
-        async move {
-            match synapse_s3_offload::control::request(
-                &dir,
-                &synapse_s3_offload::control::Request::Status,
-            )
-            .await
-            {
-                Ok(Some(_)) => Ok(()),
-                other => Err(format!("{other:?}")),
-            }
-        }
-    })
-    .await;
+    answering(&state_dir).await;
     // It used to wait 10 s in silence, then fail.
     let started = Instant::now();
     let second = daemon::run(config, CancellationToken::new()).await;
@@ -550,7 +468,7 @@ async fn the_log_shows_the_setup_once_and_no_watch_removal_noise() {
     let store = Store::new();
     let cfg = config_yaml(&store, &env, &env.endpoint, &bucket, "");
     let log = store.dir.path().join("daemon.log");
-    let mut child = spawn_daemon(&cfg, &log, &[]);
+    let mut child = ChildDaemon::spawn(&cfg, &log, &[]);
     let read = || std::fs::read_to_string(&log).unwrap_or_default();
     wait_until("the watches", Duration::from_secs(30), || {
         read().contains("Watching the media store.")
@@ -570,8 +488,7 @@ async fn the_log_shows_the_setup_once_and_no_watch_removal_noise() {
         listed(&env, &bucket, &second)
     })
     .await;
-    unsafe { libc_kill(child.id() as i32, 15) };
-    assert!(child.wait().unwrap().success());
+    assert!(child.terminate().success());
     let text = read();
     assert!(
         !text.contains("unable to remove watch descriptor"),

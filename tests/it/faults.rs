@@ -21,7 +21,7 @@ async fn connections_reset_mid_upload_lose_nothing() {
     .await;
     rig.proxy.heal();
     rig.nothing_lost(&files).await;
-    d.stop().await;
+    d.stop_drained().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -36,7 +36,7 @@ async fn five_percent_of_requests_failing_with_503_lose_nothing() {
     rig.nothing_lost(&files).await;
     let st = rig.proxy.stats();
     assert!(st.answered >= 2, "the fault happened: {st:?}");
-    d.stop().await;
+    d.stop_drained().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -67,7 +67,7 @@ async fn s3_stalling_for_twice_the_request_timeout_loses_nothing() {
     d.assert_running();
     rig.proxy.heal();
     rig.nothing_lost(&files).await;
-    d.stop().await;
+    d.stop_drained().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -86,7 +86,7 @@ async fn slowdown_storms_lose_nothing() {
     let files = join(writer);
     rig.nothing_lost(&files).await;
     assert_eq!(rig.proxy.stats().slowdowns, 90);
-    d.stop().await;
+    d.stop_drained().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -123,7 +123,7 @@ async fn revoked_credentials_fail_loudly_and_recover_when_restored() {
     rig.nothing_lost(&files).await;
     let s = d.status().await;
     assert_eq!(s.failed, 0, "{s:?}");
-    d.stop().await;
+    d.stop_drained().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

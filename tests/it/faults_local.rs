@@ -41,7 +41,7 @@ async fn a_full_state_dir_stops_the_daemon_loudly_without_corrupting_its_state()
     drop(state);
     let d = Daemon::start(config.clone());
     rig.nothing_lost(&files).await;
-    d.stop().await;
+    d.stop_drained().await;
     let state = State::open(&config.state_dir).unwrap();
     assert_eq!(state.record_count().unwrap(), files.len() as u64);
     drop(mount);
@@ -326,5 +326,5 @@ async fn postgres_restarting_during_a_sweep_deletes_only_confirmed_files() {
     let files = join(writer);
     rig.nothing_lost(&fresh).await;
     rig.nothing_lost(&files).await;
-    d.stop().await;
+    d.stop_drained().await;
 }

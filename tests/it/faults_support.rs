@@ -1,17 +1,13 @@
-//! Support of the fault matrix: the daemon in-process behind a [`FaultProxy`], a steady stream of
-//! files, the final "nothing lost" check, a private PostgreSQL server that a test may restart, and
+//! Support of the fault matrix: a rig of a bucket behind a [`FaultProxy`] and a store, a steady
+//! stream of files, the final "nothing lost" check, a private PostgreSQL server that a test may restart, and
 //! a small tmpfs that a test may fill.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use synapse_s3_offload::config::{Config, RawConfig};
-use synapse_s3_offload::control::{self, Request, Response, Status};
-use synapse_s3_offload::daemon::{self, Options};
-use synapse_s3_offload::state::State;
-use tokio_util::sync::CancellationToken;
 
 use crate::faults_proxy::FaultProxy;
 use crate::support::*;
@@ -68,152 +64,6 @@ impl Rig {
             assert!(&on_disk == data, "{rel} changed on disk");
         }
     }
-}
-
-/// The daemon, in-process.
-pub struct Daemon {
-    pub token: CancellationToken,
-    pub handle: tokio::task::JoinHandle<Result<(), daemon::DaemonError>>,
-    pub state_dir: PathBuf,
-}
-
-impl Daemon {
-    pub fn start(config: Config) -> Daemon {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::new(
-                "info,synapse_s3_offload=debug",
-            ))
-            .with_test_writer()
-            .try_init();
-        let token = CancellationToken::new();
-        let state_dir = config.state_dir.clone();
-        let handle = tokio::spawn(daemon::run_with(config, token.clone(), Options::default()));
-        Daemon {
-            token,
-            handle,
-            state_dir,
-        }
-    }
-
-    /// Panics if the daemon has exited (it must survive every fault of the matrix but a broken
-    /// state database).
-    pub fn assert_running(&self) {
-        assert!(!self.handle.is_finished(), "the daemon exited");
-    }
-
-    /// The daemon's status over its control socket.
-    pub async fn status(&self) -> Status {
-        status(&self.state_dir).await
-    }
-
-    /// Waits until nothing is queued (every file uploaded and recorded).
-    pub async fn drained(&self) {
-        drained(&self.state_dir).await
-    }
-
-    /// Stops the daemon; it must exit cleanly, with an empty queue in its state.
-    pub async fn stop(self) {
-        self.assert_running();
-        self.drained().await;
-        self.token.cancel();
-        self.handle.await.unwrap().expect("daemon ran cleanly");
-        let state = State::open(&self.state_dir).unwrap();
-        assert!(
-            state.queue_items().unwrap().is_empty(),
-            "nothing left queued"
-        );
-    }
-}
-
-/// The status of the daemon running with `state_dir`, over its control socket.
-pub async fn status(state_dir: &Path) -> Status {
-    match control::request(state_dir, &Request::Status).await {
-        Ok(Some(Response::Status(s))) => s,
-        other => panic!("status: {other:?}"),
-    }
-}
-
-/// Waits until the daemon running with `state_dir` has nothing queued.
-pub async fn drained(state_dir: &Path) {
-    eventually("an empty queue", Duration::from_secs(30), || async {
-        let s = status(state_dir).await;
-        if s.queued == 0 {
-            Ok(())
-        } else {
-            Err(format!("{s:?}"))
-        }
-    })
-    .await;
-}
-
-/// The daemon binary as a child process (`run`), logging to `log`; killed if dropped running.
-pub struct ChildDaemon {
-    child: std::process::Child,
-    pub log: PathBuf,
-}
-
-impl ChildDaemon {
-    /// Starts `wrapper… synapse-s3-offload --config config run`.
-    pub fn spawn(config: &Path, log: &Path, wrapper: &[&str]) -> ChildDaemon {
-        let bin = env!("CARGO_BIN_EXE_synapse-s3-offload");
-        let out = std::fs::File::create(log).unwrap();
-        let mut cmd = match wrapper.split_first() {
-            Some((first, rest)) => {
-                let mut c = Command::new(first);
-                c.args(rest).arg(bin);
-                c
-            }
-            None => Command::new(bin),
-        };
-        let child = cmd
-            .arg("--config")
-            .arg(config)
-            .arg("run")
-            .env("RUST_LOG", "info")
-            .env("AWS_EC2_METADATA_DISABLED", "true")
-            .stdout(std::process::Stdio::null())
-            .stderr(out)
-            .spawn()
-            .unwrap();
-        ChildDaemon {
-            child,
-            log: log.to_owned(),
-        }
-    }
-
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// SIGTERM; it must exit 0.
-    pub fn stop(mut self) {
-        assert!(
-            self.child.try_wait().unwrap().is_none(),
-            "the daemon exited: {}",
-            self.log()
-        );
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let status = tokio::task::block_in_place(|| self.child.wait().unwrap());
-        assert!(status.success(), "{status:?}: {}", self.log());
-    }
-}
-
-impl Drop for ChildDaemon {
-    fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-/// A Synapse-like relative path for a new local media.
-pub fn media_name(rng: &mut impl Rng) -> String {
-    const A: &[u8] = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ";
-    let id: String = (0..24)
-        .map(|_| A[rng.random_range(0..A.len())] as char)
-        .collect();
-    format!("local_content/{}/{}/{}", &id[..2], &id[2..4], &id[4..])
 }
 
 /// Writes `n` small files into `root`, one every `every` (a writer thread, like Synapse's media

@@ -2,9 +2,7 @@
 
 use std::time::Duration;
 
-use synapse_s3_offload::daemon::{self, Options};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio_util::sync::CancellationToken;
 
 use crate::support::*;
 
@@ -51,12 +49,7 @@ async fn metrics_move_and_health_follows_s3() {
     raw.metrics.s3_probe_interval = Some("300ms".into());
     raw.s3.connect_timeout = Some("1s".into());
     raw.upload.max_backoff = Some("1s".into());
-    let token = CancellationToken::new();
-    let d = tokio::spawn(daemon::run_with(
-        validated(raw),
-        token.clone(),
-        Options::default(),
-    ));
+    let d = Daemon::start(validated(raw));
 
     let files: Vec<_> = (0..5)
         .map(|i| {
@@ -71,19 +64,18 @@ async fn metrics_move_and_health_follows_s3() {
     })
     .await;
     // An object is visible a moment before its record is committed and counted.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let m = loop {
+    eventually("uploads counted", Duration::from_secs(10), || async {
         let (status, m) = get(&addr, "/metrics").await;
         assert_eq!(status, 200, "{m}");
         if value(&m, "synapse_s3_offload_uploaded_total") >= 5.0 {
-            break m;
+            Ok(())
+        } else {
+            Err(format!("uploads not counted: {m}"))
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "uploads not counted: {m}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    })
+    .await;
+    let (status, m) = get(&addr, "/metrics").await;
+    assert_eq!(status, 200, "{m}");
     assert!(
         value(&m, "synapse_s3_offload_uploaded_bytes_total") >= 10_000.0,
         "{m}"
@@ -128,8 +120,7 @@ async fn metrics_move_and_health_follows_s3() {
         },
     )
     .await;
-    token.cancel();
-    d.await.unwrap().unwrap();
+    d.stop().await;
 }
 
 /// `name{labels} value` of one series, if the exporter shows it.
@@ -158,8 +149,7 @@ async fn histograms_sweep_series_from_startup_and_a_dry_run_is_not_a_sweep() {
     raw.sweep.confirm_synapse_reads_from_bucket = Some(true);
     let config = validated(raw);
     let state_dir = config.state_dir.clone();
-    let token = CancellationToken::new();
-    let d = tokio::spawn(daemon::run_with(config, token.clone(), Options::default()));
+    let d = Daemon::start(config);
     let rel = "local_content/sw/ee/pmetrics";
     store.write(rel, &bytes(5, 1_000));
     eventually("the upload counted", Duration::from_secs(30), || {
@@ -227,6 +217,5 @@ async fn histograms_sweep_series_from_startup_and_a_dry_run_is_not_a_sweep() {
     assert!(st.to_string().contains("last sweep:   never"), "{st}");
     let json = serde_json::to_string(&st).unwrap();
     assert!(!json.contains("\"deleted\":[]"), "{json}");
-    token.cancel();
-    d.await.unwrap().unwrap();
+    d.stop().await;
 }

@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine;
-use synapse_s3_offload::daemon::{self, Options};
 use synapse_s3_offload::layout::MediaPath;
 use synapse_s3_offload::state::State;
 use synapse_s3_offload::upload::s3::ObjectStore;
@@ -140,22 +139,20 @@ async fn no_command_prints_a_secret_at_any_log_level() {
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap();
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        let body = loop {
+        eventually("/metrics after a scan", Duration::from_secs(30), || async {
             let (status, m) = get(&metrics, "/metrics").await;
             if status == 200 && m.contains("synapse_s3_offload_scans_total") {
-                break m;
+                Ok(())
+            } else {
+                Err(format!("no /metrics after a scan: HTTP {status}"))
             }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "no /metrics after a scan: HTTP {status}"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        };
+        })
+        .await;
+        let (_, body) = get(&metrics, "/metrics").await;
         assert_no_secret(&env, "/metrics", &body);
         let (_, health) = get(&metrics, "/health").await;
         assert_no_secret(&env, "/health", &health);
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        signal(child.id(), libc::SIGTERM);
         let status = tokio::task::block_in_place(|| child.wait().unwrap());
         let log = std::fs::read_to_string(&log).unwrap();
         assert!(status.success(), "{log}");
@@ -321,12 +318,7 @@ async fn nothing_is_uploaded_through_a_symlinked_directory() {
 
     // The daemon: a file written behind the symlink while it watches is never uploaded. Files
     // written inside the store before and after it show that events do flow.
-    let token = CancellationToken::new();
-    let d = tokio::spawn(daemon::run_with(
-        config.clone(),
-        token.clone(),
-        Options::default(),
-    ));
+    let d = Daemon::start(config.clone());
     let sentinel = |n: u8| {
         let rel = format!("local_content/se/nt/inel{n}");
         store.write(&rel, &[n]);
@@ -343,8 +335,7 @@ async fn nothing_is_uploaded_through_a_symlinked_directory() {
         listed(&env, &bucket, &after)
     })
     .await;
-    token.cancel();
-    d.await.unwrap().unwrap();
+    d.stop().await;
     let keys: Vec<_> = list_sizes(&env, &bucket).await.into_keys().collect();
     assert_eq!(
         keys,

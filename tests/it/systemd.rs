@@ -1,7 +1,7 @@
 //! Running under systemd: the unit file verifies, and the daemon speaks the notify protocol.
 
 use std::os::unix::net::UnixDatagram;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::support::*;
@@ -107,17 +107,15 @@ async fn the_daemon_notifies_ready_watchdog_and_stopping() {
     let sock = UnixDatagram::bind(&sock_path).unwrap();
     sock.set_read_timeout(Some(Duration::from_millis(200)))
         .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_synapse-s3-offload"))
-        .arg("--config")
-        .arg(&cfg)
-        .arg("run")
-        .env("NOTIFY_SOCKET", &sock_path)
-        .env("WATCHDOG_USEC", "1000000")
-        .env("AWS_EC2_METADATA_DISABLED", "true")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = ChildDaemon::spawn_env(
+        &cfg,
+        &store.dir.path().join("daemon.log"),
+        &[],
+        &[
+            ("NOTIFY_SOCKET", sock_path.as_os_str()),
+            ("WATCHDOG_USEC", "1000000".as_ref()),
+        ],
+    );
     let mut seen = String::new();
     let mut buf = [0u8; 4096];
     let until = Instant::now() + Duration::from_secs(20);
@@ -131,7 +129,7 @@ async fn the_daemon_notifies_ready_watchdog_and_stopping() {
             seen.push('\n');
         }
     }
-    unsafe { libc_kill(child.id() as i32, 15) };
+    signal(child.id(), libc::SIGTERM);
     let until = Instant::now() + Duration::from_secs(20);
     while !seen.contains("STOPPING=1") {
         assert!(Instant::now() < until, "no STOPPING=1: {seen:?}");
@@ -139,10 +137,5 @@ async fn the_daemon_notifies_ready_watchdog_and_stopping() {
             seen.push_str(&String::from_utf8_lossy(&buf[..n]));
         }
     }
-    assert!(child.wait().unwrap().success());
-}
-
-unsafe extern "C" {
-    #[link_name = "kill"]
-    fn libc_kill(pid: i32, sig: i32) -> i32;
+    assert!(child.wait().success());
 }

@@ -11,13 +11,12 @@ use std::time::Duration;
 use synapse_s3_offload::backfill::{self, Progress, Summary};
 use synapse_s3_offload::config::{Config, RawConfig};
 use synapse_s3_offload::control::{self, Request, Response};
-use synapse_s3_offload::daemon::Options;
 use synapse_s3_offload::sha256::Sha256;
 use synapse_s3_offload::state::{ProblemKind, State};
 use synapse_s3_offload::{audit, sweep};
 use tokio_util::sync::CancellationToken;
 
-use crate::daemon::{Daemon, fast};
+use crate::daemon::fast;
 use crate::proxy::Proxy;
 use crate::support::*;
 
@@ -146,7 +145,7 @@ async fn uploaded_and_swept(c: &Case, config: &Config) {
 async fn daemon_close_event_heals_a_truncated_write_back_and_never_uploads_it() {
     let c = Case::new("vclose").await;
     let config = c.config(|_| {});
-    let d = Daemon::start(config.clone(), Options::default());
+    let d = Daemon::start(config.clone());
     let files = [(REL.to_owned(), c.original.clone())];
     eventually("the original", Duration::from_secs(30), || {
         all_uploaded(&c.env, &c.bucket, &files)
@@ -184,7 +183,7 @@ async fn daemon_scan_reports_a_bad_copy_when_healing_is_off_and_heals_it_when_on
     // Written back while no daemon runs: the startup scan finds it.
     c.interrupted_write_back(1);
     c.proxy.clear();
-    let d = Daemon::start(off.clone(), Options::default());
+    let d = Daemon::start(off.clone());
     wait_until("the object looked up", Duration::from_secs(30), || {
         !c.proxy.object_requests("HEAD").is_empty()
     })
@@ -201,7 +200,7 @@ async fn daemon_scan_reports_a_bad_copy_when_healing_is_off_and_heals_it_when_on
 
     // Healing on: the queued file is healed.
     let on = c.config(|r| r.upload.failed_retry_interval = Some("1s".into()));
-    let d = Daemon::start(on.clone(), Options::default());
+    let d = Daemon::start(on.clone());
     wait_until("the bad copy healed", Duration::from_secs(30), || {
         c.local() == c.original
     })
@@ -234,7 +233,7 @@ async fn sweep_without_a_daemon_then_upload_heals_instead_of_overwriting() {
 async fn sweep_through_the_daemon_keeps_the_verified_object() {
     let c = Case::new("vdsweep").await;
     let config = c.config(|r| r.upload.heal_bad_local_copies = Some(false));
-    let d = Daemon::start(config.clone(), Options::default());
+    let d = Daemon::start(config.clone());
     let files = [(REL.to_owned(), c.original.clone())];
     eventually("the original", Duration::from_secs(30), || {
         all_uploaded(&c.env, &c.bucket, &files)

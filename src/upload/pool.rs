@@ -1,57 +1,125 @@
-//! The upload workers: the dispatcher that claims due queue items, one upload per item, and the
-//! minute-by-minute status line.
+//! The upload stage: a pool that claims due queue items and runs one upload per item (at most
+//! `upload.concurrency` at once), the settle check of files found by scans, the outcome → queue
+//! bookkeeping (record, retry with backoff, problem), and the minute-by-minute status line.
+//!
+//! The queue is the only retry layer: an upload is one attempt; its error decides transient
+//! (retried with backoff) or permanent (retried at `failed_retry_interval`, the operator must
+//! act). A file counts as uploaded only once its record is committed with its queue change.
 
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use super::Shared;
 use crate::layout::MediaPath;
 use crate::metrics as m;
-use crate::queue::Failure;
-use crate::state::now_ms;
+use crate::queue::{Failure, Queue};
+use crate::state::{Committer, State, now_ms};
 use crate::upload::digest::{self, Stat};
 use crate::upload::s3::ErrorKind;
-use crate::upload::{Outcome, UploadError};
+use crate::upload::{Outcome, UploadError, Uploader};
 
-/// Claims due items and runs up to `upload.concurrency` uploads at once.
-pub(super) async fn dispatch(s: Arc<Shared>, intake: CancellationToken) {
-    let mut running = JoinSet::new();
-    let limit = s.config.upload.concurrency;
-    loop {
-        s.heartbeat.store(now_ms(), Ordering::Relaxed);
-        while running.len() < limit && !intake.is_cancelled() {
-            let Some((path, settle)) = s.queue.claim() else {
-                break;
-            };
-            running.spawn(process(s.clone(), path, settle));
-        }
-        // Wake on a new item, a finished upload, the next due time (at most 1 s: the fallback).
-        let wait = s.queue.next_due().map_or(Duration::from_secs(1), |due| {
-            Duration::from_millis(due.saturating_sub(now_ms())).min(Duration::from_secs(1))
-        });
-        tokio::select! {
-            _ = intake.cancelled() => break,
-            _ = s.queue.notified() => {}
-            Some(_) = running.join_next(), if !running.is_empty() => {}
-            _ = tokio::time::sleep(wait) => {}
+/// Counts since this start, for the status line.
+#[derive(Default)]
+pub struct Stats {
+    uploaded: AtomicU64,
+    adopted: AtomicU64,
+    healed: AtomicU64,
+    bytes: AtomicU64,
+    failures: AtomicU64,
+}
+
+/// The upload stage.
+pub struct Pool {
+    pub queue: Arc<Queue>,
+    pub uploader: Uploader,
+    /// Records a bad local copy or a conflict for `status` and `audit`.
+    pub committer: Committer,
+    pub health: Arc<m::Health>,
+    pub media_store_path: PathBuf,
+    pub concurrency: usize,
+    pub settle: Duration,
+    pub shutdown_grace: Duration,
+    pub stats: Arc<Stats>,
+    /// Last time (ms) the dispatcher loop ran: the systemd watchdog's liveness signal.
+    pub heartbeat: Arc<AtomicU64>,
+}
+
+impl Pool {
+    pub fn new(
+        config: &crate::config::Config,
+        queue: Arc<Queue>,
+        uploader: Uploader,
+        committer: Committer,
+        health: Arc<m::Health>,
+    ) -> Pool {
+        Pool {
+            queue,
+            uploader,
+            committer,
+            health,
+            media_store_path: config.media_store_path.clone(),
+            concurrency: config.upload.concurrency,
+            settle: config.upload.settle,
+            shutdown_grace: config.shutdown_grace,
+            stats: Arc::default(),
+            heartbeat: Arc::new(AtomicU64::new(now_ms())),
         }
     }
-    // Shutdown: let uploads in flight finish within the grace period; the rest stays queued.
-    let grace = tokio::time::sleep(s.config.shutdown_grace);
-    tokio::pin!(grace);
-    while !running.is_empty() {
-        tokio::select! {
-            _ = &mut grace => {
-                tracing::warn!(left = running.len(), "Grace period over; unfinished uploads stay queued.");
-                running.abort_all();
-                while running.join_next().await.is_some() {}
-                break;
+
+    /// The status line of this pool's counts.
+    pub fn status_line(&self, state: State) -> StatusLine {
+        StatusLine {
+            queue: self.queue.clone(),
+            state,
+            stats: self.stats.clone(),
+        }
+    }
+
+    /// Claims due items and runs up to `upload.concurrency` uploads at once until `cancel`; then
+    /// lets the uploads in flight finish within `shutdown_grace` (the rest stays queued).
+    pub async fn run(self, cancel: CancellationToken) {
+        let s = Arc::new(self);
+        let mut running = JoinSet::new();
+        let limit = s.concurrency;
+        loop {
+            s.heartbeat.store(now_ms(), Ordering::Relaxed);
+            while running.len() < limit && !cancel.is_cancelled() {
+                let Some((path, settle)) = s.queue.claim() else {
+                    break;
+                };
+                running.spawn(process(s.clone(), path, settle));
             }
-            _ = running.join_next() => {}
+            // Wake on a new item, a finished upload, the next due time (at most 1 s: the fallback).
+            let wait = s.queue.next_due().map_or(Duration::from_secs(1), |due| {
+                Duration::from_millis(due.saturating_sub(now_ms())).min(Duration::from_secs(1))
+            });
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                _ = s.queue.notified() => {}
+                Some(_) = running.join_next(), if !running.is_empty() => {}
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+        // Shutdown: let uploads in flight finish within the grace period; the rest stays queued.
+        // Aborting one is safe at any await: its record is committed with its queue change in
+        // one transaction or not at all, so its item is at worst still queued (looked at again at
+        // the next start: a duplicate upload at most, never a lost one).
+        let grace = tokio::time::sleep(s.shutdown_grace);
+        tokio::pin!(grace);
+        while !running.is_empty() {
+            tokio::select! {
+                _ = &mut grace => {
+                    tracing::warn!(left = running.len(), "Grace period over; unfinished uploads stay queued.");
+                    running.abort_all();
+                    while running.join_next().await.is_some() {}
+                    break;
+                }
+                _ = running.join_next() => {}
+            }
         }
     }
 }
@@ -97,13 +165,13 @@ fn settle_decision(mtime_ms: u64, now: u64, settle_ms: u64, writing: Option<bool
     }
 }
 
-async fn process(s: Arc<Shared>, path: MediaPath, settle: bool) {
+async fn process(s: Arc<Pool>, path: MediaPath, settle: bool) {
     if settle {
         // Found by a scan, not by a close event: a file modified less than `settle` ago may still
         // be being written. If the kernel says nobody has it open for writing, it is complete
         // (Synapse closes a file once written; some complete files never get an event at all).
-        let abs = path.to_path(&s.config.media_store_path);
-        let settle_ms = s.config.upload.settle.as_millis() as u64;
+        let abs = path.to_path(&s.media_store_path);
+        let settle_ms = s.settle.as_millis() as u64;
         let check = tokio::task::spawn_blocking(move || match digest::stat(&abs) {
             Ok(Stat::File(snap)) => {
                 let mtime_ms = (snap.mtime_ns / 1_000_000).max(0) as u64;
@@ -209,36 +277,45 @@ async fn process(s: Arc<Shared>, path: MediaPath, settle: bool) {
 /// An info line at most once a minute, and only when something changed: an idle daemon does not
 /// repeat the same numbers all day. `uploaded` means what it means in `status`: files verified in
 /// the bucket (in total, not since this start).
-pub(super) async fn summaries(s: Arc<Shared>, intake: CancellationToken) {
-    let mut every = tokio::time::interval(Duration::from_secs(60));
-    every.tick().await;
-    let mut last = None;
-    loop {
-        tokio::select! {
-            _ = intake.cancelled() => return,
-            _ = every.tick() => {}
+pub struct StatusLine {
+    queue: Arc<Queue>,
+    state: State,
+    stats: Arc<Stats>,
+}
+
+impl StatusLine {
+    pub async fn run(self, cancel: CancellationToken) {
+        let s = &self;
+        let mut every = tokio::time::interval(Duration::from_secs(60));
+        every.tick().await;
+        let mut last = None;
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = every.tick() => {}
+            }
+            let d = s.queue.depth();
+            let Ok(uploaded) = s.state.record_count() else {
+                continue;
+            };
+            let now = (d.queued, d.in_flight, d.retrying, d.failed, uploaded);
+            if last == Some(now) {
+                continue;
+            }
+            last = Some(now);
+            tracing::info!(
+                queued = d.queued,
+                in_flight = d.in_flight,
+                retrying = d.retrying,
+                failed = d.failed,
+                uploaded,
+                uploaded_since_start = s.stats.uploaded.load(Ordering::Relaxed),
+                already_in_bucket_since_start = s.stats.adopted.load(Ordering::Relaxed),
+                mb_since_start = s.stats.bytes.load(Ordering::Relaxed) as f64 / 1e6,
+                healed_since_start = s.stats.healed.load(Ordering::Relaxed),
+                "Status."
+            );
         }
-        let d = s.queue.depth();
-        let Ok(uploaded) = s.state.record_count() else {
-            continue;
-        };
-        let now = (d.queued, d.in_flight, d.retrying, d.failed, uploaded);
-        if last == Some(now) {
-            continue;
-        }
-        last = Some(now);
-        tracing::info!(
-            queued = d.queued,
-            in_flight = d.in_flight,
-            retrying = d.retrying,
-            failed = d.failed,
-            uploaded,
-            uploaded_since_start = s.stats.uploaded.load(Ordering::Relaxed),
-            already_in_bucket_since_start = s.stats.adopted.load(Ordering::Relaxed),
-            mb_since_start = s.stats.bytes.load(Ordering::Relaxed) as f64 / 1e6,
-            healed_since_start = s.stats.healed.load(Ordering::Relaxed),
-            "Status."
-        );
     }
 }
 

@@ -12,13 +12,17 @@
 //! A file is ready on `Access(Close(Write))` or when moved in (`Modify(Name(To|Both))`). `Create`,
 //! `Modify(Data)` and `Access(Open)` are ignored: they come before the file is complete, and every
 //! download Synapse serves opens files.
+//!
+//! The watch stage ([`Watcher`]) owns the watch and its event loop.
+
+mod stage;
+
+pub use stage::Watcher;
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use notify::event::{AccessKind, AccessMode, CreateKind, ModifyKind, RenameMode};
-use notify::{Event, EventKind, RecursiveMode, Watcher};
+use notify::{Event, EventKind, RecursiveMode, Watcher as _};
 
 /// What an event asks of the daemon.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,13 +74,12 @@ pub struct Watch {
 }
 
 /// Starts watching `root` recursively; events go to `tx`. When `tx` is full the event is dropped
-/// and `overflowed` is set instead: the daemon then rescans (never blocks notify's thread, never
+/// and `overflowed` is called instead: the daemon then rescans (never blocks notify's thread, never
 /// loses a file silently). Blocking: adding the watches walks the whole tree.
 pub fn start(
     root: &Path,
     tx: tokio::sync::mpsc::Sender<Msg>,
-    overflowed: Arc<AtomicBool>,
-    wake: Arc<tokio::sync::Notify>,
+    overflowed: impl Fn() + Send + 'static,
 ) -> Result<Watch, notify::Error> {
     let handler = move |res: notify::Result<Event>| {
         let msg = match res {
@@ -84,8 +87,7 @@ pub fn start(
             Err(e) => Msg::Error(e),
         };
         if let Err(tokio::sync::mpsc::error::TrySendError::Full(_)) = tx.try_send(msg) {
-            overflowed.store(true, Ordering::SeqCst);
-            wake.notify_one();
+            overflowed();
         }
     };
     // notify follows symlinked directories by default: their events would then name files outside
@@ -193,8 +195,7 @@ mod tests {
         let link = root.join("local_content/li");
         std::os::unix::fs::symlink(outside.path(), &link).unwrap();
         let (tx, mut rx) = tokio::sync::mpsc::channel(1024);
-        let flag = Arc::new(AtomicBool::new(false));
-        let _watch = start(&root, tx, flag, Arc::new(tokio::sync::Notify::new())).unwrap();
+        let _watch = start(&root, tx, || {}).unwrap();
         std::fs::write(outside.path().join("behind"), b"x").unwrap();
         std::fs::write(root.join("local_content/sentinel"), b"x").unwrap();
         // One inotify descriptor delivers in order: an event for the file behind the symlink

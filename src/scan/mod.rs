@@ -4,6 +4,15 @@
 //! not even a symlinked top-level folder (safety invariant 5); FIFOs, sockets and devices are
 //! ignored; a file whose name is not UTF-8 cannot have an S3 key and is reported and skipped.
 //! Blocking: run it on a blocking thread.
+//!
+//! The scan stage ([`Scanner`]) runs the full walks of the daemon; the [`Intake`] turns what a
+//! walk (or the watch) finds into queue entries.
+
+mod intake;
+mod stage;
+
+pub use intake::{Entry, Intake, Unreadable};
+pub use stage::{Ready, Scanner, Signals};
 
 use std::path::{Path, PathBuf};
 

@@ -1,5 +1,10 @@
 //! Shared test support: the real S3 server from the environment (started by scripts/test.sh),
-//! unique buckets, Synapse-like media stores and configs.
+//! unique buckets, Synapse-like media stores and configs, and the daemon under test ([`daemon`]).
+
+mod daemon;
+
+#[allow(unused_imports)]
+pub use daemon::*;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -226,6 +231,16 @@ pub fn raw_config(env: &S3Env, endpoint: &str, bucket: &str, store: &Store) -> R
 
 pub fn validated(raw: RawConfig) -> Config {
     config::validate(raw).expect("valid test config")
+}
+
+/// A random Synapse-like relative path for a new local media (media id split 2/2/rest).
+#[allow(dead_code)]
+pub fn media_name(rng: &mut impl Rng) -> String {
+    const A: &[u8] = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ";
+    let id: String = (0..24)
+        .map(|_| A[rng.random_range(0..A.len())] as char)
+        .collect();
+    format!("local_content/{}/{}/{}", &id[..2], &id[2..4], &id[4..])
 }
 
 /// Writes `raw`-equivalent YAML for CLI tests.
@@ -467,7 +482,7 @@ impl TestDb {
             .unwrap();
         let client = connect(name.clone()).await;
         client
-            .batch_execute(include_str!("../fixtures/synapse_media_schema.sql"))
+            .batch_execute(include_str!("../../fixtures/synapse_media_schema.sql"))
             .await
             .unwrap();
         TestDb {
