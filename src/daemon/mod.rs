@@ -24,7 +24,7 @@ mod service;
 use crate::config::Config;
 use crate::queue::Queue;
 use crate::scan::{Intake, Scanner, Signals};
-use crate::state::{Committer, State, StateError};
+use crate::state::{State, StateError, StateHandle};
 use crate::sweep::Sweeper;
 use crate::upload::Uploader;
 use crate::upload::pool::Pool;
@@ -102,8 +102,8 @@ pub async fn run_with(
     opts: Options,
 ) -> Result<(), DaemonError> {
     crate::upload::limit_malloc_arenas();
-    let state = open_state(&config.state_dir).await?;
-    let (committer, commit_thread) = Committer::start(state.clone());
+    let handle = StateHandle::start(open_state(&config.state_dir).await?);
+    let (state, committer) = (handle.state.clone(), handle.committer.clone());
     let queue = Arc::new(Queue::open(&state, committer.clone(), &config.upload)?);
     let control = crate::control::bind(&config.state_dir).await?;
     // The queue is the only retry layer of the daemon: one attempt per S3 request.
@@ -245,9 +245,8 @@ pub async fn run_with(
     let depth = queue.depth();
     // The stages' committer clones went with their tasks; these are the last ones (the queue
     // holds one too): the thread then flushes and ends.
-    drop(queue);
-    drop(committer);
-    let _ = tokio::task::spawn_blocking(move || commit_thread.join()).await;
+    drop((queue, committer));
+    handle.close().await;
     tracing::info!(queued = depth.queued, "Stopped.");
     match failed {
         Some(e) => Err(DaemonError::State(StateError::Commit(e))),
