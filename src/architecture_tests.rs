@@ -296,3 +296,60 @@ fn the_cycle_check_sees_groups_and_skips_tests_and_comments() {
     assert_eq!(names, ["a", "b", "c"], "{cycle:?}");
     assert_eq!(cycle[1].2, Path::new("b/more.rs"));
 }
+
+/// ARCHITECTURE.md's module map says, for each top-level module, which others it imports (the
+/// last column of its table, module names in backticks). The code's imports and the map must be
+/// the same, both ways, and every module must have a row: the map stays true in the same commit
+/// as the code.
+#[test]
+fn architecture_md_lists_every_import() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let doc = std::fs::read_to_string(root.join("ARCHITECTURE.md")).expect("ARCHITECTURE.md");
+    let mut allowed: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for line in doc.lines().filter(|l| l.starts_with("| `")) {
+        let cells: Vec<&str> = line.trim_matches('|').split('|').map(str::trim).collect();
+        let Some(module) = cells.first().and_then(|c| c.split('`').nth(1)) else {
+            continue;
+        };
+        let imports = cells.last().copied().unwrap_or_default();
+        let names = imports.split('`').skip(1).step_by(2).map(str::to_owned);
+        allowed.insert(module.to_owned(), names.collect());
+    }
+    let g = graph(&root.join("src"));
+    let mut wrong = Vec::new();
+    for module in top_level_modules(&root.join("src")) {
+        let used: BTreeSet<&String> = g
+            .get(&module)
+            .map(|r| r.keys().collect())
+            .unwrap_or_default();
+        match allowed.get(&module) {
+            None => wrong.push(format!(
+                "`{module}` has no row in ARCHITECTURE.md's module map"
+            )),
+            Some(listed) => {
+                for l in listed.iter().filter(|l| !used.contains(l)) {
+                    wrong.push(format!(
+                        "ARCHITECTURE.md says `{module}` imports `{l}`, but it does not (any more)"
+                    ));
+                }
+            }
+        }
+    }
+    for (module, refs) in &g {
+        let Some(ok) = allowed.get(module) else {
+            wrong.push(format!(
+                "`{module}` has no row in ARCHITECTURE.md's module map"
+            ));
+            continue;
+        };
+        for (to, file) in refs {
+            if !ok.contains(to) {
+                wrong.push(format!(
+                    "`{module}` imports `{to}` ({}), which ARCHITECTURE.md does not list",
+                    file.display()
+                ));
+            }
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
