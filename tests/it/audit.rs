@@ -473,18 +473,13 @@ async fn s3_or_database_errors_abort_the_audit_and_delete_nothing() {
 async fn the_command_prints_json_and_exits_3_when_media_are_lost() {
     let env = s3_env();
     let f = fixture(&env).await;
-    let yaml = format!(
-        "media_store_path: {}\nstate_dir: {}\ns3:\n  bucket: {}\n  prefix: media/\n  endpoint_url: {}\n  region_name: us-east-1\n  access_key_id: {}\n  secret_access_key: {}\ndatabase:\n  host: {}\n  port: {}\n  user: {}\n  database: {}\n  sslmode: disable\n",
-        f.store.root.display(),
-        f.store.state.display(),
-        f.bucket,
-        env.endpoint,
-        env.access_key,
-        env.secret_key,
-        f.db.host,
-        f.db.port,
-        f.db.user,
-        f.db.name
+    let yaml = config_yaml(
+        &f.store,
+        &env.endpoint,
+        &f.bucket,
+        (&env.access_key, &env.secret_key),
+        "  prefix: media/\n",
+        &f.db.yaml(),
     );
     let path = f.store.state.with_extension("yaml");
     write_yaml(&path, &yaml);

@@ -70,13 +70,13 @@ pub(crate) fn run_bin(wrapper: &[&str], args: &[&str], env: &[(&str, &str)]) -> 
 }
 
 fn yaml(store: &Store, env: &S3Env, bucket: &str) -> String {
-    format!(
-        "media_store_path: {}\nstate_dir: {}\ns3:\n  bucket: {bucket}\n  endpoint_url: {}\n  region_name: us-east-1\n  access_key_id: {}\n  secret_access_key: {}\n  max_attempts: 1\n",
-        store.root.display(),
-        store.state.display(),
-        env.endpoint,
-        env.access_key,
-        env.secret_key,
+    config_yaml(
+        store,
+        &env.endpoint,
+        bucket,
+        (&env.access_key, &env.secret_key),
+        "  max_attempts: 1\n",
+        "",
     )
 }
 
@@ -96,11 +96,12 @@ async fn backfill(config: &Config) -> Summary {
 
 #[tokio::test]
 async fn zero_and_negative_durations_name_their_key() {
-    let env = s3_env();
-    let bucket = create_bucket(&env, "durations").await;
-    let store = Store::new();
-    store.write("local_content/ab/cd/ef", b"x");
-    let cfg = store.dir.path().join("config.yaml");
+    let CliCase {
+        env,
+        bucket,
+        store,
+        cfg,
+    } = cli_case("durations", b"x").await;
     let good = yaml(&store, &env, &bucket);
     for (extra, key) in [
         ("scan_interval: 0s\n", "scan_interval"),
@@ -132,11 +133,12 @@ async fn zero_and_negative_durations_name_their_key() {
 
 #[tokio::test]
 async fn missing_credentials_are_named_not_blamed_on_the_endpoint() {
-    let env = s3_env();
-    let bucket = create_bucket(&env, "nocreds").await;
-    let store = Store::new();
-    store.write("local_content/ab/cd/ef", b"x");
-    let cfg = store.dir.path().join("config.yaml");
+    let CliCase {
+        env,
+        bucket,
+        store,
+        cfg,
+    } = cli_case("nocreds", b"x").await;
     write_yaml(
         &cfg,
         &format!(
@@ -179,11 +181,12 @@ async fn missing_credentials_are_named_not_blamed_on_the_endpoint() {
 
 #[tokio::test]
 async fn media_store_path_missing_a_file_or_unreadable() {
-    let env = s3_env();
-    let bucket = create_bucket(&env, "storepath").await;
-    let store = Store::new();
-    store.write("local_content/ab/cd/ef", b"x");
-    let cfg = store.dir.path().join("config.yaml");
+    let CliCase {
+        env,
+        bucket,
+        store,
+        cfg,
+    } = cli_case("storepath", b"x").await;
     let good = yaml(&store, &env, &bucket);
     let root = store.root.display().to_string();
 
@@ -224,11 +227,12 @@ async fn media_store_path_missing_a_file_or_unreadable() {
 #[tokio::test]
 async fn state_dir_that_cannot_be_created_or_written() {
     use std::os::unix::fs::PermissionsExt;
-    let env = s3_env();
-    let bucket = create_bucket(&env, "statedir").await;
-    let store = Store::new();
-    store.write("local_content/ab/cd/ef", b"x");
-    let cfg = store.dir.path().join("config.yaml");
+    let CliCase {
+        env,
+        bucket,
+        store,
+        cfg,
+    } = cli_case("statedir", b"x").await;
     let good = yaml(&store, &env, &bucket);
     let state = store.state.display().to_string();
 
@@ -404,11 +408,12 @@ async fn aged_media_with_multibyte_ids_are_swept_without_a_panic() {
 #[tokio::test]
 async fn a_corrupted_state_database_stops_the_daemon_and_status_with_the_recovery_steps() {
     // (cli.rs covers `upload`.) Neither may start empty and forget what it recorded.
-    let env = s3_env();
-    let bucket = create_bucket(&env, "corruptrun").await;
-    let store = Store::new();
-    store.write("local_content/ab/cd/ef", b"x");
-    let cfg = store.dir.path().join("config.yaml");
+    let CliCase {
+        env,
+        bucket,
+        store,
+        cfg,
+    } = cli_case("corruptrun", b"x").await;
     write_yaml(&cfg, &yaml(&store, &env, &bucket));
     assert_eq!(upload(&cfg).code, 0);
     let db = store.state.join("state.redb");

@@ -31,10 +31,13 @@ fn run(config: &std::path::Path, env: &[(&str, &str)]) -> Run {
 }
 
 fn yaml(store: &Store, endpoint: &str, bucket: &str, secret: &str) -> String {
-    format!(
-        "media_store_path: {}\nstate_dir: {}\ns3:\n  bucket: {bucket}\n  endpoint_url: {endpoint}\n  region_name: us-east-1\n  access_key_id: sso-test-key\n  secret_access_key: {secret}\n  max_attempts: 1\n",
-        store.root.display(),
-        store.state.display()
+    config_yaml(
+        store,
+        endpoint,
+        bucket,
+        ("sso-test-key", secret),
+        "  max_attempts: 1\n",
+        "",
     )
 }
 
@@ -62,11 +65,12 @@ fn assert_clear_error(r: &Run, needles: &[&str]) {
 
 #[tokio::test]
 async fn a_good_config_uploads_and_exits_zero() {
-    let env = s3_env();
-    let bucket = create_bucket(&env, "cliok").await;
-    let store = Store::new();
-    store.write("local_content/ab/cd/ef", b"hello");
-    let cfg = store.dir.path().join("config.yaml");
+    let CliCase {
+        env,
+        bucket,
+        store,
+        cfg,
+    } = cli_case("cliok", b"hello").await;
     write_yaml(&cfg, &yaml(&store, &env.endpoint, &bucket, &env.secret_key));
     let r = run(&cfg, &[]);
     assert_eq!(r.code, 0, "{}", r.stderr);
@@ -94,11 +98,12 @@ async fn a_good_config_uploads_and_exits_zero() {
 
 #[tokio::test]
 async fn bad_inputs_each_give_one_clear_line() {
-    let env = s3_env();
-    let bucket = create_bucket(&env, "clibad").await;
-    let store = Store::new();
-    store.write("local_content/ab/cd/ef", b"hello");
-    let cfg = store.dir.path().join("config.yaml");
+    let CliCase {
+        env,
+        bucket,
+        store,
+        cfg,
+    } = cli_case("clibad", b"hello").await;
     let good = yaml(&store, &env.endpoint, &bucket, SECRET);
 
     write_yaml(
@@ -175,11 +180,12 @@ async fn bad_inputs_each_give_one_clear_line() {
 
 #[tokio::test]
 async fn a_corrupted_state_database_is_refused_with_the_recovery_steps() {
-    let env = s3_env();
-    let bucket = create_bucket(&env, "corrupt").await;
-    let store = Store::new();
-    store.write("local_content/ab/cd/ef", b"hello");
-    let cfg = store.dir.path().join("config.yaml");
+    let CliCase {
+        env,
+        bucket,
+        store,
+        cfg,
+    } = cli_case("corrupt", b"hello").await;
     write_yaml(&cfg, &yaml(&store, &env.endpoint, &bucket, SECRET));
     assert_eq!(run(&cfg, &[]).code, 0);
     let db = store.state.join("state.redb");

@@ -9,18 +9,16 @@ use crate::sweep::{Fixture, fixture};
 
 fn yaml(env: &S3Env, f: &Fixture) -> std::path::PathBuf {
     let path = f.store.dir.path().join("config.yaml");
-    let text = format!(
-        "media_store_path: {}\nstate_dir: {}\ns3:\n  bucket: {}\n  endpoint_url: {}\n  region_name: us-east-1\n  access_key_id: {}\n  secret_access_key: {}\ndatabase:\n  host: {}\n  port: {}\n  user: {}\n  database: {}\n  sslmode: disable\nsweep:\n  keep_local_for: 30d\n  confirm_synapse_reads_from_bucket: true\n",
-        f.store.root.display(),
-        f.store.state.display(),
-        f.bucket,
-        env.endpoint,
-        env.access_key,
-        env.secret_key,
-        f.db.host,
-        f.db.port,
-        f.db.user,
-        f.db.name
+    let text = config_yaml(
+        &f.store,
+        &env.endpoint,
+        &f.bucket,
+        (&env.access_key, &env.secret_key),
+        "",
+        &format!(
+            "{}sweep:\n  keep_local_for: 30d\n  confirm_synapse_reads_from_bucket: true\n",
+            f.db.yaml()
+        ),
     );
     write_yaml(&path, &text);
     path

@@ -218,12 +218,15 @@ fn config_yaml(
     extra: &str,
 ) -> std::path::PathBuf {
     let path = store.dir.path().join("config.yaml");
-    let yaml = format!(
-        "media_store_path: {}\nstate_dir: {}\nscan_interval_when_degraded: 1s\ns3:\n  bucket: {bucket}\n  endpoint_url: {endpoint}\n  region_name: us-east-1\n  access_key_id: {}\n  secret_access_key: {}\nupload:\n  settle: 300ms\n  max_backoff: 2s\n{extra}",
-        store.root.display(),
-        store.state.display(),
-        env.access_key,
-        env.secret_key
+    let yaml = crate::support::config_yaml(
+        store,
+        endpoint,
+        bucket,
+        (&env.access_key, &env.secret_key),
+        "",
+        &format!(
+            "scan_interval_when_degraded: 1s\nupload:\n  settle: 300ms\n  max_backoff: 2s\n{extra}"
+        ),
     );
     write_yaml(&path, &yaml);
     path

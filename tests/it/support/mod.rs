@@ -244,6 +244,50 @@ pub fn media_name(rng: &mut impl Rng) -> String {
 }
 
 /// Writes `raw`-equivalent YAML for CLI tests.
+/// The start of most command-line tests: a bucket, a store holding one file
+/// (`local_content/ab/cd/ef` with `data`), and where the config file goes.
+#[allow(dead_code)]
+pub struct CliCase {
+    pub env: S3Env,
+    pub bucket: String,
+    pub store: Store,
+    pub cfg: PathBuf,
+}
+
+#[allow(dead_code)]
+pub async fn cli_case(hint: &str, data: &[u8]) -> CliCase {
+    let env = s3_env();
+    let bucket = create_bucket(&env, hint).await;
+    let store = Store::new();
+    store.write("local_content/ab/cd/ef", data);
+    let cfg = store.dir.path().join("config.yaml");
+    CliCase {
+        env,
+        bucket,
+        store,
+        cfg,
+    }
+}
+
+/// A test's YAML config: the store, its state_dir, the bucket at `endpoint` with these keys;
+/// `s3_extra` are more keys of the `s3:` section (each line indented two spaces), `extra` more
+/// top-level YAML after it.
+#[allow(dead_code)]
+pub fn config_yaml(
+    store: &Store,
+    endpoint: &str,
+    bucket: &str,
+    (access_key, secret_key): (&str, &str),
+    s3_extra: &str,
+    extra: &str,
+) -> String {
+    format!(
+        "media_store_path: {}\nstate_dir: {}\ns3:\n  bucket: {bucket}\n  endpoint_url: {endpoint}\n  region_name: us-east-1\n  access_key_id: {access_key}\n  secret_access_key: {secret_key}\n{s3_extra}{extra}",
+        store.root.display(),
+        store.state.display(),
+    )
+}
+
 pub fn write_yaml(path: &Path, yaml: &str) {
     std::fs::write(path, yaml).unwrap();
 }
@@ -492,6 +536,14 @@ impl TestDb {
             user: user.to_owned(),
             client,
         }
+    }
+
+    /// The `database:` section of a YAML config for this database.
+    pub fn yaml(&self) -> String {
+        format!(
+            "database:\n  host: {}\n  port: {}\n  user: {}\n  database: {}\n  sslmode: disable\n",
+            self.host, self.port, self.user, self.name
+        )
     }
 
     pub fn raw(&self) -> synapse_s3_offload::config::RawDatabase {
