@@ -67,7 +67,11 @@ async fn metrics_move_and_health_follows_s3() {
     eventually("uploads counted", Duration::from_secs(10), || async {
         let (status, m) = get(&addr, "/metrics").await;
         assert_eq!(status, 200, "{m}");
-        if value(&m, "synapse_s3_offload_uploaded_total") >= 5.0 {
+        // The file count and its bytes are two counters, bumped one after the other: a scrape
+        // can fall between them.
+        if value(&m, "synapse_s3_offload_uploaded_total") >= 5.0
+            && value(&m, "synapse_s3_offload_uploaded_bytes_total") >= 10_000.0
+        {
             Ok(())
         } else {
             Err(format!("uploads not counted: {m}"))
