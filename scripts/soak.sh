@@ -171,7 +171,7 @@ if a["examples"]:
     print(f"  e.g. {a['examples']}")
 print(f"outages:           s3s-fs {s3r}, PostgreSQL {pgr}; sweeps finished: {sweeps}")
 print(f"daemon RSS:        peak {mib(max(during, default=0)):.1f} MiB, growth {mib(during[-1] - base) if during else 0:+.1f} MiB (from {mib(base):.1f} MiB)")
-print(f"daemon:            exit {daemon_exit}, {len(errors)} ERROR log lines (expected while PostgreSQL is down during a sweep)")
+print(f"daemon:            exit {daemon_exit}, {len(errors)} ERROR log lines (expected: each healed bad copy, and PostgreSQL down during a sweep)")
 for l in errors[:3]:
     print(f"  {l[:200]}")
 ok = a["lost"] == 0 and a["wrongly_deleted"] == 0 and w["read_errors"] == 0 and a["local_changed"] == 0 and daemon_exit == 0
