@@ -179,7 +179,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         match cli.command {
             Command::Check => unreachable!("handled above"),
             Command::Sweep { dry_run } => {
-                let cancel = cancel_on_signal();
+                let cancel = cancel_on_signal(false);
                 let answer = daemon_or_local(&config.state_dir, Request::Sweep { dry_run }, async || {
                     match sweep::run_standalone(&config, dry_run, &cancel).await {
                         Err(sweep::SweepError::State(StateError::Locked { .. })) => Ok(None),
@@ -217,7 +217,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 examples,
                 ignore_prune_limits,
             } => {
-                let cancel = cancel_on_signal();
+                let cancel = cancel_on_signal(false);
                 let options = audit::Options {
                     fix,
                     delete_orphans,
@@ -283,12 +283,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::SUCCESS)
             }
             Command::Run => {
-                let shutdown = cancel_on_signal();
+                let shutdown = cancel_on_signal(true);
                 daemon::run(config, shutdown).await?;
                 Ok(ExitCode::SUCCESS)
             }
             Command::Upload { no_progress } => {
-                let cancel = cancel_on_signal();
+                let cancel = cancel_on_signal(false);
                 let progress = if no_progress {
                     backfill::Progress::Log
                 } else {
@@ -342,13 +342,37 @@ async fn daemon_or_local<T>(
     }
 }
 
-/// A token cancelled on SIGTERM or SIGINT, for the command run in this runtime to stop on.
-fn cancel_on_signal() -> CancellationToken {
+/// A token cancelled on SIGTERM or SIGINT, for the command run in this runtime to stop on. A
+/// second one exits at once: what was not finished stays queued or unrecorded, which the durable
+/// state turns into a retry at the next start (the same as a crash, which it is safe against).
+///
+/// With `hangup_ignored` (the daemon), SIGHUP is logged and ignored. By default it kills the
+/// process with status 129, which systemd counts as a clean exit, so `Restart=on-failure` left the
+/// daemon down; there is nothing to reload (a changed config needs a restart).
+fn cancel_on_signal(hangup_ignored: bool) -> CancellationToken {
+    use tokio::signal::unix::{SignalKind, signal};
     let cancel = CancellationToken::new();
     let on_signal = cancel.clone();
+    // Installed before this returns, so a SIGHUP during startup is not fatal either.
+    let mut hangup = hangup_ignored
+        .then(|| signal(SignalKind::hangup()).expect("installing the SIGHUP handler"));
     tokio::spawn(async move {
-        shutdown_signal().await;
+        let stop = shutdown_signal();
+        tokio::pin!(stop);
+        loop {
+            tokio::select! {
+                _ = &mut stop => break,
+                Some(()) = async { hangup.as_mut()?.recv().await } => {
+                    tracing::warn!("SIGHUP ignored: there is nothing to reload; restart the service to apply a changed config.");
+                }
+            }
+        }
         on_signal.cancel();
+        shutdown_signal().await;
+        tracing::warn!(
+            "Second stop signal: exiting at once; unfinished uploads are retried at the next start."
+        );
+        std::process::exit(130);
     });
     cancel
 }

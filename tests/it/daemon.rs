@@ -509,3 +509,80 @@ async fn the_log_shows_the_setup_once_and_no_watch_removal_noise() {
     }
     assert!(!text.contains(&env.secret_key), "{text}");
 }
+
+/// SIGHUP (a reload request, or the terminal of a foreground run going away) must not stop the
+/// daemon: it died with exit 129, which systemd counts as clean, so `Restart=on-failure` left it
+/// down and nothing was uploaded any more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_does_not_stop_the_daemon() {
+    let env = s3_env();
+    let bucket = create_bucket(&env, "sighup").await;
+    let store = Store::new();
+    let cfg = config_yaml(&store, &env, &env.endpoint, &bucket, "");
+    let log = store.dir.path().join("daemon.log");
+    let mut child = ChildDaemon::spawn(&cfg, &log, &[]);
+    child.ready().await;
+    crate::support::signal(child.id(), libc::SIGHUP);
+    wait_until("the SIGHUP logged", Duration::from_secs(20), || {
+        std::fs::read_to_string(&log).is_ok_and(|l| l.contains("SIGHUP"))
+    })
+    .await;
+    let files = [("local_content/hu/pp/edfile".to_owned(), bytes(31, 4_000))];
+    store.write(&files[0].0, &files[0].1);
+    eventually("the file after SIGHUP", Duration::from_secs(30), || {
+        all_uploaded(&env, &bucket, &files)
+    })
+    .await;
+    let status = child.terminate();
+    assert!(
+        status.success(),
+        "{status:?}: {}",
+        std::fs::read_to_string(&log).unwrap()
+    );
+}
+
+/// A second stop signal exits at once, even while uploads hold the shutdown (an admin's second
+/// Ctrl-C); the file is uploaded by the next start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_stop_signal_exits_at_once_and_loses_nothing() {
+    let env = s3_env();
+    let proxy = Proxy::start(env.addr).await;
+    proxy.set_put_delay(Duration::from_secs(20));
+    let bucket = create_bucket(&env, "twosig").await;
+    let store = Store::new();
+    let cfg = config_yaml(
+        &store,
+        &env,
+        &proxy.endpoint(),
+        &bucket,
+        "shutdown_grace: 60s\n",
+    );
+    let log = store.dir.path().join("daemon.log");
+    let mut child = ChildDaemon::spawn(&cfg, &log, &[]);
+    child.ready().await;
+    let files = [("local_content/tw/os/ignals".to_owned(), bytes(32, 4_000))];
+    store.write(&files[0].0, &files[0].1);
+    wait_until("a PUT in flight", Duration::from_secs(20), || {
+        !proxy.object_requests("PUT").is_empty()
+    })
+    .await;
+    let t = Instant::now();
+    crate::support::signal(child.id(), libc::SIGTERM);
+    wait_until("the shutdown under way", Duration::from_secs(20), || {
+        std::fs::read_to_string(&log).is_ok_and(|l| l.contains("Shutting down"))
+    })
+    .await;
+    let status = child.terminate();
+    assert_eq!(status.code(), Some(130), "{status:?}");
+    assert!(t.elapsed() < Duration::from_secs(15), "{:?}", t.elapsed());
+
+    proxy.set_put_delay(Duration::ZERO);
+    let child = ChildDaemon::spawn(&cfg, &log, &[]);
+    eventually(
+        "the file after the restart",
+        Duration::from_secs(30),
+        || all_uploaded(&env, &bucket, &files),
+    )
+    .await;
+    child.stop();
+}
