@@ -148,10 +148,14 @@ pub(super) async fn control(s: Arc<Services>, listener: UnixListener, intake: Ca
         let stream = tokio::select! {
             _ = intake.cancelled() => break,
             Some(_) = conns.join_next(), if !conns.is_empty() => continue,
-            r = listener.accept() => match r {
+            // At most MAX_CONNECTIONS at once: the rest wait in the listen backlog.
+            r = listener.accept(), if conns.len() < control::MAX_CONNECTIONS => match r {
                 Ok((stream, _)) => stream,
                 Err(e) => {
-                    tracing::warn!(error = %crate::Chain(&e), "Control socket accept failed.");
+                    // Out of descriptors (EMFILE) fails every accept at once: retrying at once
+                    // spun a core and wrote a million log lines in two seconds.
+                    tracing::warn!(error = %crate::Chain(&e), "Control socket accept failed; retrying in 1 s.");
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
                     continue;
                 }
             },
