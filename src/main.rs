@@ -104,6 +104,7 @@ fn main() -> ExitCode {
     std::panic::set_hook(Box::new(|info| {
         tracing::error!(panic = %info.to_string().replace('\n', " "), "Internal error.");
     }));
+    raise_open_file_limit();
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -339,6 +340,25 @@ async fn daemon_or_local<T>(
             );
         }
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
+/// Raises the soft limit of open files to the hard one. The default soft limit (1,024 on most
+/// systems) is easily reached by a daemon with inotify, `upload.concurrency` files and their
+/// multipart parts, S3 and PostgreSQL connections and its sockets open; running out made every
+/// accept fail at once and uploads fail as unreadable. The hard limit is the admin's
+/// (`LimitNOFILE=` in the unit).
+fn raise_open_file_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a plain struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
     }
 }
 

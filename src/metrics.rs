@@ -16,6 +16,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::state::now_ms;
 
+/// `/metrics` and `/health` connections served at once; more wait in the listen backlog.
+const MAX_CONNECTIONS: usize = 16;
+
 pub const QUEUE_DEPTH: &str = "synapse_s3_offload_queue_depth";
 pub const QUEUE_IN_FLIGHT: &str = "synapse_s3_offload_queue_in_flight";
 pub const QUEUE_FAILED: &str = "synapse_s3_offload_queue_failed";
@@ -211,9 +214,13 @@ pub async fn serve(
         let stream = tokio::select! {
             _ = cancel.cancelled() => break,
             Some(_) = conns.join_next(), if !conns.is_empty() => continue,
-            r = listener.accept() => match r {
+            r = listener.accept(), if conns.len() < MAX_CONNECTIONS => match r {
                 Ok((s, _)) => s,
-                Err(_) => continue,
+                // Out of descriptors fails every accept at once: retrying at once spun a core.
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
             },
         };
         let (handle, health, refresh) = (handle.clone(), health.clone(), refresh.clone());

@@ -133,6 +133,12 @@ impl UploadError {
             | UploadError::Healing { .. }
             | UploadError::Arbiter { .. }
             | UploadError::Join(_) => ErrorKind::Transient,
+            // Out of file descriptors (ours or the system's) passes: not the file's fault.
+            UploadError::Read { source, .. }
+                if matches!(source.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) =>
+            {
+                ErrorKind::Transient
+            }
             // EACCES and friends need an operator; the state database failing is serious too;
             // a conflict or an unhealed bad copy waits for the operator (retried now and then,
             // so a resolved one clears by itself).
@@ -567,4 +573,22 @@ async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, tokio::task::JoinError> {
     tokio::task::spawn_blocking(f).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Running out of file descriptors is retried soon, not parked for the operator as an
+    /// unreadable file (10 minutes); permission problems still are.
+    #[test]
+    fn out_of_descriptors_is_transient_and_permissions_are_not() {
+        let read = |errno| UploadError::Read {
+            path: "/m/local_content/ab/cd/ef".into(),
+            source: std::io::Error::from_raw_os_error(errno),
+        };
+        assert_eq!(read(libc::EMFILE).kind(), ErrorKind::Transient);
+        assert_eq!(read(libc::ENFILE).kind(), ErrorKind::Transient);
+        assert_eq!(read(libc::EACCES).kind(), ErrorKind::Permanent);
+    }
 }

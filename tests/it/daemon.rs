@@ -586,3 +586,26 @@ async fn a_second_stop_signal_exits_at_once_and_loses_nothing() {
     .await;
     child.stop();
 }
+
+/// The daemon raises its soft limit of open files to the hard one: the usual soft limit (1,024)
+/// runs out with inotify, uploads and their parts, and connections, and every accept and file
+/// open then fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_open_file_limit_is_raised_to_the_hard_limit() {
+    let env = s3_env();
+    let bucket = create_bucket(&env, "nofile").await;
+    let store = Store::new();
+    let cfg = config_yaml(&store, &env, &env.endpoint, &bucket, "");
+    let log = store.dir.path().join("daemon.log");
+    let child = ChildDaemon::spawn(&cfg, &log, &["prlimit", "--nofile=256:4096", "--"]);
+    child.ready().await;
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.id())).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap()
+        .to_owned();
+    let numbers: Vec<&str> = line.split_whitespace().skip(3).take(2).collect();
+    assert_eq!(numbers, ["4096", "4096"], "{line}");
+    child.stop();
+}
