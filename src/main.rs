@@ -176,7 +176,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    rt.block_on(async move {
+    let result = rt.block_on(async move {
         match cli.command {
             Command::Check => unreachable!("handled above"),
             Command::Sweep { dry_run } => {
@@ -315,7 +315,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::SUCCESS)
             }
         }
-    })
+    });
+    // The command is done and its state committed and closed: a blocking task still running (a
+    // file of several GB being hashed for an upload the shutdown abandoned) must not keep the
+    // process, and the state lock with it, long past `shutdown_grace`. What it was doing is
+    // redone at the next start.
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
+    result
 }
 
 /// Asks the running daemon (`Ok`); without one, runs `local` (`Err`). `local` returns `None` when

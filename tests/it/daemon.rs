@@ -609,3 +609,44 @@ async fn the_open_file_limit_is_raised_to_the_hard_limit() {
     assert_eq!(numbers, ["4096", "4096"], "{line}");
     child.stop();
 }
+
+/// A stop signal while a very large file is being hashed (a blocking task) ends the process
+/// within the grace period; it used to wait for the hash (12 s for 3 GB with a 1 s grace), holding
+/// the state lock, so a restart by the service manager failed meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_during_the_hash_of_a_huge_file_ends_within_the_grace() {
+    let env = s3_env();
+    let bucket = create_bucket(&env, "bighash").await;
+    let store = Store::new();
+    let cfg = config_yaml(&store, &env, &env.endpoint, &bucket, "shutdown_grace: 1s\n");
+    let log = store.dir.path().join("daemon.log");
+    let mut child = ChildDaemon::spawn(&cfg, &log, &[]);
+    child.ready().await;
+    // 16 GB of holes: no disk, but reading and hashing it takes far longer than the grace.
+    let big = store.root.join("local_content/bi/gh/ashfile");
+    std::fs::create_dir_all(big.parent().unwrap()).unwrap();
+    std::fs::File::create(&big)
+        .unwrap()
+        .set_len(16 << 30)
+        .unwrap();
+    // Let the upload start hashing it.
+    wait_until("the upload under way", Duration::from_secs(20), || {
+        std::fs::read_to_string(format!("/proc/{}/io", child.id()))
+            .ok()
+            .and_then(|io| {
+                io.lines()
+                    .find_map(|l| l.strip_prefix("rchar: ").map(|n| n.trim().parse::<u64>()))
+            })
+            .and_then(Result::ok)
+            .is_some_and(|read| read > 100 << 20)
+    })
+    .await;
+    let t = Instant::now();
+    let status = child.terminate();
+    assert!(status.success(), "{status:?}");
+    assert!(
+        t.elapsed() < Duration::from_secs(6),
+        "exited {:?} after SIGTERM with a 1 s grace",
+        t.elapsed()
+    );
+}
