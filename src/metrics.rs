@@ -147,40 +147,65 @@ pub fn install() -> PrometheusHandle {
         .clone()
 }
 
-/// What `/health` knows: the last S3 success and failure, and the last progress.
+/// What `/health` knows: the bucket probe's last success and failure, and the uploads'.
 #[derive(Default)]
 pub struct Health {
-    s3_ok_ms: AtomicU64,
-    s3_err_ms: AtomicU64,
-    last_error: std::sync::Mutex<String>,
+    /// The idle daemon's bucket probe (HEAD bucket).
+    probe_ok_ms: AtomicU64,
+    probe_err_ms: AtomicU64,
+    /// Uploads: the last verified (uploaded, adopted, healed) and the last failed attempt.
+    upload_ok_ms: AtomicU64,
+    upload_err_ms: AtomicU64,
+    /// What the last failure was, as a bounded word: never error text (it can hold keys,
+    /// endpoints and paths, and `/health` is often reachable by more than the operator).
+    last_failure: std::sync::Mutex<&'static str>,
 }
 
 impl Health {
-    pub fn s3_ok(&self) {
-        self.s3_ok_ms.store(now_ms(), Ordering::Relaxed);
+    /// The bucket answered the probe. Says nothing about uploads: a bucket that answers HEAD while
+    /// every PUT gets 403 is not healthy.
+    pub fn probe_ok(&self) {
+        self.probe_ok_ms.store(now_ms(), Ordering::Relaxed);
     }
 
-    pub fn s3_failed(&self, error: &str) {
-        self.s3_err_ms.store(now_ms(), Ordering::Relaxed);
-        *self.last_error.lock().expect("not poisoned") = error.chars().take(300).collect();
+    pub fn probe_failed(&self) {
+        self.probe_err_ms.store(now_ms(), Ordering::Relaxed);
     }
 
-    /// (healthy, JSON body). Unhealthy while the last S3 call failed (S3 down, credentials revoked)
-    /// or when nothing succeeded for `stale` although work is waiting.
+    /// The daemon started: how long uploads have not succeeded is counted from here.
+    pub fn started(&self) {
+        self.upload_ok_ms.store(now_ms(), Ordering::Relaxed);
+    }
+
+    /// An upload was verified.
+    pub fn upload_ok(&self) {
+        self.upload_ok_ms.store(now_ms(), Ordering::Relaxed);
+    }
+
+    /// An upload attempt failed; `what` is a bounded label (`"S3 requests"`, `"reading files"`).
+    pub fn upload_failed(&self, what: &'static str) {
+        self.upload_err_ms.store(now_ms(), Ordering::Relaxed);
+        *self.last_failure.lock().expect("not poisoned") = what;
+    }
+
+    /// (healthy, JSON body). Unhealthy while the bucket probe fails, while files wait and the
+    /// last upload attempt failed, or when files wait and no upload succeeded for `stale`.
     pub fn verdict(&self, queued: usize, stale: Duration) -> (bool, String) {
-        let (ok, err) = (
-            self.s3_ok_ms.load(Ordering::Relaxed),
-            self.s3_err_ms.load(Ordering::Relaxed),
-        );
-        let reason = if err > ok {
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let (probe_ok, probe_err) = (load(&self.probe_ok_ms), load(&self.probe_err_ms));
+        let (up_ok, up_err) = (load(&self.upload_ok_ms), load(&self.upload_err_ms));
+        let now = now_ms();
+        let reason = if probe_err > probe_ok {
+            Some("S3 failing: the bucket does not answer".to_owned())
+        } else if queued > 0 && up_err > up_ok {
             Some(format!(
-                "S3 failing: {}",
-                self.last_error.lock().expect("not poisoned")
+                "uploads failing ({}) with {queued} files queued",
+                self.last_failure.lock().expect("not poisoned")
             ))
-        } else if queued > 0 && now_ms().saturating_sub(ok) > stale.as_millis() as u64 {
+        } else if queued > 0 && now.saturating_sub(up_ok) > stale.as_millis() as u64 {
             Some(format!(
-                "no S3 success for {}s with {queued} files queued",
-                now_ms().saturating_sub(ok) / 1000
+                "no upload succeeded for {}s with {queued} files queued",
+                now.saturating_sub(up_ok) / 1000
             ))
         } else {
             None

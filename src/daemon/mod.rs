@@ -157,8 +157,11 @@ pub async fn run_with(
             .then_some(config.upload.settle),
     );
     let health = Arc::new(crate::metrics::Health::default());
+    health.started();
     if bucket_ok {
-        health.s3_ok();
+        health.probe_ok();
+    } else {
+        health.probe_failed();
     }
     let depth = queue.depth();
     tracing::info!(queued = depth.queued, failed = depth.failed, setup = %config.summary(), "Starting.");

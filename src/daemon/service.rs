@@ -254,8 +254,8 @@ pub(super) async fn metrics(
             _ = tokio::time::sleep(every) => {}
         }
         match store.check_bucket().await {
-            Ok(()) => health.s3_ok(),
-            Err(e) => health.s3_failed(&crate::Chain(&e).to_string()),
+            Ok(()) => health.probe_ok(),
+            Err(_) => health.probe_failed(),
         }
     }
     let _ = server.await;

@@ -204,7 +204,7 @@ async fn process(s: Arc<Pool>, path: MediaPath, settle: bool) {
     let result = s.uploader.upload(&path).await;
     if let Ok(Outcome::Uploaded { .. } | Outcome::Adopted { .. } | Outcome::Healed { .. }) = &result
     {
-        s.health.s3_ok();
+        s.health.upload_ok();
         metrics::histogram!(m::UPLOAD_DURATION).record(started.elapsed().as_secs_f64());
         if let Some(t) = enqueued_ms {
             metrics::histogram!(m::CLOSE_TO_UPLOADED)
@@ -240,8 +240,14 @@ async fn process(s: Arc<Pool>, path: MediaPath, settle: bool) {
                 _ => Failure::Transient,
             };
             let message = crate::Chain(&e).to_string();
-            if let UploadError::S3(_) = &e {
-                s.health.s3_failed(&message);
+            // `/health` follows uploads, not the bucket probe: S3 refusing PUTs (403) or files
+            // that cannot be read make it unhealthy. A conflict or bad copy is one file's content
+            // (its own metric, `status`, `audit`), not the daemon's health.
+            match &e {
+                UploadError::S3(_) => s.health.upload_failed("S3 requests"),
+                UploadError::Read { .. } => s.health.upload_failed("reading files"),
+                UploadError::State(_) => s.health.upload_failed("the state database"),
+                _ => {}
             }
             let label = if kind == Failure::Permanent {
                 "permanent"

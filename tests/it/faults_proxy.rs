@@ -90,6 +90,8 @@ struct Plan {
     /// `Some(None)`: stalled until lifted; `Some(Some(t))`: until `t`.
     stall: Option<Option<Instant>>,
     deny: Option<S3Fault>,
+    /// PUT requests (objects and parts) only.
+    deny_puts: Option<S3Fault>,
     head: Option<HeadAnswer>,
     /// Seeded: the same sequence of requests meets the same failures in every run.
     rng: rand::rngs::StdRng,
@@ -106,6 +108,11 @@ impl Plan {
 
     fn decide(&mut self, req: &Request, body_len: u64) -> Action {
         if let Some(f) = self.deny {
+            return Action::Answer(f);
+        }
+        if req.method == "PUT"
+            && let Some(f) = self.deny_puts
+        {
             return Action::Answer(f);
         }
         if req.method == "HEAD"
@@ -197,6 +204,7 @@ impl FaultProxy {
                 puts: 0,
                 stall: None,
                 deny: None,
+                deny_puts: None,
                 head: None,
                 rng: rand::rngs::StdRng::seed_from_u64(seed),
             }),
@@ -249,6 +257,7 @@ impl FaultProxy {
         p.reset_every = None;
         p.stall = None;
         p.deny = None;
+        p.deny_puts = None;
         p.head = None;
     }
 
@@ -286,6 +295,11 @@ impl FaultProxy {
     /// Every request is answered with `fault` (e.g. revoked credentials: 403).
     pub fn deny(&self, fault: Option<S3Fault>) {
         self.plan().deny = fault;
+    }
+
+    /// Answers every PUT with `fault` (the bucket and HEADs still answer).
+    pub fn deny_puts(&self, fault: Option<S3Fault>) {
+        self.plan().deny_puts = fault;
     }
 
     /// HEAD requests on objects get `answer` instead of the server's.

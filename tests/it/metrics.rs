@@ -223,3 +223,64 @@ async fn histograms_sweep_series_from_startup_and_a_dry_run_is_not_a_sweep() {
     assert!(!json.contains("\"deleted\":[]"), "{json}");
     d.stop().await;
 }
+
+/// `/health` follows the uploads, not the bucket probe: with HEAD bucket answering 200 and every
+/// PUT refused (403), it was 200 about 95 % of the time (each probe cancelled the failure). It
+/// must be 503 and stay so, say why without any error text (keys, endpoints), and recover once
+/// uploads succeed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_is_unhealthy_while_puts_fail_though_the_bucket_answers() {
+    use crate::faults_proxy::{FaultProxy, S3Fault};
+    let env = s3_env();
+    let proxy = FaultProxy::start(env.addr, 7).await;
+    let bucket = create_bucket(&env, "healthput").await;
+    let store = Store::new();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut raw = raw_config(&env, &proxy.endpoint(), &bucket, &store);
+    raw.metrics.listen = Some(addr.clone());
+    raw.metrics.s3_probe_interval = Some("100ms".into());
+    raw.upload.max_backoff = Some("1s".into());
+    raw.upload.failed_retry_interval = Some("1s".into());
+    proxy.deny_puts(Some(S3Fault::AccessDenied));
+    let d = Daemon::start(validated(raw));
+    let files = [("local_content/he/al/thput".to_owned(), bytes(41, 3_000))];
+    store.write(&files[0].0, &files[0].1);
+    eventually(
+        "/health 503 while PUTs fail",
+        Duration::from_secs(20),
+        || async {
+            let (status, body) = get(&addr, "/health").await;
+            if status == 503 { Ok(()) } else { Err(body) }
+        },
+    )
+    .await;
+    // It stays so across many probes of a bucket that answers.
+    for _ in 0..20 {
+        let (status, body) = get(&addr, "/health").await;
+        assert_eq!(status, 503, "{body}");
+        assert!(body.contains("uploads failing"), "{body}");
+        assert!(
+            !body.contains(&env.access_key)
+                && !body.contains("127.0.0.1")
+                && !body.contains("he/al"),
+            "no error text, endpoint or path: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    proxy.deny_puts(None);
+    eventually("the upload", Duration::from_secs(30), || {
+        all_uploaded(&env, &bucket, &files)
+    })
+    .await;
+    eventually("/health 200 again", Duration::from_secs(20), || async {
+        let (status, body) = get(&addr, "/health").await;
+        if status == 200 { Ok(()) } else { Err(body) }
+    })
+    .await;
+    d.stop().await;
+}
