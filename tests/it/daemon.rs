@@ -210,6 +210,18 @@ async fn slow_deleted_and_rewritten_files() {
 // ---------------------------------------------------------------------------------------------
 // The binary as a child process.
 
+/// The config and log paths of a child daemon's test (see [`config_yaml`]).
+fn daemon_files(
+    store: &Store,
+    env: &S3Env,
+    endpoint: &str,
+    bucket: &str,
+    extra: &str,
+) -> (std::path::PathBuf, std::path::PathBuf) {
+    let cfg = config_yaml(store, env, endpoint, bucket, extra);
+    (cfg, store.dir.path().join("daemon.log"))
+}
+
 fn config_yaml(
     store: &Store,
     env: &S3Env,
@@ -269,14 +281,13 @@ async fn sigterm_with_uploads_in_flight_exits_zero_and_loses_nothing() {
     proxy.set_put_delay(Duration::from_secs(3));
     let bucket = create_bucket(&env, "sigterm").await;
     let store = Store::new();
-    let cfg = config_yaml(
+    let (cfg, log) = daemon_files(
         &store,
         &env,
         &proxy.endpoint(),
         &bucket,
         "shutdown_grace: 5s\n",
     );
-    let log = store.dir.path().join("daemon.log");
     let mut child = ChildDaemon::spawn(&cfg, &log, &[]);
     let files = tokio::task::block_in_place(|| write_burst(&store, 30, 20));
     wait_until("a PUT in flight", Duration::from_secs(20), || {
@@ -469,8 +480,7 @@ async fn the_log_shows_the_setup_once_and_no_watch_removal_noise() {
     let env = s3_env();
     let bucket = create_bucket(&env, "logs").await;
     let store = Store::new();
-    let cfg = config_yaml(&store, &env, &env.endpoint, &bucket, "");
-    let log = store.dir.path().join("daemon.log");
+    let (cfg, log) = daemon_files(&store, &env, &env.endpoint, &bucket, "");
     let mut child = ChildDaemon::spawn(&cfg, &log, &[]);
     let read = || std::fs::read_to_string(&log).unwrap_or_default();
     wait_until("the watches", Duration::from_secs(30), || {
@@ -518,8 +528,7 @@ async fn sighup_does_not_stop_the_daemon() {
     let env = s3_env();
     let bucket = create_bucket(&env, "sighup").await;
     let store = Store::new();
-    let cfg = config_yaml(&store, &env, &env.endpoint, &bucket, "");
-    let log = store.dir.path().join("daemon.log");
+    let (cfg, log) = daemon_files(&store, &env, &env.endpoint, &bucket, "");
     let mut child = ChildDaemon::spawn(&cfg, &log, &[]);
     child.ready().await;
     crate::support::signal(child.id(), libc::SIGHUP);
@@ -550,14 +559,13 @@ async fn a_second_stop_signal_exits_at_once_and_loses_nothing() {
     proxy.set_put_delay(Duration::from_secs(20));
     let bucket = create_bucket(&env, "twosig").await;
     let store = Store::new();
-    let cfg = config_yaml(
+    let (cfg, log) = daemon_files(
         &store,
         &env,
         &proxy.endpoint(),
         &bucket,
         "shutdown_grace: 60s\n",
     );
-    let log = store.dir.path().join("daemon.log");
     let mut child = ChildDaemon::spawn(&cfg, &log, &[]);
     child.ready().await;
     let files = [("local_content/tw/os/ignals".to_owned(), bytes(32, 4_000))];
@@ -618,8 +626,7 @@ async fn a_stop_during_the_hash_of_a_huge_file_ends_within_the_grace() {
     let env = s3_env();
     let bucket = create_bucket(&env, "bighash").await;
     let store = Store::new();
-    let cfg = config_yaml(&store, &env, &env.endpoint, &bucket, "shutdown_grace: 1s\n");
-    let log = store.dir.path().join("daemon.log");
+    let (cfg, log) = daemon_files(&store, &env, &env.endpoint, &bucket, "shutdown_grace: 1s\n");
     let mut child = ChildDaemon::spawn(&cfg, &log, &[]);
     child.ready().await;
     // 16 GB of holes: no disk, but reading and hashing it takes far longer than the grace.

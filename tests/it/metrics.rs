@@ -6,6 +6,16 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::support::*;
 
+/// A free loopback `host:port` for the metrics server.
+fn free_addr() -> String {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    format!("127.0.0.1:{port}")
+}
+
 pub(crate) async fn get(addr: &str, path: &str) -> (u16, String) {
     let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else {
         return (0, String::new());
@@ -38,12 +48,7 @@ async fn metrics_move_and_health_follows_s3() {
     let penv = s3.env(&env);
     let bucket = create_bucket(&penv, "metrics").await;
     let store = Store::new();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr = format!("127.0.0.1:{port}");
+    let addr = free_addr();
     let mut raw = raw_config(&env, &s3.endpoint(), &bucket, &store);
     raw.metrics.listen = Some(addr.clone());
     raw.metrics.s3_probe_interval = Some("300ms".into());
@@ -141,12 +146,7 @@ async fn histograms_sweep_series_from_startup_and_a_dry_run_is_not_a_sweep() {
     let bucket = create_bucket(&env, "msweep").await;
     let store = Store::new();
     let db = TestDb::create().await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr = format!("127.0.0.1:{port}");
+    let addr = free_addr();
     let mut raw = raw_config(&env, &env.endpoint, &bucket, &store);
     raw.metrics.listen = Some(addr.clone());
     raw.database = Some(db.raw());
@@ -235,12 +235,7 @@ async fn health_is_unhealthy_while_puts_fail_though_the_bucket_answers() {
     let proxy = FaultProxy::start(env.addr, 7).await;
     let bucket = create_bucket(&env, "healthput").await;
     let store = Store::new();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr = format!("127.0.0.1:{port}");
+    let addr = free_addr();
     let mut raw = raw_config(&env, &proxy.endpoint(), &bucket, &store);
     raw.metrics.listen = Some(addr.clone());
     raw.metrics.s3_probe_interval = Some("100ms".into());
