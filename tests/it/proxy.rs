@@ -213,7 +213,7 @@ impl Drop for TcpProxy {
 }
 
 /// Copies the client's bytes to the server. Once a chunk contains `trigger`, the replies are held
-/// from the client's next chunk on (a query sent with parameters is prepared first, in a round
+/// from the client's next Bind message on (a query sent with parameters is prepared first, in a round
 /// trip of its own, then executed: holding the reply to the execution stalls the connection after
 /// the server acted).
 async fn requests(
@@ -229,10 +229,13 @@ async fn requests(
         if n == 0 {
             return to.shutdown().await;
         }
-        if armed {
+        // The execution starts with a Bind message ('B'). Other messages may come between the
+        // Parse and it (a Close of a statement dropped earlier on a pooled connection): holding
+        // the replies on those stalled the prepare, so the server never ran the query.
+        if armed && buf[0] == b'B' {
             hold.send_replace(true);
             armed = false;
-        } else {
+        } else if !armed {
             let mut t = trigger.lock().unwrap();
             if t.as_ref()
                 .is_some_and(|p| buf[..n].windows(p.len()).any(|w| w == p.as_slice()))
