@@ -19,6 +19,7 @@ use crate::config::Config;
 use crate::layout::MediaPath;
 use crate::scan::{self, Item};
 use crate::state::{Op, State, StateError, StateHandle};
+use crate::upload::limiter::{self, Breaker, Signal};
 use crate::upload::s3::{ObjectStore, S3Error};
 use crate::upload::{Outcome, UploadError, Uploader};
 
@@ -193,10 +194,25 @@ pub async fn run(
     let mut done = 0u64;
     {
         let files = futures::stream::poll_fn(|cx| rx.poll_recv(cx));
+        // The store's limiter sets how many run at once (adaptive, at most
+        // `upload.concurrency`, paused by throttling); `halt` drops the files still waiting for a
+        // slot once the run stops (they wait for the next run).
+        let limiter = uploader.store().limiter().clone();
+        limiter.set_cap(config.upload.concurrency);
+        limiter.set_rate(config.upload.max_requests_per_second);
+        let halt = CancellationToken::new();
         let mut results = files
             .map(|found| {
-                let uploader = &uploader;
-                async move { (uploader.upload(&found.path).await, found) }
+                let (uploader, limiter, halt) = (&uploader, &limiter, &halt);
+                async move {
+                    let permit = tokio::select! {
+                        p = limiter.start() => p,
+                        _ = halt.cancelled() => return (None, found),
+                    };
+                    let result = uploader.upload(&found.path).await;
+                    let breaker = permit.finish(limiter::signal(&result));
+                    (Some((result, breaker)), found)
+                }
             })
             .buffer_unordered(config.upload.concurrency);
         // Records waiting for their commit. A file counts as uploaded only once its record is
@@ -213,6 +229,7 @@ pub async fn run(
                 _ = cancel.cancelled(), if !stop_walk.load(Ordering::Relaxed) => {
                     tracing::warn!("Interrupted: finishing the uploads in flight, the rest waits for the next run.");
                     stop_walk.store(true, Ordering::Relaxed);
+                    halt.cancel();
                     continue;
                 }
                 next = results.next(), if walking && commits.len() < MAX_COMMITS_WAITING => {
@@ -220,6 +237,23 @@ pub async fn run(
                         walking = false;
                         continue;
                     };
+                    let Some((result, breaker)) = result else { continue };
+                    // S3 went down mid-run (the breaker opened: several files in a row could
+                    // not reach it): stop with that error instead of failing every remaining
+                    // file one probe at a time. Nothing is lost: the next run picks up here.
+                    if breaker == Breaker::Open
+                        && matches!(&result, Err(e) if limiter::error_signal(e) == Signal::Unavailable)
+                    {
+                        stop_walk.store(true, Ordering::Relaxed);
+                        halt.cancel();
+                        if let Err(e) = result {
+                            summary.failed += 1;
+                            fatal.get_or_insert(e);
+                        }
+                        done += 1;
+                        bar.done(found.snapshot.size);
+                        continue;
+                    }
                     let ops = match &result {
                         Ok(o) => o.record().map(|r| vec![
                             Op::Record(found.path.clone(), r),

@@ -26,6 +26,8 @@ pub const ENQUEUED: &str = "synapse_s3_offload_enqueued_total";
 pub const UPLOADED: &str = "synapse_s3_offload_uploaded_total";
 pub const UPLOADED_BYTES: &str = "synapse_s3_offload_uploaded_bytes_total";
 pub const UPLOAD_FAILURES: &str = "synapse_s3_offload_upload_failures_total";
+pub const UPLOAD_LIMIT: &str = "synapse_s3_offload_upload_concurrency_limit";
+pub const S3_BREAKER_OPEN: &str = "synapse_s3_offload_s3_unreachable";
 pub const UPLOAD_DURATION: &str = "synapse_s3_offload_upload_duration_seconds";
 pub const CLOSE_TO_UPLOADED: &str = "synapse_s3_offload_close_to_uploaded_seconds";
 pub const BAD_LOCAL_COPIES: &str = "synapse_s3_offload_bad_local_copies_total";
@@ -56,7 +58,15 @@ fn describe() {
     describe_counter!(UPLOADED_BYTES, Unit::Bytes, "Bytes uploaded.");
     describe_counter!(
         UPLOAD_FAILURES,
-        "Failed upload attempts, by kind (transient = retried with backoff, permanent)."
+        "Failed upload attempts, by kind (transient = retried with backoff, permanent, unavailable = S3 down: put back without an attempt)."
+    );
+    describe_gauge!(
+        UPLOAD_LIMIT,
+        "Uploads allowed in flight now: adaptive, at most upload.concurrency, cut by throttling."
+    );
+    describe_gauge!(
+        S3_BREAKER_OPEN,
+        "1 while S3 is unreachable (the circuit breaker is open: only probes are sent)."
     );
     describe_histogram!(
         UPLOAD_DURATION,

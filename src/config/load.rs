@@ -174,6 +174,7 @@ overlay_options!(RawUpload {
     settle,
     failed_retry_interval,
     heal_bad_local_copies,
+    max_requests_per_second,
 });
 overlay_options!(RawSweep {
     enabled,

@@ -28,6 +28,7 @@ mod upload;
 #[cfg(test)]
 pub(crate) use self::s3::validate_s3_for_tests;
 use self::upload::validate_upload;
+pub use upload::DEFAULT_UPLOAD_CONCURRENCY;
 mod sweep;
 
 pub const ENV_PREFIX: &str = "SYNAPSE_S3_OFFLOAD";
@@ -231,6 +232,7 @@ pub struct RawUpload {
     pub settle: Option<String>,
     pub failed_retry_interval: Option<String>,
     pub heal_bad_local_copies: Option<bool>,
+    pub max_requests_per_second: Option<f64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -352,6 +354,9 @@ pub struct UploadConfig {
     /// Replace a local file that differs from its verified object with the object's bytes
     /// (false: report only).
     pub heal_bad_local_copies: bool,
+    /// Object requests (HEAD, PUT, parts) sent per second at most, by uploads; None: no cap
+    /// (the adaptive limit and throttling answers still apply).
+    pub max_requests_per_second: Option<f64>,
 }
 
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/synapse-s3-offload";

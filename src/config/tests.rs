@@ -57,7 +57,7 @@ fn example_config_lists_only_real_keys() {
 fn defaults() {
     let dir = tempfile::tempdir().unwrap();
     let c = validate(raw_with(dir.path())).unwrap();
-    assert_eq!(c.upload.concurrency, 8);
+    assert_eq!(c.upload.concurrency, DEFAULT_UPLOAD_CONCURRENCY);
     assert_eq!(c.upload.multipart_threshold, 16 << 20);
     assert_eq!(
         c.s3.request_checksum_calculation,
@@ -144,6 +144,10 @@ fn bad_values_name_their_key() {
             "s3.request_timeout",
         ),
         (|r| r.upload.concurrency = Some(0), "upload.concurrency"),
+        (
+            |r| r.upload.max_requests_per_second = Some(0.0),
+            "upload.max_requests_per_second",
+        ),
         (
             |r| r.upload.multipart_part_size = Some(SizeValue::Text("1MiB".into())),
             "upload.multipart_part_size",
@@ -299,7 +303,7 @@ fn the_shipped_example_loads_as_is_and_empty_sections_mean_defaults() {
     )
     .unwrap();
     let c = load_with_env(&path, &[]).unwrap();
-    assert_eq!(c.upload.concurrency, 8);
+    assert_eq!(c.upload.concurrency, DEFAULT_UPLOAD_CONCURRENCY);
     assert!(c.sweep.enabled && c.database.is_none());
 }
 

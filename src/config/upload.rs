@@ -5,8 +5,13 @@ use super::{
     invalid, parse_size,
 };
 
+/// `upload.concurrency` by default: the ceiling of the adaptive limit (`upload::limiter`), which
+/// starts at 16 and finds what the link and the provider take. 64 reaches ~2,000 small files/s at
+/// 30 ms RTT; with at most 4 parts per multipart upload it stays well inside 1024 descriptors.
+pub const DEFAULT_UPLOAD_CONCURRENCY: usize = 64;
+
 pub(super) fn validate_upload(raw: RawUpload) -> Result<UploadConfig, ConfigError> {
-    let concurrency = raw.concurrency.unwrap_or(8);
+    let concurrency = raw.concurrency.unwrap_or(DEFAULT_UPLOAD_CONCURRENCY);
     if !(1..=256).contains(&concurrency) {
         return Err(invalid("upload.concurrency", "must be between 1 and 256"));
     }
@@ -36,7 +41,17 @@ pub(super) fn validate_upload(raw: RawUpload) -> Result<UploadConfig, ConfigErro
             "must be between 5MiB and 5GiB (S3's part size limits)",
         ));
     }
+    let max_requests_per_second = match raw.max_requests_per_second {
+        Some(r) if !(r.is_finite() && r > 0.0) => {
+            return Err(invalid(
+                "upload.max_requests_per_second",
+                "must be a positive number of requests per second (or left out: no cap)",
+            ));
+        }
+        r => r,
+    };
     Ok(UploadConfig {
+        max_requests_per_second,
         concurrency,
         multipart_threshold,
         multipart_part_size,

@@ -35,6 +35,7 @@
 
 pub mod digest;
 pub mod heal;
+pub mod limiter;
 pub mod pool;
 pub mod s3;
 mod s3_error;

@@ -19,6 +19,7 @@ use crate::metrics as m;
 use crate::queue::{Failure, Queue};
 use crate::state::{Committer, State, now_ms};
 use crate::upload::digest::{self, Stat};
+use crate::upload::limiter::{self, Breaker, Permit, Signal};
 use crate::upload::s3::ErrorKind;
 use crate::upload::{Outcome, UploadError, Uploader};
 
@@ -41,6 +42,7 @@ pub struct Pool {
     pub health: Arc<m::Health>,
     pub media_store_path: PathBuf,
     pub concurrency: usize,
+    pub max_requests_per_second: Option<f64>,
     pub settle: Duration,
     pub shutdown_grace: Duration,
     pub stats: Arc<Stats>,
@@ -63,6 +65,7 @@ impl Pool {
             health,
             media_store_path: config.media_store_path.clone(),
             concurrency: config.upload.concurrency,
+            max_requests_per_second: config.upload.max_requests_per_second,
             settle: config.upload.settle,
             shutdown_grace: config.shutdown_grace,
             stats: Arc::default(),
@@ -84,22 +87,39 @@ impl Pool {
     pub async fn run(self, cancel: CancellationToken) {
         let s = Arc::new(self);
         let mut running = JoinSet::new();
-        let limit = s.concurrency;
+        // The store's limiter decides how many run at once: adaptive, at most `upload.concurrency`,
+        // paused while S3 throttles, one probe at a time while S3 is down.
+        let limiter = s.uploader.store().limiter().clone();
+        limiter.set_cap(s.concurrency);
+        limiter.set_rate(s.max_requests_per_second);
         loop {
             s.heartbeat.store(now_ms(), Ordering::Relaxed);
-            while running.len() < limit && !cancel.is_cancelled() {
+            let mut gated = false;
+            while !cancel.is_cancelled() {
+                let Some(permit) = limiter.try_start() else {
+                    gated = true;
+                    break;
+                };
                 let Some((path, settle)) = s.queue.claim() else {
                     break;
                 };
-                running.spawn(process(s.clone(), path, settle));
+                running.spawn(process(s.clone(), path, settle, permit));
             }
-            // Wake on a new item, a finished upload, the next due time (at most 1 s: the fallback).
-            let wait = s.queue.next_due().map_or(Duration::from_secs(1), |due| {
-                Duration::from_millis(due.saturating_sub(now_ms())).min(Duration::from_secs(1))
-            });
+            // Wake on a new item, a finished upload, the next due time — or, with no permit left,
+            // the limiter's next change: the end of a throttling pause or the next probe (not the
+            // due time of items already due, which would spin). At most 1 s: the fallback.
+            let wait = if gated {
+                limiter.next_wake().unwrap_or(Duration::from_secs(1))
+            } else {
+                s.queue.next_due().map_or(Duration::from_secs(1), |due| {
+                    Duration::from_millis(due.saturating_sub(now_ms()))
+                })
+            }
+            .min(Duration::from_secs(1));
             tokio::select! {
                 _ = cancel.cancelled() => break,
                 _ = s.queue.notified() => {}
+                _ = limiter.changed(), if gated => {}
                 Some(_) = running.join_next(), if !running.is_empty() => {}
                 _ = tokio::time::sleep(wait) => {}
             }
@@ -165,7 +185,7 @@ fn settle_decision(mtime_ms: u64, now: u64, settle_ms: u64, writing: Option<bool
     }
 }
 
-async fn process(s: Arc<Pool>, path: MediaPath, settle: bool) {
+async fn process(s: Arc<Pool>, path: MediaPath, settle: bool, permit: Permit) {
     if settle {
         // Found by a scan, not by a close event: a file modified less than `settle` ago may still
         // be being written. If the kernel says nobody has it open for writing, it is complete
@@ -202,6 +222,8 @@ async fn process(s: Arc<Pool>, path: MediaPath, settle: bool) {
     let started = std::time::Instant::now();
     let enqueued_ms = s.queue.enqueued_at(&path);
     let result = s.uploader.upload(&path).await;
+    let signal = limiter::signal(&result);
+    let breaker = permit.finish(signal);
     if let Ok(Outcome::Uploaded { .. } | Outcome::Adopted { .. } | Outcome::Healed { .. }) = &result
     {
         s.health.upload_ok();
@@ -231,6 +253,18 @@ async fn process(s: Arc<Pool>, path: MediaPath, settle: bool) {
         }
         Ok(Outcome::Unchanged | Outcome::Vanished | Outcome::NotRegular) => {
             s.queue.finish(&path, None).await
+        }
+        Err(e) if signal == Signal::Unavailable && breaker == Breaker::Open => {
+            // S3 is down (the breaker logged it once, with counts): put the file back as it was,
+            // due at once, without an attempt, a log line or a state write per try — an outage
+            // with 200k files queued would otherwise rewrite each one's error every backoff
+            // round. The pool starts only probes until S3 answers, then the backlog drains.
+            s.stats.failures.fetch_add(1, Ordering::Relaxed);
+            s.health.upload_failed("S3 requests");
+            metrics::counter!(m::UPLOAD_FAILURES, "kind" => "unavailable").increment(1);
+            tracing::debug!(path = %path, error = %crate::Chain(&e), "Upload failed: S3 is down.");
+            s.queue.defer(&path, now_ms());
+            Ok(())
         }
         Err(e) => {
             s.stats.failures.fetch_add(1, Ordering::Relaxed);

@@ -3,7 +3,8 @@
 //!
 //! Retries: the SDK's standard retry layer is the only one for a single request
 //! (`s3.max_attempts`, default 3 attempts with the SDK's jittered exponential backoff). Nothing in
-//! this module loops around it. Every request has `s3.connect_timeout` and an attempt timeout of
+//! this module loops around it. Throttling answers on any attempt also reach the client's
+//! [`Limiter`] (through an interceptor), which slows every upload, not just the refused one. Every request has `s3.connect_timeout` and an attempt timeout of
 //! `s3.request_timeout`.
 //!
 //! Checksums: by default (`when_required`) no `x-amz-checksum-*` headers and no aws-chunked bodies
@@ -13,6 +14,7 @@
 
 use std::fs::File;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::md5::Md5;
@@ -32,6 +34,7 @@ use futures::{StreamExt, TryStreamExt};
 
 use crate::config::{ChecksumMode, S3Config};
 
+use super::limiter::{Limiter, ThrottleInterceptor};
 pub use super::s3_error::{ErrorKind, S3Error};
 use super::s3_error::{classify, read_error};
 
@@ -41,6 +44,8 @@ pub const META_MD5: &str = "md5";
 pub const PROBE_MARK: &str = "synapse-s3-offload-check-";
 /// Parts uploaded at once for one multipart upload.
 const PART_CONCURRENCY: usize = 4;
+/// The limiter's ceiling until the runner of uploads sets `upload.concurrency`.
+const START_CAP: usize = 8;
 /// S3 accepts at most this many parts in one multipart upload.
 pub const MAX_PARTS: u64 = 10_000;
 
@@ -141,6 +146,7 @@ pub struct ObjectStore {
     storage_class: Option<StorageClass>,
     sse: Option<SseC>,
     part_size: u64,
+    limiter: Arc<Limiter>,
 }
 
 impl ObjectStore {
@@ -168,6 +174,7 @@ impl ObjectStore {
             ));
         }
         let sdk = loader.load().await;
+        let limiter = Limiter::new(START_CAP);
         let checksum = |m| matches!(m, ChecksumMode::WhenSupported);
         let mut b = aws_sdk_s3::config::Builder::from(&sdk)
             .force_path_style(cfg.force_path_style)
@@ -182,6 +189,7 @@ impl ObjectStore {
                 ResponseChecksumValidation::WhenRequired
             })
             .retry_config(RetryConfig::standard().with_max_attempts(cfg.max_attempts))
+            .interceptor(ThrottleInterceptor(limiter.clone()))
             .timeout_config(
                 TimeoutConfig::builder()
                     .connect_timeout(cfg.connect_timeout)
@@ -205,7 +213,13 @@ impl ObjectStore {
             storage_class: cfg.storage_class.as_deref().map(StorageClass::from),
             sse,
             part_size,
+            limiter,
         }
+    }
+
+    /// The limit on uploads in flight through this client, fed by its throttling answers.
+    pub fn limiter(&self) -> &Arc<Limiter> {
+        &self.limiter
     }
 
     pub fn prefix(&self) -> &str {
@@ -345,6 +359,7 @@ impl ObjectStore {
     pub async fn head(&self, key: &str) -> Result<Option<ObjectInfo>, S3Error> {
         let mut req = self.client.head_object().bucket(&self.bucket).key(key);
         with_sse!(req, self.sse);
+        self.limiter.pace().await;
         let out = req.send().await.map_err(|e| self.err("HEAD", key, e));
         Ok(absent_as_none(out)?.map(|out| ObjectInfo {
             size: out.content_length().unwrap_or(0).max(0) as u64,
@@ -404,6 +419,7 @@ impl ObjectStore {
         // Content-MD5 header already binds the body (the server rejects any other), and hashing
         // every in-memory body a second time was the largest CPU cost per file in the profile.
         // Bodies streamed from disk are never payload-signed by the SDK anyway.
+        self.limiter.pace().await;
         req.customize()
             .disable_payload_signing()
             .send()
@@ -533,6 +549,7 @@ impl ObjectStore {
                         .content_md5(B64.encode(part_md5))
                         .body(body);
                     with_sse!(req, self.sse);
+                    self.limiter.pace().await;
                     let out = req
                         .send()
                         .await
@@ -553,46 +570,5 @@ impl ObjectStore {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn part_plan_stays_within_s3_limits() {
-        const MIB: u64 = 1 << 20;
-        const GIB: u64 = 1 << 30;
-        // A 5 GiB file: 1024 parts of 5 MiB, or 320 of 16 MiB (the default).
-        assert_eq!(part_size_for(5 * GIB, 5 * MIB), 5 * MIB);
-        assert_eq!((5 * GIB).div_ceil(part_size_for(5 * GIB, 5 * MIB)), 1024);
-        assert_eq!((5 * GIB).div_ceil(part_size_for(5 * GIB, 16 * MIB)), 320);
-        // Exactly 10 000 parts still fits; one byte more takes a larger part.
-        assert_eq!(part_size_for(10_000 * 16 * MIB, 16 * MIB), 16 * MIB);
-        assert_eq!(part_size_for(10_000 * 16 * MIB + 1, 16 * MIB), 17 * MIB);
-        // Up to S3's largest object (5 TiB), parts stay within 5 MiB..5 GiB and 10 000.
-        for size in [200 * GIB, 1024 * GIB, 5 * 1024 * GIB] {
-            for configured in [5 * MIB, 16 * MIB, 5 * GIB] {
-                let p = part_size_for(size, configured);
-                assert!(p >= configured && p <= 5 * GIB, "{size} {configured}: {p}");
-                assert!(size.div_ceil(p) <= MAX_PARTS, "{size} {configured}: {p}");
-            }
-        }
-    }
-
-    #[test]
-    fn confirms_needs_size_and_digest() {
-        let md5 = [0xab; 16];
-        let info = |size, meta, etag: Option<&str>| ObjectInfo {
-            size,
-            meta_md5: meta,
-            etag: etag.map(str::to_owned),
-        };
-        assert!(info(10, Some(md5), None).confirms(10, &md5));
-        assert!(!info(11, Some(md5), None).confirms(10, &md5));
-        assert!(
-            !info(10, Some([0; 16]), Some(&hex::encode(md5))).confirms(10, &md5),
-            "metadata wins over ETag"
-        );
-        assert!(info(10, None, Some(&hex::encode(md5).to_uppercase())).confirms(10, &md5));
-        assert!(!info(10, None, Some("abababab-2")).confirms(10, &md5));
-        assert!(!info(10, None, None).confirms(10, &md5));
-    }
-}
+#[path = "s3_tests.rs"]
+mod tests;

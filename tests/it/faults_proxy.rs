@@ -12,6 +12,7 @@
 //! by an answer it did not wait for, and the connection stays usable for the next request.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -171,6 +172,10 @@ pub struct Stats {
 
 struct Shared {
     upstream: SocketAddr,
+    /// Requests received and not answered yet (the answer's first byte ends one), and the most
+    /// at once since [`FaultProxy::take_peak`]: the client's concurrency, seen from the wire.
+    in_flight: AtomicI64,
+    peak: AtomicI64,
     plan: Mutex<Plan>,
     stats: Mutex<Stats>,
     log: Mutex<Vec<Request>>,
@@ -196,6 +201,8 @@ impl FaultProxy {
         let addr = listener.local_addr().unwrap();
         let shared = Arc::new(Shared {
             upstream,
+            in_flight: AtomicI64::new(0),
+            peak: AtomicI64::new(0),
             plan: Mutex::new(Plan {
                 latency: Duration::ZERO,
                 fail: None,
@@ -246,6 +253,12 @@ impl FaultProxy {
 
     pub fn requests(&self) -> Vec<Request> {
         self.shared.log.lock().unwrap().clone()
+    }
+
+    /// The most requests in flight at once since the last call (then reset to those in flight now).
+    pub fn take_peak(&self) -> i64 {
+        let now = self.shared.in_flight.load(Ordering::SeqCst);
+        self.shared.peak.swap(now, Ordering::SeqCst)
     }
 
     /// Removes every fault.
@@ -315,13 +328,18 @@ async fn connection(client: TcpStream, server: TcpStream, s: Arc<Shared>) -> std
     let (client_r, client_w) = client.into_split();
     let (mut server_r, mut server_w) = server.into_split();
     let client_w: Writer = Arc::new(tokio::sync::Mutex::new(client_w));
+    let pending = Pending(Arc::new(AtomicBool::new(false)), s.clone());
     // Server → client, as bytes. The client waits for each response before sending its next
     // request, so the proxy's own answers never interleave with a forwarded one.
     let back = {
         let w = client_w.clone();
+        let pending = pending.clone();
         tokio::spawn(async move {
             let mut buf = vec![0u8; 64 * 1024];
             while let Ok(n) = server_r.read(&mut buf).await {
+                if n > 0 {
+                    pending.answered();
+                }
                 if n == 0 || w.lock().await.write_all(&buf[..n]).await.is_err() {
                     break;
                 }
@@ -329,9 +347,29 @@ async fn connection(client: TcpStream, server: TcpStream, s: Arc<Shared>) -> std
             let _ = w.lock().await.shutdown().await;
         })
     };
-    let result = requests(client_r, &client_w, &mut server_w, &s).await;
+    let result = requests(client_r, &client_w, &mut server_w, &s, &pending).await;
     back.abort();
+    pending.answered();
     result
+}
+
+/// Whether this connection's current request awaits its answer (see `Shared::in_flight`).
+#[derive(Clone)]
+struct Pending(Arc<AtomicBool>, Arc<Shared>);
+
+impl Pending {
+    fn asked(&self) {
+        if !self.0.swap(true, Ordering::SeqCst) {
+            let n = self.1.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+            self.1.peak.fetch_max(n, Ordering::SeqCst);
+        }
+    }
+
+    fn answered(&self) {
+        if self.0.swap(false, Ordering::SeqCst) {
+            self.1.in_flight.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
 }
 
 async fn requests(
@@ -339,6 +377,7 @@ async fn requests(
     client_w: &Writer,
     server_w: &mut OwnedWriteHalf,
     s: &Shared,
+    pending: &Pending,
 ) -> std::io::Result<()> {
     let mut reader = BufReader::new(client_r);
     let mut n = 0u64;
@@ -346,6 +385,7 @@ async fn requests(
         let Some((head, req)) = read_head(&mut reader).await? else {
             return Ok(());
         };
+        pending.asked();
         n += 1;
         let len: u64 = req
             .header("content-length")
@@ -379,6 +419,7 @@ async fn requests(
                     st.slowdowns += (fault == S3Fault::SlowDown) as u64;
                 }
                 let response = error_response(fault, &req, n);
+                pending.answered();
                 client_w.lock().await.write_all(&response).await?;
             }
             Action::Head(answer) => {
@@ -387,6 +428,7 @@ async fn requests(
                     HeadAnswer::Error(fault) => error_response(fault, &req, n),
                     HeadAnswer::WrongSize => resized_head(s.upstream, &head).await?,
                 };
+                pending.answered();
                 client_w.lock().await.write_all(&response).await?;
             }
             Action::Reset => {

@@ -18,5 +18,6 @@ mod support;
 mod sweep;
 mod synapse_config;
 mod systemd;
+mod throttle;
 mod upload;
 mod verified;
