@@ -61,6 +61,10 @@ pub struct Status {
     /// Parts of the media store the daemon's scans could not read (their files are not uploaded).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub unreadable: Vec<String>,
+    /// Why inotify does not cover the whole store (degraded mode: new files are found by scans
+    /// every `scan_interval_when_degraded`); empty while the watch covers it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub degraded: Vec<String>,
     /// Local files that differ from their verified object and are not healed (healing off, or
     /// it failed), and conflicts (local file and an unverified object differ; both kept).
     #[serde(default)]
@@ -111,6 +115,13 @@ impl std::fmt::Display for Status {
         }
         if let Some(r) = &self.last_dry_run {
             writeln!(f, "last dry run: {} ago: {r}", ago(r))?;
+        }
+        if self.daemon_running && !self.degraded.is_empty() {
+            writeln!(
+                f,
+                "watch:        degraded ({}): new files are found by scans every scan_interval_when_degraded, not at once",
+                self.degraded.join(", ")
+            )?;
         }
         for u in &self.unreadable {
             writeln!(f, "unreadable:   {u} (its files are not uploaded)")?;

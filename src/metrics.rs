@@ -33,6 +33,8 @@ pub const CONFLICTS: &str = "synapse_s3_offload_upload_conflicts_total";
 pub const SCANS: &str = "synapse_s3_offload_scans_total";
 pub const SCAN_DURATION: &str = "synapse_s3_offload_scan_duration_seconds";
 pub const WATCHED_DIRS: &str = "synapse_s3_offload_inotify_watched_directories";
+pub const DEGRADED: &str = "synapse_s3_offload_watch_degraded";
+pub const REWATCHES: &str = "synapse_s3_offload_watch_reestablished_total";
 pub const SWEEPS: &str = "synapse_s3_offload_sweeps_total";
 pub const SWEEP_DELETED_FILES: &str = "synapse_s3_offload_sweep_deleted_files_total";
 pub const SWEEP_DELETED_BYTES: &str = "synapse_s3_offload_sweep_deleted_bytes_total";
@@ -81,6 +83,14 @@ fn describe() {
     describe_gauge!(
         WATCHED_DIRS,
         "Directories of the media store seen by the last full scan (inotify watches needed); 0 while degraded."
+    );
+    describe_gauge!(
+        DEGRADED,
+        "1 while inotify does not cover the whole media store (watch limit, unreadable part, store gone): new files are then found by scans every scan_interval_when_degraded; `status` says why."
+    );
+    describe_counter!(
+        REWATCHES,
+        "Times the watch was set up again (after an inotify queue overflow, the store replaced or remounted, or a part readable again), by reason."
     );
     describe_counter!(
         SWEEPS,

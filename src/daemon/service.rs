@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::control::{self, Request, Response};
 use crate::queue::Queue;
-use crate::scan::Unreadable;
+use crate::scan::{Signals, Unreadable};
 use crate::state::{Committer, State};
 use crate::sweep::Sweeper;
 use crate::upload::s3::ObjectStore;
@@ -28,6 +28,8 @@ pub(super) struct Services {
     pub(super) sweeping: tokio::sync::Mutex<()>,
     /// Filled by the scans, shown by `status`.
     pub(super) unreadable: Unreadable,
+    /// The watch's degraded causes, shown by `status`.
+    pub(super) signals: Signals,
 }
 
 /// Runs the sweep every `sweep.interval` (first one an interval after startup).
@@ -168,6 +170,12 @@ pub(super) async fn control(s: Arc<Services>, listener: UnixListener, intake: Ca
                     Request::Status => match control::status(&s.state, &s.queue, true) {
                         Ok(mut st) => {
                             st.unreadable = s.unreadable.lock().expect("not poisoned").clone();
+                            st.degraded = s
+                                .signals
+                                .blind_causes()
+                                .into_iter()
+                                .map(String::from)
+                                .collect();
                             Response::Status(st)
                         }
                         Err(e) => Response::Error(crate::Chain(&e).to_string()),
