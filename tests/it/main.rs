@@ -3,6 +3,7 @@
 mod audit;
 mod audit_safety;
 mod bad_input;
+mod blind;
 mod check;
 mod cli;
 mod control;
@@ -20,3 +21,4 @@ mod synapse_config;
 mod systemd;
 mod upload;
 mod verified;
+mod waste;
