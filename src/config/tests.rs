@@ -20,7 +20,6 @@ fn raw_with(dir: &Path) -> RawConfig {
         synapse_config: None,
         synapse_config_dir: None,
         metrics: Default::default(),
-        synapse_uses_sqlite: None,
     }
 }
 
