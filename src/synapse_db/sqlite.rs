@@ -463,3 +463,29 @@ fn media_files_sql(has_sha256: bool) -> String {
          ) WHERE k IS NOT NULL AND k > ?1 ORDER BY k LIMIT ?2"
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_lock_file_excludes_a_second_sweep_and_is_lost_when_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = SqliteDb::new(&SqliteConfig {
+            path: dir.path().join("homeserver.db"),
+            statement_timeout: Duration::from_secs(1),
+            lock_dir: Some(dir.path().to_owned()),
+        });
+        let lock = db.try_lock().await.unwrap().expect("free");
+        assert!(db.try_lock().await.unwrap().is_none(), "held: refused");
+        assert_eq!(lock.still_held(), Ok(()));
+        std::fs::remove_file(dir.path().join(LOCK_FILE)).unwrap();
+        let why = lock.still_held().unwrap_err();
+        assert!(why.contains("is gone"), "{why}");
+        lock.release();
+        assert!(
+            db.try_lock().await.unwrap().is_some(),
+            "released: free again"
+        );
+    }
+}

@@ -310,6 +310,26 @@ async fn a_missing_or_corrupt_sqlite_file_is_a_clear_error_and_deletes_nothing()
         assert!(msg.contains(want), "{msg}");
     }
     assert!(!missing.exists(), "opened read-only: never created");
+    // `check` names the problem too.
+    let yaml = config_yaml(
+        &c.store,
+        &c.env.endpoint,
+        &c.bucket,
+        (&c.env.access_key, &c.env.secret_key),
+        "",
+        &format!(
+            "database:\n  name: sqlite3\n  database: {}\n",
+            corrupt.display()
+        ),
+    );
+    let cfg = c.store.dir.path().join("check.yaml");
+    write_yaml(&cfg, &yaml);
+    let (code, out) = tokio::task::block_in_place(|| cli(&cfg, &["check"]));
+    assert_ne!(code, 0, "{out}");
+    assert!(
+        out.contains("✗ SQLite") && out.contains("not a SQLite database or is corrupt"),
+        "{out}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
