@@ -68,7 +68,7 @@ import hashlib, sqlite3, sys, time
 path, rows, aged = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 c = sqlite3.connect(path)
 c.execute("PRAGMA journal_mode = wal")
-c.executescript(open("tests/fixtures/synapse_sqlite_schema.sql").read())
+c.executescript("BEGIN;" + open("tests/fixtures/synapse_sqlite_schema.sql").read() + "COMMIT;")
 now = int(time.time() * 1000)
 day = 86400000
 c.executemany(

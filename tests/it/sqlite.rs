@@ -37,8 +37,13 @@ impl SynapseSqlite {
             )
             .unwrap();
         assert_eq!(mode, if wal { "wal" } else { "delete" });
-        conn.execute_batch(include_str!("../fixtures/synapse_sqlite_schema.sql"))
-            .unwrap();
+        // One transaction: ~1,000 statements committed one by one take seconds of fsync.
+        conn.execute_batch(concat!(
+            "BEGIN;",
+            include_str!("../fixtures/synapse_sqlite_schema.sql"),
+            "COMMIT;"
+        ))
+        .unwrap();
         SynapseSqlite { path, conn }
     }
 
