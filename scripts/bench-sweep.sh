@@ -9,11 +9,15 @@
 # runs on an N× smaller copy (ROWS/N rows, AGED/N aged files; the issue allows 10× when the full
 # run takes too long) and the comparison is per file.
 #
+# With --sqlite the database is a SQLite file with Synapse's real schema
+# (tests/fixtures/synapse_sqlite_schema.sql), in WAL mode as Synapse keeps it, and the peer run is
+# skipped (this compares our two backends: run once with and once without --sqlite).
+#
 # usage: scripts/bench-sweep.sh [--rows 1000000] [--aged 100000] [--concurrency 16]
-#                               [--peer-divisor 1] [--no-peer]
+#                               [--peer-divisor 1] [--no-peer] [--sqlite]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-rows=1000000 aged=100000 concurrency=16 divisor=1 peer=1
+rows=1000000 aged=100000 concurrency=16 divisor=1 peer=1 sqlite=0
 while (($#)); do
   case "$1" in
     --rows) rows=$2; shift 2 ;;
@@ -21,6 +25,7 @@ while (($#)); do
     --concurrency) concurrency=$2; shift 2 ;;
     --peer-divisor) divisor=$2; shift 2 ;;
     --no-peer) peer=0; shift ;;
+    --sqlite) sqlite=1 peer=0; shift ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -53,6 +58,30 @@ make_db() {
   echo "    rows inserted in $(($(date +%s) - t0)) s"
 }
 
+# make_sqlite DB ROWS AGED: the same rows in a SQLite file made from Synapse's schema.
+make_sqlite() {
+  echo "==> SQLite database $1: $2 local media, $3 aged"
+  local t0
+  t0=$(date +%s)
+  python3 - "$1" "$2" "$3" <<'PY'
+import hashlib, sqlite3, sys, time
+path, rows, aged = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+c = sqlite3.connect(path)
+c.execute("PRAGMA journal_mode = wal")
+c.executescript("BEGIN;" + open("tests/fixtures/synapse_sqlite_schema.sql").read() + "COMMIT;")
+now = int(time.time() * 1000)
+day = 86400000
+c.executemany(
+    "INSERT INTO local_media_repository (media_id, media_type, media_length, created_ts, upload_name, user_id, last_access_ts) VALUES (?, 'image/png', 4096, ?, 'x.png', '@u:example.com', ?)",
+    ((hashlib.md5(str(i).encode()).hexdigest()[:24], now - 400 * day, now - (60 if i <= aged else 1) * day)
+     for i in range(1, rows + 1)))
+c.commit()
+c.execute("ANALYZE")
+c.close()
+PY
+  echo "    rows inserted in $(($(date +%s) - t0)) s"
+}
+
 # write_files N: the files of rows 1..N (the aged ones), 1-8 KB each; the same bytes every time.
 write_files() {
   python3 - "$work/media" "$1" <<'PY'
@@ -71,7 +100,19 @@ for i in range(1, n + 1):
 PY
 }
 
-make_db "$db" "$rows" "$aged"
+if ((sqlite)); then
+  make_sqlite "$work/homeserver.db" "$rows" "$aged"
+  database_yaml="database:
+  name: sqlite3
+  database: $work/homeserver.db"
+else
+  make_db "$db" "$rows" "$aged"
+  database_yaml="database:
+  host: 127.0.0.1
+  user: postgres
+  database: $db
+  sslmode: disable"
+fi
 echo "==> Writing $aged files and uploading them"
 write_files "$aged"
 cat >"$work/config.yaml" <<YAML
@@ -84,11 +125,7 @@ s3:
   secret_access_key: benchsecret
 upload:
   concurrency: 16
-database:
-  host: 127.0.0.1
-  user: postgres
-  database: $db
-  sslmode: disable
+$database_yaml
 sweep:
   keep_local_for: 30d
   confirm_synapse_reads_from_bucket: true
@@ -105,7 +142,7 @@ left=$(find "$work/media/local_content" -type f | wc -l)
 wall=$(grep -oP 'Elapsed \(wall clock\) time.*: \K.*' "$work/time.txt")
 rss=$(grep -oP 'Maximum resident set size \(kbytes\): \K.*' "$work/time.txt")
 cpu=$(awk -F': ' '/User time|System time/ {s += $2} END {print s}' "$work/time.txt")
-echo "rows $rows, aged files $aged: wall $wall, client CPU ${cpu}s, peak RSS $((rss / 1024)) MB, S3 requests $aged HEAD + 0 other, deleted $deleted, files left $left"
+echo "$( ((sqlite)) && echo SQLite || echo PostgreSQL): rows $rows, aged files $aged: wall $wall, client CPU ${cpu}s, peak RSS $((rss / 1024)) MB, S3 requests $aged HEAD + 0 other, deleted $deleted, files left $left"
 ours_wall=$wall
 
 ((peer)) || exit 0

@@ -61,8 +61,8 @@ pub async fn run_file(path: &Path) -> Checks {
         Err(_) => c.note("S3", "not checked: fix the s3 key above first"),
     }
     match &parts.database {
-        Ok(db) => check_database(db.as_ref(), parts.synapse_uses_sqlite, &mut c).await,
-        Err(_) => c.note("PostgreSQL", "not checked: fix the config key above first"),
+        Ok(db) => check_database(db.as_ref(), &mut c).await,
+        Err(_) => c.note("database", "not checked: fix the config key above first"),
     }
     match &parts.media_store_path {
         Ok(root) => {
@@ -164,31 +164,45 @@ async fn check_s3(s3: &S3Config, part_size: u64, c: &mut Checks) {
     }
 }
 
-async fn check_database(database: Option<&DatabaseConfig>, sqlite: bool, c: &mut Checks) {
+async fn check_database(database: Option<&DatabaseConfig>, c: &mut Checks) {
     let Some(dbc) = database else {
-        if sqlite {
-            c.note(
-                "PostgreSQL",
-                "Synapse uses SQLite: uploads work, the sweep needs PostgreSQL",
-            );
-        } else {
-            c.note(
-                "PostgreSQL",
-                "no database: section, so no sweep (uploads work)",
-            );
-        }
+        c.note(
+            "database",
+            "no database: section and no synapse_config, so no sweep or audit (uploads work)",
+        );
         return;
     };
+    let what = dbc.kind();
     let db = match crate::synapse_db::Db::new(dbc) {
         Ok(db) => db,
-        Err(e) => return c.fail("PostgreSQL", crate::Chain(&e).to_string()),
+        Err(e) => return c.fail(what, crate::Chain(&e).to_string()),
     };
-    match db.media_counts().await {
-        Ok((local, remote)) => c.ok(
-            "PostgreSQL",
-            format!("media tables found: {local} local media, {remote} cached remote media"),
+    let counts = match db.media_counts().await {
+        Ok((local, remote)) => {
+            format!("media tables found: {local} local media, {remote} cached remote media")
+        }
+        Err(e) => return c.fail(what, crate::Chain(&e).to_string()),
+    };
+    let DatabaseConfig::Sqlite(s) = dbc else {
+        return c.ok(what, counts);
+    };
+    let file = s.path.display();
+    match db.journal_mode().await {
+        Ok(Some(mode)) if mode.eq_ignore_ascii_case("wal") => c.ok(
+            what,
+            format!("{file} is readable; {counts}; journal mode wal (as Synapse sets it: our reads never block its writes)"),
         ),
-        Err(e) => c.fail("PostgreSQL", crate::Chain(&e).to_string()),
+        Ok(mode) => {
+            c.ok(what, format!("{file} is readable; {counts}"));
+            c.note(
+                what,
+                format!(
+                    "journal mode {} (Synapse sets wal when it starts): while Synapse writes, our reads wait up to database.statement_timeout, and a sweep that waits longer stops and deletes nothing",
+                    mode.as_deref().unwrap_or("unknown")
+                ),
+            );
+        }
+        Err(e) => c.fail(what, crate::Chain(&e).to_string()),
     }
 }
 

@@ -42,10 +42,10 @@ const OPS_BATCH: usize = 1000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuditError {
-    #[error("the audit needs the database: section (Synapse's PostgreSQL)")]
+    #[error(
+        "the audit needs Synapse's database: set synapse_config (homeserver.yaml), or a database: section"
+    )]
     NoDatabase,
-    #[error("Synapse uses SQLite: the audit needs PostgreSQL")]
-    Sqlite,
     #[error(transparent)]
     Db(#[from] DbError),
     #[error(transparent)]
@@ -99,14 +99,7 @@ pub async fn run_standalone(
     opts: &Options,
     cancel: &CancellationToken,
 ) -> Result<Report, AuditError> {
-    let db_config = config
-        .database
-        .as_ref()
-        .ok_or(if config.synapse_uses_sqlite {
-            AuditError::Sqlite
-        } else {
-            AuditError::NoDatabase
-        })?;
+    let db_config = config.database.as_ref().ok_or(AuditError::NoDatabase)?;
     let db = Db::new(db_config)?;
     let h = StateHandle::open(&config.state_dir)?;
     let queue = Arc::new(Queue::open(&h.state, h.committer.clone(), &config.upload)?);

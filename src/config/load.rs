@@ -193,6 +193,8 @@ overlay_options!(RawMetrics {
     s3_probe_interval
 });
 overlay_options!(RawDatabase {
+    name,
+    args,
     host,
     port,
     user,
@@ -237,7 +239,6 @@ impl RawConfig {
             synapse_config,
             metrics,
             synapse_config_dir,
-            synapse_uses_sqlite,
         } = other;
         macro_rules! opt {
             ($($f:ident),*) => {$( if $f.is_some() { self.$f = $f; } )*};
@@ -249,8 +250,7 @@ impl RawConfig {
             scan_interval_when_degraded,
             shutdown_grace,
             synapse_config,
-            synapse_config_dir,
-            synapse_uses_sqlite
+            synapse_config_dir
         );
         self.s3.overlay(s3);
         self.upload.overlay(upload);

@@ -51,7 +51,7 @@ pub(super) async fn sweeps(s: Arc<Services>, intake: CancellationToken) {
 pub(super) async fn sweep(s: &Services, dry_run: bool, cancel: &CancellationToken) -> Response {
     let Some(sweeper) = &s.sweeper else {
         return Response::Error(
-            "the sweep needs the database: section (Synapse's PostgreSQL)".into(),
+            "the sweep needs Synapse's database (synapse_config or a database: section)".into(),
         );
     };
     let _one = s.sweeping.lock().await;
@@ -112,7 +112,7 @@ async fn audit(
 ) -> Response {
     let Some(sweeper) = &s.sweeper else {
         return Response::Error(
-            "the audit needs the database: section (Synapse's PostgreSQL)".into(),
+            "the audit needs Synapse's database (synapse_config or a database: section)".into(),
         );
     };
     let _one = s.sweeping.lock().await;

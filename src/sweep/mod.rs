@@ -21,8 +21,9 @@
 //!   (never the folder itself, nor a remote origin's folder) are removed when they become empty.
 //! - One sweep at a time across instances: PostgreSQL advisory lock
 //!   [`crate::synapse_db::SWEEP_LOCK_KEY`], held on a connection that never returns to the pool
-//!   ([`SweepLock`]) and confirmed every second; a sweep that cannot confirm it (PostgreSQL
-//!   restarted) deletes nothing more and stops.
+//!   ([`SweepLock`]), or on SQLite a `flock` on `state_dir/sweep.lock`; confirmed every second;
+//!   a sweep that cannot confirm it (PostgreSQL restarted, lock file removed) deletes nothing
+//!   more and stops.
 
 mod files;
 pub mod provider;
@@ -96,12 +97,10 @@ fn next_cursor(page: &[AgedMedia], cursor: &Cursor) -> Option<Cursor> {
 pub enum SweepError {
     #[error("refusing to sweep: {0}")]
     Unsafe(String),
-    #[error("the sweep needs the database: section (Synapse's PostgreSQL)")]
-    NoDatabase,
     #[error(
-        "Synapse uses SQLite: the sweep needs PostgreSQL (Synapse's SQLite mode is for testing); upload and run still work"
+        "the sweep needs Synapse's database: set synapse_config (homeserver.yaml), or a database: section"
     )]
-    Sqlite,
+    NoDatabase,
     #[error(transparent)]
     Db(#[from] DbError),
     #[error(transparent)]
@@ -124,14 +123,7 @@ pub async fn run_standalone(
     dry_run: bool,
     cancel: &CancellationToken,
 ) -> Result<Report, SweepError> {
-    let db_config = config
-        .database
-        .as_ref()
-        .ok_or(if config.synapse_uses_sqlite {
-            SweepError::Sqlite
-        } else {
-            SweepError::NoDatabase
-        })?;
+    let db_config = config.database.as_ref().ok_or(SweepError::NoDatabase)?;
     if !dry_run {
         provider::check_provider(config)?;
     }
@@ -173,7 +165,7 @@ impl Sweeper {
             ..Report::default()
         };
         let Some(lock) = self.db.try_lock().await? else {
-            tracing::info!("Another sweep is running (advisory lock held); skipping.");
+            tracing::info!("Another sweep is running (sweep lock held); skipping.");
             report.skipped_locked = true;
             return Ok(report);
         };
@@ -197,7 +189,7 @@ impl Sweeper {
             let why = format!(
                 "lost the sweep lock ({why}); stopped so that no two sweeps run at once (the next sweep takes it again)"
             );
-            tracing::warn!(reason = %why, "Sweep stopped: lost its PostgreSQL advisory lock. Nothing unconfirmed was deleted.");
+            tracing::warn!(reason = %why, "Sweep stopped: lost its sweep lock. Nothing unconfirmed was deleted.");
             report.stopped = Some(why);
         }
         if let Err(e) = result {

@@ -15,6 +15,7 @@ mod faults_support;
 mod metrics;
 mod proxy;
 mod security;
+mod sqlite;
 mod support;
 mod sweep;
 mod synapse_config;

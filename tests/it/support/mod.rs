@@ -225,7 +225,6 @@ pub fn raw_config(env: &S3Env, endpoint: &str, bucket: &str, store: &Store) -> R
         synapse_config: None,
         synapse_config_dir: None,
         metrics: Default::default(),
-        synapse_uses_sqlite: None,
     }
 }
 
