@@ -290,6 +290,22 @@ impl Db {
         Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
     }
 
+    /// Whether a cached remote media `mxc://origin/media_id` has a row (`forget` tells a remote
+    /// media from a local one by it).
+    pub async fn remote_media_exists(&self, origin: &str, media_id: &str) -> Result<bool, DbError> {
+        let c = self.client().await?;
+        let row = self
+            .timed(
+                "remote media row",
+                c.query_one(
+                    "SELECT EXISTS (SELECT 1 FROM remote_media_cache WHERE media_origin = $1 AND media_id = $2)",
+                    &[&origin, &media_id],
+                ),
+            )
+            .await?;
+        Ok(row.get(0))
+    }
+
     /// Checks that Synapse's media tables have the columns the sweep reads; counts the media.
     pub async fn media_counts(&self) -> Result<(i64, i64), DbError> {
         let c = self.client().await?;

@@ -13,6 +13,7 @@ mod faults_proxy;
 mod faults_support;
 mod metrics;
 mod proxy;
+mod prune;
 mod security;
 mod support;
 mod sweep;
