@@ -342,7 +342,7 @@ async fn the_daemon_prunes_on_schedule_and_reports_it() {
     let addr = format!("127.0.0.1:{port}");
     let c = case(&env, |raw| {
         raw.prune.enabled = Some(true);
-        raw.prune.interval = Some("500ms".into());
+        raw.prune.interval = Some("1s".into());
         raw.sweep.enabled = Some(false);
         raw.metrics.listen = Some(addr.clone());
     })
