@@ -28,7 +28,10 @@ fn main() {
     for i in 1..=n {
         let id = hex::encode(Md5::digest(i.to_string().as_bytes()));
         let s = format!("{}/{}/{}", &id[..2], &id[2..4], &id[4..24]);
-        ops.push(Op::Record(MediaPath::parse(&format!("local_content/{s}")).unwrap(), rec));
+        ops.push(Op::Record(
+            MediaPath::parse(&format!("local_content/{s}")).unwrap(),
+            rec,
+        ));
         for t in THUMBS {
             let p = MediaPath::parse(&format!("local_thumbnails/{s}/{t}")).unwrap();
             ops.push(Op::Record(p, rec));

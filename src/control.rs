@@ -26,14 +26,21 @@ pub const MAX_CONNECTIONS: usize = 16;
 #[serde(tag = "cmd", rename_all = "snake_case")]
 pub enum Request {
     Status,
-    Sweep { dry_run: bool },
-    Audit { options: crate::audit::Options },
+    Sweep {
+        dry_run: bool,
+    },
+    Audit {
+        options: crate::audit::Options,
+    },
     /// One prune run now: `path` forced, or the one due.
     Prune {
         path: Option<crate::audit::PrunePath>,
         dry_run: bool,
     },
-    Forget { targets: Vec<String>, dry_run: bool },
+    Forget {
+        targets: Vec<String>,
+        dry_run: bool,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

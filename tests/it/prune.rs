@@ -37,16 +37,14 @@ async fn case(env: &S3Env, tweak: impl FnOnce(&mut RawConfig)) -> Case {
         db.local(id, t, None, None).await;
         db.local_thumb(id, 32, 32, "image/png", "crop").await;
         let (a, b, c) = (&id[..2], &id[2..4], &id[4..]);
-        store.write(
-            &format!("local_content/{a}/{b}/{c}"),
-            &bytes(i as u64, 300),
-        );
+        store.write(&format!("local_content/{a}/{b}/{c}"), &bytes(i as u64, 300));
         store.write(
             &format!("local_thumbnails/{a}/{b}/{c}/32-32-image-png-crop"),
             &bytes(10 + i as u64, 30),
         );
     }
-    db.remote("r.org", "remoteid1", "ddREMOTEmed01", t, None).await;
+    db.remote("r.org", "remoteid1", "ddREMOTEmed01", t, None)
+        .await;
     store.write("remote_content/r.org/dd/RE/MOTEmed01", &bytes(20, 200));
     db.local("eeURLprev0001", t, None, Some("https://example.com/"))
         .await;
@@ -62,7 +60,13 @@ async fn case(env: &S3Env, tweak: impl FnOnce(&mut RawConfig)) -> Case {
         .await
         .unwrap();
     assert_eq!(s.failed, 0, "{s}");
-    put(env, &bucket, "elsewhere/local_content/bb/GO/NEmedia01", b"not ours").await;
+    put(
+        env,
+        &bucket,
+        "elsewhere/local_content/bb/GO/NEmedia01",
+        b"not ours",
+    )
+    .await;
     Case {
         store,
         db,
@@ -138,10 +142,7 @@ async fn prune_until_deleted(
             );
             return r;
         }
-        assert!(
-            before < end,
-            "nothing deleted within {deadline:?}: {r}"
-        );
+        assert!(before < end, "nothing deleted within {deadline:?}: {r}");
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
 }
@@ -167,7 +168,13 @@ async fn incremental_prune_follows_deletions_after_the_grace_period_only() {
     assert_eq!(objects(&env, &c.bucket).await, all, "nothing deleted yet");
     c.db.local("ccBACKmedia01", days_ago(1), None, None).await;
 
-    let r = prune_until_deleted(&c.config, PrunePath::Incremental, seen_at, Duration::from_secs(20)).await;
+    let r = prune_until_deleted(
+        &c.config,
+        PrunePath::Incremental,
+        seen_at,
+        Duration::from_secs(20),
+    )
+    .await;
     assert_eq!(r.path, PrunePath::Incremental);
     assert_eq!(r.deleted.count, 2, "{r}");
     let left = objects(&env, &c.bucket).await;
@@ -196,26 +203,44 @@ async fn incremental_prune_follows_deletions_after_the_grace_period_only() {
 async fn full_prune_finds_objects_we_did_not_upload() {
     let env = s3_env();
     let c = case(&env, |_| {}).await;
-    put(&env, &c.bucket, "media/local_content/zz/NO/TOURS00001", b"another tool's").await;
+    put(
+        &env,
+        &c.bucket,
+        "media/local_content/zz/NO/TOURS00001",
+        b"another tool's",
+    )
+    .await;
     synapse_deletes(&c, "bbGONEmedia01").await;
     let cfg = c.config.clone();
     let first = job::run_standalone(&cfg, None, false, &CancellationToken::new())
         .await
         .unwrap();
     let seen_at = Instant::now();
-    assert_eq!(first.path, PrunePath::Full, "the first run lists the bucket: {first}");
+    assert_eq!(
+        first.path,
+        PrunePath::Full,
+        "the first run lists the bucket: {first}"
+    );
     assert_eq!(first.deleted.count, 0, "{first}");
     let r = prune_until_deleted(&cfg, PrunePath::Full, seen_at, Duration::from_secs(20)).await;
     assert_eq!(r.deleted.count, 3, "{r}");
     let left = objects(&env, &c.bucket).await;
-    assert!(!left.contains_key("media/local_content/zz/NO/TOURS00001"), "{:?}", keys(&left));
+    assert!(
+        !left.contains_key("media/local_content/zz/NO/TOURS00001"),
+        "{:?}",
+        keys(&left)
+    );
     for k in NEVER_TOUCHED {
         assert!(left.contains_key(k), "{k} must stay: {:?}", keys(&left));
     }
     let next = job::run_standalone(&cfg, None, false, &CancellationToken::new())
         .await
         .unwrap();
-    assert_eq!(next.path, PrunePath::Incremental, "a full run is not due: {next}");
+    assert_eq!(
+        next.path,
+        PrunePath::Incremental,
+        "a full run is not due: {next}"
+    );
 }
 
 /// The limits refuse a wrong or empty database on the incremental path too (every record looks
@@ -285,14 +310,24 @@ async fn forget_removes_a_deleted_media_at_once_and_refuses_a_live_one() {
         .await
         .unwrap();
     let gone = t(&["mxc://example.com/bbGONEmedia01"]);
-    let r = audit::forget_standalone(&c.config, &gone, false).await.unwrap();
+    let r = audit::forget_standalone(&c.config, &gone, false)
+        .await
+        .unwrap();
     assert!(why_of(&r).contains("local files"), "{r}");
 
     synapse_deletes(&c, "bbGONEmedia01").await;
-    let r = audit::forget_standalone(&c.config, &gone, true).await.unwrap();
+    let r = audit::forget_standalone(&c.config, &gone, true)
+        .await
+        .unwrap();
     assert_eq!(r.items[0].removed.len(), 2, "{r}");
-    assert_eq!(objects(&env, &c.bucket).await, all, "a dry run removes nothing");
-    let r = audit::forget_standalone(&c.config, &gone, false).await.unwrap();
+    assert_eq!(
+        objects(&env, &c.bucket).await,
+        all,
+        "a dry run removes nothing"
+    );
+    let r = audit::forget_standalone(&c.config, &gone, false)
+        .await
+        .unwrap();
     assert_eq!(
         r.items[0].removed,
         [
@@ -319,10 +354,18 @@ async fn forget_removes_a_deleted_media_at_once_and_refuses_a_live_one() {
         .await
         .unwrap();
     std::fs::remove_file(c.store.root.join("remote_content/r.org/dd/RE/MOTEmed01")).unwrap();
-    let r = audit::forget_standalone(&c.config, &t(&["remote_content/r.org/dd/RE/MOTEmed01"]), false)
-        .await
-        .unwrap();
-    assert_eq!(r.items[0].removed, ["remote_content/r.org/dd/RE/MOTEmed01"], "{r}");
+    let r = audit::forget_standalone(
+        &c.config,
+        &t(&["remote_content/r.org/dd/RE/MOTEmed01"]),
+        false,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        r.items[0].removed,
+        ["remote_content/r.org/dd/RE/MOTEmed01"],
+        "{r}"
+    );
 }
 
 fn why_of(r: &audit::ForgetReport) -> String {
@@ -351,16 +394,21 @@ async fn the_daemon_prunes_on_schedule_and_reports_it() {
     let mut d = Daemon::start(c.config.clone());
     d.ready().await;
     let bucket = c.bucket.clone();
-    eventually("the deleted media left the bucket", Duration::from_secs(60), || {
-        let bucket = bucket.clone();
-        async move {
-            let left = objects(&s3_env(), &bucket).await;
-            match GONE.iter().filter(|k| left.contains_key(**k)).count() {
-                0 => Ok(()),
-                n => Err(format!("{n} still there")),
+    eventually(
+        "the deleted media left the bucket",
+        Duration::from_secs(60),
+        || {
+            let bucket = bucket.clone();
+            async move {
+                // A LIST only: a GET of an object the daemon deletes meanwhile would fail.
+                let left = list_sizes(&s3_env(), &bucket).await;
+                match GONE.iter().filter(|k| left.contains_key(**k)).count() {
+                    0 => Ok(()),
+                    n => Err(format!("{n} still there")),
+                }
             }
-        }
-    })
+        },
+    )
     .await;
     let left = objects(&env, &c.bucket).await;
     for k in NEVER_TOUCHED {
@@ -376,6 +424,9 @@ async fn the_daemon_prunes_on_schedule_and_reports_it() {
         .find(|l| l.starts_with("synapse_s3_offload_pruned_objects_total "))
         .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok());
     assert!(pruned.is_some_and(|n| n >= 2.0), "{m}");
-    assert!(m.contains("synapse_s3_offload_prunes_total{path=\"full\",outcome=\"done\"}"), "{m}");
+    assert!(
+        m.contains("synapse_s3_offload_prunes_total{path=\"full\",outcome=\"done\"}"),
+        "{m}"
+    );
     d.stop().await;
 }
