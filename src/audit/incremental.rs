@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use super::job::{PrunePath, PruneReport};
 use super::sources::StateStream;
 use super::{AuditError, Auditor, limits};
-use crate::layout::{MEDIA_DIRS, MediaPath, MediaRef};
+use crate::layout::{MediaPath, MediaRef};
 use crate::state::{Op, now_ms};
 
 /// Records read (and media looked up) per round trip.
@@ -61,8 +61,7 @@ pub(super) async fn run(
             .into_iter()
             .filter_map(|(k, _)| {
                 let p = MediaPath::parse(&k).ok()?;
-                let m = (MEDIA_DIRS.contains(&p.top_dir()) && p.is_uploadable(false))
-                    .then(|| p.media())??;
+                let m = p.is_uploadable(false).then(|| p.media())??;
                 Some((p, m))
             })
             .collect();

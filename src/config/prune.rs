@@ -89,3 +89,32 @@ pub(super) fn validate_prune(raw: RawPrune) -> Result<PruneConfig, ConfigError> 
         max_deletions_per_run,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_job_is_off_by_default_and_a_grace_under_a_second_is_refused() {
+        let d = validate_prune(RawPrune::default()).unwrap();
+        assert_eq!(d, PruneConfig::default());
+        assert!(!d.enabled);
+        let raw = |grace: &str| RawPrune {
+            grace: Some(grace.into()),
+            ..RawPrune::default()
+        };
+        let e = validate_prune(raw("500ms")).unwrap_err().to_string();
+        assert!(e.contains("prune.grace") && e.contains("forget"), "{e}");
+        assert_eq!(
+            validate_prune(raw("3d")).unwrap().grace,
+            Duration::from_secs(3 * 86400)
+        );
+        let e = validate_prune(RawPrune {
+            interval: Some("soon".into()),
+            ..RawPrune::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("prune.interval"), "{e}");
+    }
+}
