@@ -430,3 +430,69 @@ async fn the_daemon_prunes_on_schedule_and_reports_it() {
     );
     d.stop().await;
 }
+
+/// The commands: `forget` exits non-zero and names why for a live media, removes a deleted one;
+/// `prune --dry-run --json` prints its report and deletes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_forget_and_prune_commands() {
+    let env = s3_env();
+    let c = case(&env, |_| {}).await;
+    let yaml = config_yaml(
+        &c.store,
+        &env.endpoint,
+        &c.bucket,
+        (&env.access_key, &env.secret_key),
+        "  prefix: media/\n",
+        &format!(
+            "{}prune:\n  grace: 2s\n  max_orphan_percent: 60\n",
+            c.db.yaml()
+        ),
+    );
+    let path = c.store.state.with_extension("yaml");
+    write_yaml(&path, &yaml);
+    let cli = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_synapse-s3-offload"))
+            .args(["--config", path.to_str().unwrap()])
+            .args(args)
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .output()
+            .unwrap()
+    };
+    let out = cli(&["forget", "mxc://example.com/aaKEEPmedia01"]);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
+    assert!(stdout.contains("still has a row"), "{stdout}");
+    synapse_deletes(&c, "bbGONEmedia01").await;
+    let all = objects(&env, &c.bucket).await;
+    let out = cli(&["prune", "--dry-run", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["path"], "full", "{json}");
+    assert_eq!(json["orphans"], 2, "{json}");
+    assert_eq!(
+        objects(&env, &c.bucket).await,
+        all,
+        "a dry run deletes nothing"
+    );
+    let out = cli(&["forget", "mxc://example.com/bbGONEmedia01"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("removed 2 objects"), "{stdout}");
+    let left = objects(&env, &c.bucket).await;
+    assert!(
+        GONE.iter().all(|k| !left.contains_key(*k)),
+        "{:?}",
+        keys(&left)
+    );
+}
