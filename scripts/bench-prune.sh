@@ -10,7 +10,7 @@
 # wall time, client CPU, peak RSS, PostgreSQL queries and S3 requests (counted by the server) of
 # each run.
 #
-# usage: scripts/bench-prune.sh [--rows 1000000]
+# usage: scripts/bench-prune.sh [--rows 1000000]   (SSO_BIN=… SSO_FILL=… to use given builds)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rows=1000000
@@ -22,8 +22,12 @@ while (($#)); do
 done
 . scripts/lib.sh
 build_release
-cargo build --release --locked -q --example bench_state
-fill="$CARGO_TARGET_DIR/release/examples/bench_state"
+# SSO_FILL: a built examples/bench_state (with SSO_BIN, to skip the release build).
+fill=${SSO_FILL:-}
+if [[ -z "$fill" ]]; then
+  cargo build --release --locked -q --example bench_state
+  fill="$CARGO_TARGET_DIR/release/examples/bench_state"
+fi
 work=$(mktemp -d /var/tmp/sso-prune.XXXXXX)
 db="sso_bench_prune_$$"
 psql_() { psql -X -q -h 127.0.0.1 -U postgres "$@"; }
@@ -61,6 +65,7 @@ run_path() { # incremental|full
   local path=$1
   rm -rf "$work/state"
   cp -a "$work/state0" "$work/state"
+  curl -s "http://127.0.0.1:$port/__reset" >/dev/null
   cat >"$work/config.yaml" <<YAML
 media_store_path: $work/media
 state_dir: $work/state

@@ -8,7 +8,8 @@ benchmark measures the audit, not the server. Keys: for media i in 1..N, id = md
 minus every 100th media (lost), plus M orphans. Same generator as scripts/bench-audit.sh's SQL.
 
 Also answers a `prefix=` filter, DELETE (the key leaves the set) and HEAD, for the prune
-benchmark; `GET /__requests` returns the request counts so far (JSON), by method.
+benchmark; `GET /__requests` returns the request counts so far (JSON), by method, and
+`GET /__reset` brings every deleted key back (each path starts from the same bucket).
 
 usage: list_server.py PORT N ORPHANS PREFIX
 """
@@ -69,6 +70,9 @@ class Handler(BaseHTTPRequestHandler):
         u = urlparse(self.path)
         if u.path == "/__requests":
             return self.reply(200, json.dumps(counts).encode(), "application/json")
+        if u.path == "/__reset":  # every deleted key back, counts kept
+            deleted.clear()
+            return self.reply(200, b"{}", "application/json")
         counts["LIST"] += 1
         q = parse_qs(u.query)
         want = q.get("prefix", [""])[0]
