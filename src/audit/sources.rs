@@ -112,6 +112,11 @@ impl<T> Buffered<T> {
         }
     }
 
+    /// Drops the head, whatever its key.
+    pub fn pop(&mut self) {
+        self.buf.pop_front();
+    }
+
     fn needs(&self) -> bool {
         self.buf.is_empty() && !self.done
     }

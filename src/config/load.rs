@@ -185,6 +185,10 @@ overlay_options!(RawSweep {
     concurrency,
 });
 overlay_options!(RawPrune {
+    enabled,
+    interval,
+    grace,
+    full_every,
     max_orphan_percent,
     max_deletions_per_run
 });

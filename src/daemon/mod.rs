@@ -214,6 +214,7 @@ pub async fn run_with(
     tasks.spawn(scanner.run(intake.clone()));
     tasks.spawn(status_line.run(intake.clone()));
     tasks.spawn(service::sweeps(services.clone(), intake.clone()));
+    tasks.spawn(service::prunes(services.clone(), intake.clone()));
     tasks.spawn(service::control(services, control, intake.clone()));
     tasks.spawn(service::systemd(queue.clone(), heartbeat, intake.clone()));
     if let Some(listener) = metrics_listener {

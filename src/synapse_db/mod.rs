@@ -241,6 +241,12 @@ impl Db {
         on_backend!(self, db => db.remote_media_present(origins, fs_ids).await)
     }
 
+    /// Whether a cached remote media `mxc://origin/media_id` has a row (`forget` tells a remote
+    /// media from a local one by it).
+    pub async fn remote_media_exists(&self, origin: &str, media_id: &str) -> Result<bool, DbError> {
+        on_backend!(self, db => db.remote_media_exists(origin, media_id).await)
+    }
+
     /// Checks that Synapse's media tables have the columns the sweep reads; counts the media.
     pub async fn media_counts(&self) -> Result<(i64, i64), DbError> {
         on_backend!(self, db => db.media_counts().await)

@@ -166,6 +166,20 @@ impl PgDb {
         Ok(deadpool_postgres::Object::take(self.client().await?))
     }
 
+    pub async fn remote_media_exists(&self, origin: &str, media_id: &str) -> Result<bool, DbError> {
+        let c = self.client().await?;
+        let row = self
+            .timed(
+                "remote media row",
+                c.query_one(
+                    "SELECT EXISTS (SELECT 1 FROM remote_media_cache WHERE media_origin = $1 AND media_id = $2)",
+                    &[&origin, &media_id],
+                ),
+            )
+            .await?;
+        Ok(row.get(0))
+    }
+
     pub async fn local_media_present(&self, ids: &[String]) -> Result<HashSet<String>, DbError> {
         let c = self.client().await?;
         let rows = self

@@ -198,6 +198,18 @@ impl SqliteDb {
         }
     }
 
+    pub async fn remote_media_exists(&self, origin: &str, media_id: &str) -> Result<bool, DbError> {
+        let (origin, media_id) = (origin.to_owned(), media_id.to_owned());
+        self.call("remote media row", move |c| {
+            c.prepare_cached(
+                "SELECT EXISTS (SELECT 1 FROM remote_media_cache \
+                   WHERE media_origin = ?1 AND media_id = ?2)",
+            )?
+            .query_row([&origin, &media_id], |r| r.get(0))
+        })
+        .await
+    }
+
     pub async fn local_media_present(&self, ids: &[String]) -> Result<HashSet<String>, DbError> {
         // The ids as one JSON array parameter (SQLite has no array type; json_each is built in).
         let ids = serde_json::to_string(ids).expect("strings serialize");

@@ -318,6 +318,41 @@ impl ObjectStore {
         Ok((objects, next))
     }
 
+    /// Every object whose key starts with `prefix + sub` (one media's original, or its thumbnail
+    /// folder with a trailing `/`), following continuation tokens: `forget` and the prune job
+    /// look up one media's objects this way, with their size and age.
+    pub async fn list_under(&self, sub: &str) -> Result<Vec<Listed>, S3Error> {
+        let prefix = format!("{}{sub}", self.prefix);
+        let mut token = None;
+        let mut all = Vec::new();
+        loop {
+            let out = self
+                .client
+                .list_objects_v2()
+                .bucket(&self.bucket)
+                .prefix(&prefix)
+                .set_continuation_token(token)
+                .send()
+                .await
+                .map_err(|e| self.err("LIST", &prefix, e))?;
+            all.extend(out.contents().iter().filter_map(|o| {
+                Some(Listed {
+                    key: o.key()?.to_owned(),
+                    size: o.size().unwrap_or(0).max(0) as u64,
+                    etag: o.e_tag().map(|e| e.trim_matches('"').to_owned()),
+                    last_modified_ms: o.last_modified().map(|t| t.secs().saturating_mul(1000)),
+                })
+            }));
+            token = match out.is_truncated() {
+                Some(true) => out.next_continuation_token().map(str::to_owned),
+                _ => None,
+            };
+            if token.is_none() {
+                return Ok(all);
+            }
+        }
+    }
+
     /// DELETE of an orphaned media object (`audit --delete-orphans`, the only deletion of media
     /// objects). The key is derived from a validated path, so it is always under our prefix.
     pub async fn delete_media(&self, path: &crate::layout::MediaPath) -> Result<(), S3Error> {

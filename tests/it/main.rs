@@ -14,6 +14,7 @@ mod faults_proxy;
 mod faults_support;
 mod metrics;
 mod proxy;
+mod prune;
 mod security;
 mod sqlite;
 mod support;
