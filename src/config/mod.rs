@@ -15,7 +15,7 @@ use serde::Deserialize;
 pub use self::load::{Layers, load_layers, load_layers_with_env};
 pub use self::origin::{Origin, Origins};
 pub use self::prune::{PruneConfig, RawPrune};
-pub use self::sweep::{DatabaseConfig, RawDatabase, RawSweep, SslMode, SweepConfig};
+pub use self::sweep::{DatabaseConfig, Listing, RawDatabase, RawSweep, SslMode, SweepConfig};
 
 mod env;
 pub mod homeserver;

@@ -24,6 +24,7 @@
 //!   ([`SweepLock`]) and confirmed every second; a sweep that cannot confirm it (PostgreSQL
 //!   restarted) deletes nothing more and stops.
 
+pub mod dense;
 mod files;
 pub mod provider;
 pub mod report;
@@ -35,9 +36,10 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
+use self::dense::{Cursor as ListingCursor, Seen};
 use self::files::Verdict;
 pub use self::report::Report;
-use crate::config::Config;
+use crate::config::{Config, Listing};
 use crate::queue::Queue;
 use crate::state::{Committer, State, StateHandle, now_ms};
 use crate::synapse_db::{AgedMedia, Db, DbError, SweepLock};
@@ -179,6 +181,7 @@ impl Sweeper {
         };
         let cutoff =
             now_ms().saturating_sub(self.config.sweep.keep_local_for.as_millis() as u64) as i64;
+        report.dense = self.choose_dense(cutoff).await;
         let deletions = AtomicU64::new(0);
         // The sweep stops once the lock cannot be confirmed held (a PostgreSQL restart ends its
         // session and frees it for another instance): two sweeps must never run at once.
@@ -208,6 +211,36 @@ impl Sweeper {
         Ok(report)
     }
 
+    /// Whether this sweep confirms local media from listings ([`dense::choose`]). A failed count
+    /// keeps the HEADs (the sweep itself then reports the database error).
+    async fn choose_dense(&self, cutoff: i64) -> bool {
+        let mode = self.config.sweep.listing;
+        if mode != Listing::Auto {
+            return dense::choose(mode, 0, 0);
+        }
+        match self.db.aged_local_count(cutoff).await {
+            Ok((aged, all)) => {
+                let dense = dense::choose(mode, aged, all);
+                tracing::info!(
+                    aged_local_media = aged,
+                    local_media = all,
+                    dense,
+                    "Sweep: confirming from {}.",
+                    if dense {
+                        "bucket listings"
+                    } else {
+                        "one HEAD per file"
+                    }
+                );
+                dense
+            }
+            Err(e) => {
+                tracing::warn!(error = %crate::Chain(&e), "Cannot count the aged media; confirming with one HEAD per file.");
+                false
+            }
+        }
+    }
+
     async fn sweep_all(
         &self,
         cutoff: i64,
@@ -215,6 +248,43 @@ impl Sweeper {
         deletions: &AtomicU64,
         report: &mut Report,
         cancel: &CancellationToken,
+    ) -> Result<(), DbError> {
+        // The listing cursors of a dense sweep, one per folder of local media; dropped once a
+        // listing fails (each file then gets its HEAD, as in a sparse sweep).
+        let mut listing = report.dense.then(|| {
+            [
+                ListingCursor::new("local_content/"),
+                ListingCursor::new("local_thumbnails/"),
+            ]
+        });
+        let mut list_requests = 0;
+        // Boxed: the sweep's future nested in the command's and the daemon's overflowed the
+        // compiler's type-layout depth once the dense path was added.
+        let r = Box::pin(self.sweep_pages(
+            cutoff,
+            dry_run,
+            deletions,
+            report,
+            cancel,
+            &mut listing,
+            &mut list_requests,
+        ))
+        .await;
+        report.list_requests =
+            list_requests + listing.iter().flatten().map(|c| c.requests).sum::<u64>();
+        r
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn sweep_pages(
+        &self,
+        cutoff: i64,
+        dry_run: bool,
+        deletions: &AtomicU64,
+        report: &mut Report,
+        cancel: &CancellationToken,
+        listing: &mut Option<[ListingCursor; 2]>,
+        list_requests: &mut u64,
     ) -> Result<(), DbError> {
         // The next page is fetched while this page's media are swept. Querying only once a page
         // was done stalled the sweep at every page boundary: the query walks the media_id index
@@ -242,11 +312,43 @@ impl Sweeper {
                     None => None,
                 }
             };
-            let sweep_page = futures::stream::iter(media)
-                .map(|m| self.sweep_media(m, dry_run, deletions, cancel))
-                .buffer_unordered(self.config.sweep.concurrency)
-                .collect::<Vec<_>>();
-            let (outcomes, fetched) = tokio::join!(sweep_page, fetch_next);
+            // Remote media keep their HEADs (see `dense`): only local pages use the listing.
+            let cursors = listing
+                .as_mut()
+                .filter(|_| matches!(cursor, Cursor::Local(_)));
+            let sweep_page = async {
+                match cursors {
+                    Some(c) => {
+                        let (outcomes, failed) = self
+                            .sweep_page_dense(media, c, dry_run, deletions, cancel)
+                            .await;
+                        (outcomes, failed)
+                    }
+                    None => (
+                        futures::stream::iter(media)
+                            .map(|m| async {
+                                let examined = files::examine(self, &m).await;
+                                self.sweep_examined(
+                                    m,
+                                    examined,
+                                    Vec::new(),
+                                    dry_run,
+                                    deletions,
+                                    cancel,
+                                )
+                                .await
+                            })
+                            .buffer_unordered(self.config.sweep.concurrency)
+                            .collect::<Vec<_>>()
+                            .await,
+                        false,
+                    ),
+                }
+            };
+            let ((outcomes, listing_failed), fetched) = tokio::join!(sweep_page, fetch_next);
+            if listing_failed && let Some(c) = listing.take() {
+                *list_requests += c.iter().map(|c| c.requests).sum::<u64>();
+            }
             for (o, had_local_files) in outcomes {
                 // Aged media swept earlier are still aged: counting them as examined made "1 media
                 // examined, would delete 0 files" of a media with nothing left to delete.
@@ -263,6 +365,58 @@ impl Sweeper {
             page = Some(fetched?);
             cursor = c;
         }
+    }
+
+    /// One page of aged local media, dense: every media's files are examined (in parallel), then
+    /// looked up in the listing in key order (one forward walk per folder), then confirmed and
+    /// deleted (in parallel), each file the listing cannot confirm with its HEAD. Returns the
+    /// outcomes, and whether a listing failed (the rest of the sweep then uses HEADs only).
+    async fn sweep_page_dense(
+        &self,
+        media: Vec<AgedMedia>,
+        cursors: &mut [ListingCursor; 2],
+        dry_run: bool,
+        deletions: &AtomicU64,
+        cancel: &CancellationToken,
+    ) -> (Vec<(files::MediaOutcome, bool)>, bool) {
+        let examined: Vec<_> = futures::stream::iter(media)
+            .map(|m| async {
+                let e = files::examine(self, &m).await;
+                (m, e)
+            })
+            .buffered(self.config.sweep.concurrency)
+            .collect()
+            .await;
+        let mut failed = false;
+        let mut hints = Vec::with_capacity(examined.len());
+        for (_, e) in &examined {
+            let mut seen = Vec::new();
+            for (path, local) in e.iter().flatten() {
+                let mut hint = None;
+                if !failed
+                    && matches!(local, Ok(Some(_)))
+                    && let Some(c) = cursors
+                        .iter_mut()
+                        .find(|c| path.as_str().starts_with(c.within()))
+                {
+                    match c.lookup(&self.store, &path.key(self.store.prefix())).await {
+                        Ok(h) => hint = h,
+                        Err(e) => {
+                            tracing::warn!(error = %crate::Chain(&e), "Sweep: the bucket listing failed; confirming the rest with one HEAD per file.");
+                            failed = true;
+                        }
+                    }
+                }
+                seen.push(hint);
+            }
+            hints.push(seen);
+        }
+        let outcomes = futures::stream::iter(examined.into_iter().zip(hints))
+            .map(|((m, e), h)| self.sweep_examined(m, e, h, dry_run, deletions, cancel))
+            .buffer_unordered(self.config.sweep.concurrency)
+            .collect()
+            .await;
+        (outcomes, failed)
     }
 
     /// Up to PAGE aged media from where `cursor` points.
@@ -295,16 +449,19 @@ impl Sweeper {
         }
     }
 
-    /// Confirms and deletes the files of one media, and says whether it had any local file left.
-    /// Errors affect this media only.
-    async fn sweep_media(
+    /// Confirms and deletes the files of one media (as examined; `seen`: what a dense sweep's
+    /// listing showed of each, in the same order, or empty), and says whether it had any local
+    /// file left. Errors affect this media only.
+    async fn sweep_examined(
         &self,
         media: AgedMedia,
+        examined: Result<files::Examined, String>,
+        seen: Vec<Option<Seen>>,
         dry_run: bool,
         deletions: &AtomicU64,
         cancel: &CancellationToken,
     ) -> (files::MediaOutcome, bool) {
-        let examined = match files::examine(self, &media).await {
+        let examined = match examined {
             Ok(f) => f,
             Err(e) => {
                 let mut out = files::MediaOutcome::default();
@@ -314,16 +471,39 @@ impl Sweeper {
         };
         let had_local_files = examined.iter().any(|(_, l)| !matches!(l, Ok(None)));
         (
-            self.sweep_files(media, examined, dry_run, deletions, cancel)
+            self.sweep_files(media, examined, seen, dry_run, deletions, cancel)
                 .await,
             had_local_files,
         )
+    }
+
+    /// A file's verdict: from the dense sweep's listing entry when it confirms, else a HEAD.
+    async fn confirm(
+        &self,
+        path: &crate::layout::MediaPath,
+        local: files::Local,
+        seen: Option<&Seen>,
+        out: &mut files::MediaOutcome,
+    ) -> Verdict {
+        match files::confirm_listed(&local, seen) {
+            Some(v) => {
+                if matches!(v, Verdict::Confirmed { .. }) {
+                    out.confirmed_by_listing += 1;
+                }
+                v
+            }
+            None => {
+                out.heads += 1;
+                files::confirm(self, path, local).await
+            }
+        }
     }
 
     async fn sweep_files(
         &self,
         media: AgedMedia,
         examined: files::Examined,
+        seen: Vec<Option<Seen>>,
         dry_run: bool,
         deletions: &AtomicU64,
         cancel: &CancellationToken,
@@ -331,9 +511,14 @@ impl Sweeper {
         let mut out = files::MediaOutcome::default();
         // Confirm every file first: an error on any of them keeps the whole media.
         let mut verdicts = Vec::with_capacity(examined.len());
+        let mut seen = seen.into_iter();
         for (path, local) in examined {
+            let hint = seen.next().flatten();
             let (record, v) = match local {
-                Ok(Some(l)) => (l.record, files::confirm(self, &path, l).await),
+                Ok(Some(l)) => (
+                    l.record,
+                    self.confirm(&path, l, hint.as_ref(), &mut out).await,
+                ),
                 Ok(None) => (None, Verdict::Gone),
                 Err(e) => (None, Verdict::Error(e)),
             };

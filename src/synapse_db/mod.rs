@@ -360,6 +360,23 @@ impl Db {
             .collect())
     }
 
+    /// (aged, all) local media, URL previews excluded: what the sweep's choice between HEADs and
+    /// a listing (`sweep::dense::choose`) weighs. One count over the table, once per sweep.
+    pub async fn aged_local_count(&self, cutoff_ms: i64) -> Result<(i64, i64), DbError> {
+        let c = self.client().await?;
+        let row = self
+            .timed(
+                "count aged local media",
+                c.query_one(
+                    "SELECT count(*) FILTER (WHERE COALESCE(last_access_ts, created_ts) < $1), count(*) \
+                     FROM local_media_repository WHERE url_cache IS NULL",
+                    &[&cutoff_ms],
+                ),
+            )
+            .await?;
+        Ok((row.get(0), row.get(1)))
+    }
+
     /// Up to `limit` cached remote media older than `cutoff_ms`, after `(origin, media_id)`.
     pub async fn aged_remote(
         &self,

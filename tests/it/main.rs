@@ -16,6 +16,7 @@ mod proxy;
 mod security;
 mod support;
 mod sweep;
+mod sweep_dense;
 mod synapse_config;
 mod systemd;
 mod upload;
