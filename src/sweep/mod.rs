@@ -3,9 +3,11 @@
 //!
 //! Invariants (DESIGN.md 1, 2, 5, 7, 8):
 //! - A file is deleted only if, right before, the bucket holds an object at its key with the same
-//!   size and digest (HEAD; the digest from our record when the file still matches it, else from
-//!   reading the file), its media is aged out per PostgreSQL, and the file's size and mtime did not
-//!   change between that check and the unlink.
+//!   size and digest (HEAD, or in a dense sweep a listing page read during this sweep at most
+//!   [`dense::MAX_PAGE_AGE`] before: see [`dense`] for why that is as good and the window left;
+//!   the digest from our record when the file still matches it, else from reading the file), its
+//!   media is aged out per PostgreSQL, and the file's size and mtime did not change between that
+//!   check and the unlink.
 //! - Where Synapse's database holds the media's sha256, the original is deleted only if its bytes
 //!   match it (and so, by the MD5 above, the object's do): a bad local copy confirms nothing, and
 //!   neither does an object holding the same wrong bytes.
