@@ -70,7 +70,7 @@ if ((rtt > 0)); then
   cargo build --release --locked -q --example latency_proxy
   port=$(free_port)
   "$CARGO_TARGET_DIR/release/examples/latency_proxy" --listen "127.0.0.1:$port" \
-    --upstream "127.0.0.1:$s3port" --rtt-ms "$rtt" >"$work/proxy.log" 2>&1 &
+    --upstream "127.0.0.1:$s3port" --delay "$((rtt / 2))ms" >"$work/proxy.log" 2>&1 &
   proxypid=$!
   for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
   echo "==> Through the latency proxy: +$rtt ms per round trip"

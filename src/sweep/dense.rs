@@ -6,7 +6,8 @@
 //! # When (the rule)
 //! [`choose`]: with `sweep.listing: auto`, dense when the aged local media are at least
 //! [`MIN_AGED`] and at least 1 in [`DENSITY`] of all local media (counts from Synapse's database at
-//! the start of the sweep, one `count(*)` query). Why that ratio: a listing reads every object of
+//! the start of the sweep, one `count(*)` query); the remote media of a dense sweep are confirmed
+//! the same way. Why that ratio: a listing reads every object of
 //! the folder between the aged media, at most about `objects / 1000` requests (fewer, see
 //! [`Cursor`]); one HEAD per aged file costs `aged files` requests. At 1 in 50 the listing costs at
 //! most 1 request per 20 files confirmed (and on a store where every media is uploaded the
@@ -17,12 +18,13 @@
 //! # The merge
 //! Aged local media come from the database in `media_id` order, which is the byte order of their
 //! keys (`local_content/AB/CD/REST` and `local_thumbnails/AB/CD/REST/…` split the id at the same
-//! characters; Synapse requires `COLLATE C` of its database). One [`Cursor`] per folder walks the
+//! characters; Synapse requires `COLLATE C` of its database); aged remote media, in a dense sweep,
+//! in (origin, `filesystem_id`) order, the order of `remote_content/ORIGIN/AB/CD/REST` but at
+//! origins that prefix one another. One [`Cursor`] per folder walks the
 //! listing forward in step: a key inside the interval its last page covers is answered from that
 //! page; a key past it starts the next page at that key (`StartAfter`), so the listing skips the
 //! objects between two aged media that are far apart instead of reading them. Keys that come out
 //! of order cost a page each and stay correct: a page answers only for the interval it covers.
-//! Remote media (ordered by `media_id`, stored under `filesystem_id`) keep their HEADs.
 //!
 //! # Why a listing page is as good a confirmation as a HEAD
 //! Only a *positive* answer is taken from the listing: a listed object of the file's size whose

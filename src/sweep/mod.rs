@@ -71,15 +71,17 @@ async fn watch_lock(
 }
 
 /// Where the next page of aged media starts: after this local media id, or after this remote
-/// (origin, media id).
+/// (origin, media id); a dense sweep pages remote media by (origin, filesystem id) instead, the
+/// order of their files' keys (see [`dense`]).
 enum Cursor {
     Local(String),
     Remote(String, String),
+    RemoteByPath(String, String),
 }
 
 /// Where the page after `page` (fetched at `cursor`) starts; `None` after the last one. A short
-/// page ends its table: local media first, then remote.
-fn next_cursor(page: &[AgedMedia], cursor: &Cursor) -> Option<Cursor> {
+/// page ends its table: local media first, then remote (`by_path` in a dense sweep).
+fn next_cursor(page: &[AgedMedia], cursor: &Cursor, by_path: bool) -> Option<Cursor> {
     let full = page.len() as i64 == PAGE;
     match (page.last(), cursor) {
         (Some(AgedMedia::Local { media_id, .. }), _) if full => {
@@ -87,12 +89,23 @@ fn next_cursor(page: &[AgedMedia], cursor: &Cursor) -> Option<Cursor> {
         }
         (
             Some(AgedMedia::Remote {
+                origin,
+                filesystem_id,
+                ..
+            }),
+            Cursor::RemoteByPath(..),
+        ) if full => Some(Cursor::RemoteByPath(origin.clone(), filesystem_id.clone())),
+        (
+            Some(AgedMedia::Remote {
                 origin, media_id, ..
             }),
             _,
         ) if full => Some(Cursor::Remote(origin.clone(), media_id.clone())),
+        (_, Cursor::Local(_)) if by_path => {
+            Some(Cursor::RemoteByPath(String::new(), String::new()))
+        }
         (_, Cursor::Local(_)) => Some(Cursor::Remote(String::new(), String::new())),
-        (_, Cursor::Remote(..)) => None,
+        (_, Cursor::Remote(..) | Cursor::RemoteByPath(..)) => None,
     }
 }
 
@@ -257,6 +270,8 @@ impl Sweeper {
             [
                 ListingCursor::new("local_content/"),
                 ListingCursor::new("local_thumbnails/"),
+                ListingCursor::new("remote_content/"),
+                ListingCursor::new("remote_thumbnail/"),
             ]
         });
         let mut list_requests = 0;
@@ -285,7 +300,7 @@ impl Sweeper {
         deletions: &AtomicU64,
         report: &mut Report,
         cancel: &CancellationToken,
-        listing: &mut Option<[ListingCursor; 2]>,
+        listing: &mut Option<[ListingCursor; 4]>,
         list_requests: &mut u64,
     ) -> Result<(), DbError> {
         // The next page is fetched while this page's media are swept. Querying only once a page
@@ -307,17 +322,18 @@ impl Sweeper {
                 Some(p) => p,
                 None => self.aged_page(&cursor, cutoff).await?,
             };
-            let next = next_cursor(&media, &cursor);
+            let next = next_cursor(&media, &cursor, listing.is_some());
             let fetch_next = async {
                 match &next {
                     Some(c) => Some(self.aged_page(c, cutoff).await),
                     None => None,
                 }
             };
-            // Remote media keep their HEADs (see `dense`): only local pages use the listing.
+            // Remote media paged by media id (a sweep that started sparse, or whose listing
+            // failed) are not in key order: they keep their HEADs.
             let cursors = listing
                 .as_mut()
-                .filter(|_| matches!(cursor, Cursor::Local(_)));
+                .filter(|_| !matches!(cursor, Cursor::Remote(..)));
             let sweep_page = async {
                 match cursors {
                     Some(c) => {
@@ -369,14 +385,14 @@ impl Sweeper {
         }
     }
 
-    /// One page of aged local media, dense: every media's files are examined (in parallel), then
+    /// One page of aged media, dense: every media's files are examined (in parallel), then
     /// looked up in the listing in key order (one forward walk per folder), then confirmed and
     /// deleted (in parallel), each file the listing cannot confirm with its HEAD. Returns the
     /// outcomes, and whether a listing failed (the rest of the sweep then uses HEADs only).
     async fn sweep_page_dense(
         &self,
         media: Vec<AgedMedia>,
-        cursors: &mut [ListingCursor; 2],
+        cursors: &mut [ListingCursor; 4],
         dry_run: bool,
         deletions: &AtomicU64,
         cancel: &CancellationToken,
@@ -426,6 +442,11 @@ impl Sweeper {
         match cursor {
             Cursor::Local(after) => self.db.aged_local(cutoff, after, PAGE).await,
             Cursor::Remote(origin, id) => self.db.aged_remote(cutoff, (origin, id), PAGE).await,
+            Cursor::RemoteByPath(origin, fid) => {
+                self.db
+                    .aged_remote_by_path(cutoff, (origin, fid), PAGE)
+                    .await
+            }
         }
     }
 
@@ -663,19 +684,34 @@ mod tests {
     fn pages_walk_local_then_remote() {
         let start = Cursor::Local(String::new());
         let full = local(PAGE as usize);
-        assert!(matches!(next_cursor(&full, &start), Some(Cursor::Local(m)) if m == "m00999"));
+        for dense in [false, true] {
+            assert!(
+                matches!(next_cursor(&full, &start, dense), Some(Cursor::Local(m)) if m == "m00999")
+            );
+        }
         for short in [local(0), local(3)] {
             assert!(matches!(
-                next_cursor(&short, &start),
+                next_cursor(&short, &start, false),
                 Some(Cursor::Remote(o, m)) if o.is_empty() && m.is_empty()
+            ));
+            assert!(matches!(
+                next_cursor(&short, &start, true),
+                Some(Cursor::RemoteByPath(o, f)) if o.is_empty() && f.is_empty()
             ));
         }
         let at_remote = Cursor::Remote(String::new(), String::new());
         assert!(matches!(
-            next_cursor(&remote(PAGE as usize), &at_remote),
+            next_cursor(&remote(PAGE as usize), &at_remote, false),
             Some(Cursor::Remote(o, m)) if o == "a.org" && m == "r00999"
         ));
-        assert!(next_cursor(&remote(999), &at_remote).is_none());
-        assert!(next_cursor(&[], &at_remote).is_none());
+        assert!(next_cursor(&remote(999), &at_remote, false).is_none());
+        assert!(next_cursor(&[], &at_remote, false).is_none());
+        // A dense sweep pages remote media by their files' names.
+        let by_path = Cursor::RemoteByPath(String::new(), String::new());
+        assert!(matches!(
+            next_cursor(&remote(PAGE as usize), &by_path, true),
+            Some(Cursor::RemoteByPath(o, f)) if o == "a.org" && f == "f00999"
+        ));
+        assert!(next_cursor(&remote(999), &by_path, true).is_none());
     }
 }

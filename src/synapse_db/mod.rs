@@ -410,6 +410,42 @@ impl Db {
             .collect())
     }
 
+    /// [`Db::aged_remote`] in the order of the files' keys: by (origin, filesystem id), after
+    /// `after`. The sweep's dense mode walks the bucket listing in step with it. Two media sharing a
+    /// filesystem id name the same files: one of them at a page boundary may be skipped, its files
+    /// were swept with the other.
+    pub async fn aged_remote_by_path(
+        &self,
+        cutoff_ms: i64,
+        after: (&str, &str),
+        limit: i64,
+    ) -> Result<Vec<AgedMedia>, DbError> {
+        let sha = self.sha256_expr().await?;
+        let c = self.client().await?;
+        let rows = self
+            .timed(
+                "aged remote media by path",
+                c.query(
+                    &format!(
+                        "SELECT media_origin, media_id, filesystem_id, {sha} FROM remote_media_cache \
+                         WHERE COALESCE(last_access_ts, created_ts) < $1 AND (media_origin, filesystem_id) > ($2, $3) \
+                         ORDER BY media_origin, filesystem_id LIMIT $4"
+                    ),
+                    &[&cutoff_ms, &after.0, &after.1, &limit],
+                ),
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| AgedMedia::Remote {
+                origin: r.get(0),
+                media_id: r.get(1),
+                filesystem_id: r.get(2),
+                sha256: hash_at(r, 3),
+            })
+            .collect())
+    }
+
     /// Whether Synapse's media tables have the `sha256` column (asked once per process).
     pub async fn has_sha256(&self) -> Result<bool, DbError> {
         self.sha256_column

@@ -105,24 +105,24 @@ async fn same_as_heads(env: &S3Env, records: bool) -> (Report, Report) {
     (heads, dense)
 }
 
-/// Local files the fixture's sweep deletes (original + 2 thumbnails, and one more original): the
-/// dense sweep confirms these from the listing where it carries ETags. The remote media keep
-/// their HEADs, and so do the three tampered objects (the listing never says "missing" or
+/// Files the fixture's sweep deletes (a local original + 2 thumbnails, one more local original, a
+/// remote original + thumbnail): the dense sweep confirms these from the listing where it carries
+/// ETags. The three tampered objects keep their HEADs (the listing never says "missing" or
 /// "different": the HEAD does).
-const LOCAL_DELETED: u64 = 4;
+const DELETED: u64 = 6;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dense_sweep_deletes_what_the_head_sweep_deletes_with_listed_etags() {
     for records in [true, false] {
         let (heads, dense) = same_as_heads(&moto_env(), records).await;
-        assert_eq!(dense.confirmed_by_listing, LOCAL_DELETED, "{dense}");
+        assert_eq!(dense.confirmed_by_listing, DELETED, "{dense}");
         assert_eq!(
             dense.head_requests,
-            heads.head_requests - LOCAL_DELETED,
+            heads.head_requests - DELETED,
             "{dense}\n{heads}"
         );
-        // Two folders, each listed once.
-        assert_eq!(dense.list_requests, 2, "{dense}");
+        // Four folders, each listed once.
+        assert_eq!(dense.list_requests, 4, "{dense}");
     }
 }
 
