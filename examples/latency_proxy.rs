@@ -74,13 +74,20 @@ struct Link {
 
 impl Link {
     fn new(delay: Duration, rate: Option<u64>) -> Self {
-        Self { delay, rate, free_at: Mutex::new(Instant::now()), bytes: AtomicU64::new(0) }
+        Self {
+            delay,
+            rate,
+            free_at: Mutex::new(Instant::now()),
+            bytes: AtomicU64::new(0),
+        }
     }
 
     /// When a chunk of `len` bytes that arrived at `at` reaches the other side.
     async fn deliver_at(&self, at: Instant, len: usize) -> Instant {
         self.bytes.fetch_add(len as u64, Ordering::Relaxed);
-        let Some(rate) = self.rate else { return at + self.delay };
+        let Some(rate) = self.rate else {
+            return at + self.delay;
+        };
         let mut free_at = self.free_at.lock().await;
         let start = (*free_at).max(at);
         let end = start + Duration::from_secs_f64(len as f64 / rate as f64);
@@ -132,7 +139,11 @@ async fn main() -> std::io::Result<()> {
             let _ = client.set_nodelay(true);
             let _ = server.set_nodelay(true);
             // The client may send only after the SYN-ACK came back: one RTT after its SYN.
-            let not_before = if handshake { accepted + up.delay + down.delay } else { accepted };
+            let not_before = if handshake {
+                accepted + up.delay + down.delay
+            } else {
+                accepted
+            };
             let (cr, cw) = client.into_split();
             let (sr, sw) = server.into_split();
             let a = tokio::spawn(pipe(cr, sw, up, not_before, slots));

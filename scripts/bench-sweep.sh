@@ -67,9 +67,12 @@ esac
 s3port=$port
 if ((rtt > 0)); then
   # The latency proxy (examples/latency_proxy.rs): every client talks to it, it to the server.
-  cargo build --release --locked -q --example latency_proxy
+  # With SSO_BIN (a debug build of ours) the proxy is a debug build too: no release build needed.
+  profile=release
+  if [[ -n "${SSO_BIN:-}" ]]; then profile=debug; fi
+  cargo build --locked -q --example latency_proxy $([[ $profile == release ]] && echo --release)
   port=$(free_port)
-  "$CARGO_TARGET_DIR/release/examples/latency_proxy" --listen "127.0.0.1:$port" \
+  "${CARGO_TARGET_DIR:-$PWD/target}/$profile/examples/latency_proxy" --listen "127.0.0.1:$port" \
     --upstream "127.0.0.1:$s3port" --delay "$((rtt / 2))ms" >"$work/proxy.log" 2>&1 &
   proxypid=$!
   for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
