@@ -183,6 +183,7 @@ overlay_options!(RawSweep {
     confirm_synapse_reads_from_bucket,
     max_deletions_per_run,
     concurrency,
+    listing,
 });
 overlay_options!(RawPrune {
     enabled,

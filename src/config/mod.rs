@@ -16,7 +16,8 @@ pub use self::load::{Layers, load_layers, load_layers_with_env};
 pub use self::origin::{Origin, Origins};
 pub use self::prune::{PruneConfig, RawPrune};
 pub use self::sweep::{
-    DatabaseConfig, PostgresConfig, RawDatabase, RawSweep, SqliteConfig, SslMode, SweepConfig,
+    DatabaseConfig, Listing, PostgresConfig, RawDatabase, RawSweep, SqliteConfig, SslMode,
+    SweepConfig,
 };
 
 mod env;

@@ -49,6 +49,8 @@ pub struct RawSweep {
     pub confirm_synapse_reads_from_bucket: Option<bool>,
     pub max_deletions_per_run: Option<u64>,
     pub concurrency: Option<usize>,
+    /// auto | always | never: confirm aged files from a bucket listing (see [`Listing`]).
+    pub listing: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -127,6 +129,19 @@ pub struct SweepConfig {
     pub max_deletions_per_run: Option<u64>,
     /// Media confirmed at once (HEAD requests in flight ≈ this × files per media).
     pub concurrency: usize,
+    pub listing: Listing,
+}
+
+/// How the sweep confirms aged files in the bucket (`sweep.listing`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listing {
+    /// From a listing when many media age out at once (a "dense" sweep, see `sweep::dense`),
+    /// else one HEAD per file.
+    Auto,
+    /// Always from a listing (what the listing cannot confirm still gets a HEAD).
+    Always,
+    /// One HEAD per file.
+    Never,
 }
 
 pub(super) fn validate_database(
@@ -253,6 +268,17 @@ pub(super) fn validate_sweep(raw: RawSweep) -> Result<SweepConfig, ConfigError> 
             "0 would delete nothing; leave it out for no limit, or set sweep.enabled: false",
         ));
     }
+    let listing = match raw.listing.as_deref().unwrap_or("auto") {
+        "auto" => Listing::Auto,
+        "always" => Listing::Always,
+        "never" => Listing::Never,
+        other => {
+            return Err(invalid(
+                "sweep.listing",
+                format!("{other:?} is not one of auto, always, never"),
+            ));
+        }
+    };
     Ok(SweepConfig {
         enabled: raw.enabled.unwrap_or(true),
         interval: duration("sweep.interval", raw.interval, "1h")?,
@@ -261,5 +287,6 @@ pub(super) fn validate_sweep(raw: RawSweep) -> Result<SweepConfig, ConfigError> 
         confirm_synapse_reads_from_bucket: raw.confirm_synapse_reads_from_bucket.unwrap_or(false),
         max_deletions_per_run: raw.max_deletions_per_run,
         concurrency,
+        listing,
     })
 }

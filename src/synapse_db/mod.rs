@@ -284,6 +284,12 @@ impl Db {
         on_backend!(self, db => db.aged_local(cutoff_ms, after, limit).await)
     }
 
+    /// (aged, all) local media, URL previews excluded: what the sweep's choice between HEADs and
+    /// a listing (`sweep::dense::choose`) weighs. One count over the table, once per sweep.
+    pub async fn aged_local_count(&self, cutoff_ms: i64) -> Result<(i64, i64), DbError> {
+        on_backend!(self, db => db.aged_local_count(cutoff_ms).await)
+    }
+
     /// Up to `limit` cached remote media older than `cutoff_ms`, after `(origin, media_id)`.
     pub async fn aged_remote(
         &self,
@@ -292,6 +298,19 @@ impl Db {
         limit: i64,
     ) -> Result<Vec<AgedMedia>, DbError> {
         on_backend!(self, db => db.aged_remote(cutoff_ms, after, limit).await)
+    }
+
+    /// [`Db::aged_remote`] in the order of the files' keys: by (origin, filesystem id), after
+    /// `after`. The sweep's dense mode walks the bucket listing in step with it. Two media sharing a
+    /// filesystem id name the same files: one of them at a page boundary may be skipped, its files
+    /// were swept with the other.
+    pub async fn aged_remote_by_path(
+        &self,
+        cutoff_ms: i64,
+        after: (&str, &str),
+        limit: i64,
+    ) -> Result<Vec<AgedMedia>, DbError> {
+        on_backend!(self, db => db.aged_remote_by_path(cutoff_ms, after, limit).await)
     }
 
     /// Whether Synapse's media tables have the `sha256` column (asked once per process).

@@ -180,6 +180,53 @@ impl PgDb {
         Ok(row.get(0))
     }
 
+    pub async fn aged_local_count(&self, cutoff_ms: i64) -> Result<(i64, i64), DbError> {
+        let c = self.client().await?;
+        let row = self
+            .timed(
+                "count aged local media",
+                c.query_one(
+                    "SELECT count(*) FILTER (WHERE COALESCE(last_access_ts, created_ts) < $1), count(*) \
+                     FROM local_media_repository WHERE url_cache IS NULL",
+                    &[&cutoff_ms],
+                ),
+            )
+            .await?;
+        Ok((row.get(0), row.get(1)))
+    }
+
+    pub async fn aged_remote_by_path(
+        &self,
+        cutoff_ms: i64,
+        after: (&str, &str),
+        limit: i64,
+    ) -> Result<Vec<AgedMedia>, DbError> {
+        let sha = self.sha256_expr().await?;
+        let c = self.client().await?;
+        let rows = self
+            .timed(
+                "aged remote media by path",
+                c.query(
+                    &format!(
+                        "SELECT media_origin, media_id, filesystem_id, {sha} FROM remote_media_cache \
+                         WHERE COALESCE(last_access_ts, created_ts) < $1 AND (media_origin, filesystem_id) > ($2, $3) \
+                         ORDER BY media_origin, filesystem_id LIMIT $4"
+                    ),
+                    &[&cutoff_ms, &after.0, &after.1, &limit],
+                ),
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| AgedMedia::Remote {
+                origin: r.get(0),
+                media_id: r.get(1),
+                filesystem_id: r.get(2),
+                sha256: hash_at(r, 3),
+            })
+            .collect())
+    }
+
     pub async fn local_media_present(&self, ids: &[String]) -> Result<HashSet<String>, DbError> {
         let c = self.client().await?;
         let rows = self

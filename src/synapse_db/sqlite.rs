@@ -368,6 +368,44 @@ impl SqliteDb {
         .await
     }
 
+    pub async fn aged_local_count(&self, cutoff_ms: i64) -> Result<(i64, i64), DbError> {
+        self.call("count aged local media", move |c| {
+            c.prepare_cached(
+                "SELECT count(*) FILTER (WHERE COALESCE(last_access_ts, created_ts) < ?1), count(*) \
+                 FROM local_media_repository WHERE url_cache IS NULL",
+            )?
+            .query_row([cutoff_ms], |r| Ok((r.get(0)?, r.get(1)?)))
+        })
+        .await
+    }
+
+    pub async fn aged_remote_by_path(
+        &self,
+        cutoff_ms: i64,
+        after: (&str, &str),
+        limit: i64,
+    ) -> Result<Vec<AgedMedia>, DbError> {
+        let sha = self.sha256_expr().await?;
+        let (origin, fs_id) = (after.0.to_owned(), after.1.to_owned());
+        self.call("aged remote media by path", move |c| {
+            let mut st = c.prepare_cached(&format!(
+                "SELECT media_origin, media_id, filesystem_id, {sha} FROM remote_media_cache \
+                 WHERE COALESCE(last_access_ts, created_ts) < ?1 AND (media_origin, filesystem_id) > (?2, ?3) \
+                 ORDER BY media_origin, filesystem_id LIMIT ?4"
+            ))?;
+            st.query_map(params![cutoff_ms, origin, fs_id, limit], |r| {
+                Ok(AgedMedia::Remote {
+                    origin: r.get(0)?,
+                    media_id: r.get(1)?,
+                    filesystem_id: r.get(2)?,
+                    sha256: hash_at(r, 3)?,
+                })
+            })?
+            .collect()
+        })
+        .await
+    }
+
     pub async fn has_sha256(&self) -> Result<bool, DbError> {
         self.sha256_column
             .get_or_try_init(|| {

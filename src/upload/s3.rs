@@ -353,6 +353,41 @@ impl ObjectStore {
         }
     }
 
+    /// One page of ListObjectsV2 under `prefix + within` (a top-level media folder), starting
+    /// after the key `start_after` (which must lie under it); returns the objects and whether
+    /// the listing went on past them. The sweep's dense mode reads the bucket this way.
+    pub async fn list_after(
+        &self,
+        within: &str,
+        start_after: &str,
+        max_keys: i32,
+    ) -> Result<(Vec<Listed>, bool), S3Error> {
+        let prefix = format!("{}{within}", self.prefix);
+        let out = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix(&prefix)
+            .start_after(start_after)
+            .max_keys(max_keys)
+            .send()
+            .await
+            .map_err(|e| self.err("LIST", &prefix, e))?;
+        let objects = out
+            .contents()
+            .iter()
+            .filter_map(|o| {
+                Some(Listed {
+                    key: o.key()?.to_owned(),
+                    size: o.size().unwrap_or(0).max(0) as u64,
+                    etag: o.e_tag().map(|e| e.trim_matches('"').to_owned()),
+                    last_modified_ms: o.last_modified().map(|t| t.secs().saturating_mul(1000)),
+                })
+            })
+            .collect();
+        Ok((objects, out.is_truncated() == Some(true)))
+    }
+
     /// DELETE of an orphaned media object (`audit --delete-orphans`, the only deletion of media
     /// objects). The key is derived from a validated path, so it is always under our prefix.
     pub async fn delete_media(&self, path: &crate::layout::MediaPath) -> Result<(), S3Error> {

@@ -19,6 +19,7 @@ mod security;
 mod sqlite;
 mod support;
 mod sweep;
+mod sweep_dense;
 mod synapse_config;
 mod systemd;
 mod upload;
