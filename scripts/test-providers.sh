@@ -266,9 +266,9 @@ for name in "${servers[@]}"; do
 done
 
 # Table: ok, FAIL, skip (not supported by the server), ok* (ran, with a part skipped).
-printf '\n%-28s' check; for s in "${servers[@]}"; do printf ' %-10s' "$s"; done; printf '\n'
+printf '\n%-40s' check; for s in "${servers[@]}"; do printf ' %-10s' "$s"; done; printf '\n'
 for c in "${checks[@]}"; do
-  printf '%-28s' "$c"
+  printf '%-40s' "$c"
   for s in "${servers[@]}"; do
     v=${result[$s,$c]:-${result[$s,start]:-—}}
     if [[ "$v" == ok ]]; then

@@ -32,8 +32,8 @@ use futures::{StreamExt, TryStreamExt};
 
 use crate::config::{ChecksumMode, S3Config};
 
-pub use super::s3_error::{ErrorKind, S3Error};
 use super::s3_compat::{CollapseRepeatedSseHeaders, etag_contradicts};
+pub use super::s3_error::{ErrorKind, S3Error};
 use super::s3_error::{classify, read_error};
 
 /// User-metadata key holding the hex MD5 of the whole file (`x-amz-meta-md5`).
@@ -445,7 +445,8 @@ impl ObjectStore {
             hint: if self.checksum_trailers {
                 " — the provider stores aws-chunked bodies as they came (checksum trailers): set s3.request_checksum_calculation: when_required".into()
             } else {
-                " — the upload is tried again; if it keeps happening, the provider corrupts uploads".into()
+                " — the upload is tried again; if it keeps happening, the provider corrupts uploads"
+                    .into()
             },
         })
     }

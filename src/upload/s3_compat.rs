@@ -93,15 +93,30 @@ mod tests {
         let md5 = [0x11; 16];
         let same = hex::encode(md5);
         let other = hex::encode([0x22; 16]);
-        assert!(!etag_contradicts(Some(&format!("\"{same}\"")), &md5, None, false));
-        assert!(etag_contradicts(Some(&format!("\"{other}\"")), &md5, None, false));
+        assert!(!etag_contradicts(
+            Some(&format!("\"{same}\"")),
+            &md5,
+            None,
+            false
+        ));
+        assert!(etag_contradicts(
+            Some(&format!("\"{other}\"")),
+            &md5,
+            None,
+            false
+        ));
         let aes = ServerSideEncryption::Aes256;
         assert!(etag_contradicts(Some(&other), &md5, Some(&aes), false));
         // SSE-KMS and SSE-C ETags are not MD5s; multipart ETags and odd ones prove nothing.
         let kms = ServerSideEncryption::AwsKms;
         assert!(!etag_contradicts(Some(&other), &md5, Some(&kms), false));
         assert!(!etag_contradicts(Some(&other), &md5, None, true));
-        assert!(!etag_contradicts(Some(&format!("{other}-3")), &md5, None, false));
+        assert!(!etag_contradicts(
+            Some(&format!("{other}-3")),
+            &md5,
+            None,
+            false
+        ));
         assert!(!etag_contradicts(Some("abc"), &md5, None, false));
         assert!(!etag_contradicts(None, &md5, None, false));
     }

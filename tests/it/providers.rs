@@ -62,7 +62,11 @@ fn run_bin(cfg: &std::path::Path, args: &[&str]) -> (i32, String) {
     )
 }
 
-async fn head(env: &S3Env, bucket: &str, key: &str) -> aws_sdk_s3::operation::head_object::HeadObjectOutput {
+async fn head(
+    env: &S3Env,
+    bucket: &str,
+    key: &str,
+) -> aws_sdk_s3::operation::head_object::HeadObjectOutput {
     client(env)
         .await
         .head_object()
@@ -89,7 +93,9 @@ async fn single_put_verified() {
     );
     let s = backfill(&validated(raw_config(&env, &env.endpoint, &bucket, &store))).await;
     assert_eq!((s.uploaded, s.failed), (4, 0), "{s}");
-    all_uploaded(&env, &bucket, &store.read_all("")).await.unwrap();
+    all_uploaded(&env, &bucket, &store.read_all(""))
+        .await
+        .unwrap();
     let h = head(&env, &bucket, "local_content/ab/cd/small").await;
     assert_eq!(
         h.metadata().and_then(|m| m.get("md5")).map(String::as_str),
@@ -108,7 +114,9 @@ async fn multipart_verified() {
     small_parts(&mut raw);
     let s = backfill(&validated(raw)).await;
     assert_eq!((s.uploaded, s.failed), (1, 0), "{s}");
-    all_uploaded(&env, &bucket, &store.read_all("")).await.unwrap();
+    all_uploaded(&env, &bucket, &store.read_all(""))
+        .await
+        .unwrap();
     let h = head(&env, &bucket, "local_content/mp/pa/rts").await;
     assert!(
         h.metadata().is_some_and(|m| m.contains_key("md5")),
@@ -199,7 +207,11 @@ async fn adopts_existing_objects() {
         .unwrap();
     let config = validated(raw_config(&env, &proxy.endpoint(), &bucket, &store));
     let s = backfill(&config).await;
-    assert_eq!((s.adopted, s.uploaded, s.conflicts, s.failed), (2, 0, 0, 0), "{s}");
+    assert_eq!(
+        (s.adopted, s.uploaded, s.conflicts, s.failed),
+        (2, 0, 0, 0),
+        "{s}"
+    );
     assert!(proxy.object_requests("PUT").is_empty());
 }
 
@@ -236,7 +248,12 @@ async fn sse_c() {
             .unwrap_or_else(|e| panic!("GET {rel} with the key: {e}"));
         assert!(got == data, "{rel} differs");
         assert!(
-            c.get_object().bucket(&bucket).key(&rel).send().await.is_err(),
+            c.get_object()
+                .bucket(&bucket)
+                .key(&rel)
+                .send()
+                .await
+                .is_err(),
             "{rel} was served without the key"
         );
     }
@@ -261,7 +278,9 @@ async fn storage_class() {
         if let Ok(s) = &summary
             && s.failed == 0
         {
-            all_uploaded(&env, &bucket, &store.read_all("")).await.unwrap();
+            all_uploaded(&env, &bucket, &store.read_all(""))
+                .await
+                .unwrap();
         } else {
             let state = synapse_s3_offload::state::State::open(&config.state_dir).unwrap();
             let problems = state.problems_after(None, 10).unwrap();
@@ -299,7 +318,10 @@ async fn wrong_secret_refused() {
     let (code, out) = tokio::task::block_in_place(|| run_bin(&c.cfg, &["upload"]));
     assert_ne!(code, 0, "{out}");
     assert!(out.contains("s3.secret_access_key"), "{out}");
-    assert!(!out.contains(wrong) && !out.contains(&c.env.secret_key), "{out}");
+    assert!(
+        !out.contains(wrong) && !out.contains(&c.env.secret_key),
+        "{out}"
+    );
     assert!(list_sizes(&c.env, &c.bucket).await.is_empty());
 }
 
@@ -334,9 +356,10 @@ async fn sweep_confirms_and_deletes() {
     raw.sweep.keep_local_for = Some("30d".into());
     raw.sweep.confirm_synapse_reads_from_bucket = Some(true);
     let config = validated(raw);
-    let report = synapse_s3_offload::sweep::run_standalone(&config, false, &CancellationToken::new())
-        .await
-        .expect("sweep");
+    let report =
+        synapse_s3_offload::sweep::run_standalone(&config, false, &CancellationToken::new())
+            .await
+            .expect("sweep");
     for rel in &f.deleted {
         assert!(!f.store.root.join(rel).exists(), "{rel} kept: {report:?}");
     }
@@ -358,7 +381,10 @@ async fn audit_listing() {
     for i in 0..1_100 {
         let id = format!("aa{i:04}mediaok");
         db.local(&id, t, None, None).await;
-        store.write(&format!("local_content/aa/{}/{}", &id[2..4], &id[4..]), &bytes(i, 40));
+        store.write(
+            &format!("local_content/aa/{}/{}", &id[2..4], &id[4..]),
+            &bytes(i, 40),
+        );
     }
     let mut raw = raw_config(&env, &env.endpoint, &bucket, &store);
     raw.database = Some(db.raw());
@@ -380,7 +406,12 @@ async fn audit_listing() {
     .expect("audit");
     assert_eq!(r.objects, 1_101, "{r:?}");
     assert_eq!(
-        (r.lost.count, r.not_uploaded.count, r.mismatched.count, r.orphans.count),
+        (
+            r.lost.count,
+            r.not_uploaded.count,
+            r.mismatched.count,
+            r.orphans.count
+        ),
         (0, 1, 0, 1),
         "{r:?}"
     );
@@ -394,7 +425,10 @@ async fn check_probe() {
     let sse = if provider().lacks(Feature::SseC).is_none() {
         format!("  sse_customer_key: {SSE_KEY}\n")
     } else {
-        skip("check_probe (with SSE-C)", "SSE-C not supported; probed without it");
+        skip(
+            "check_probe (with SSE-C)",
+            "SSE-C not supported; probed without it",
+        );
         String::new()
     };
     write_yaml(
@@ -404,10 +438,98 @@ async fn check_probe() {
     let (code, out) = tokio::task::block_in_place(|| run_bin(&c.cfg, &["check"]));
     assert!(out.contains("✓ S3 bucket"), "{out}");
     assert!(out.contains("✓ S3 read/write"), "{out}");
-    assert!(!out.contains(SSE_KEY) && !out.contains(&c.env.secret_key), "{out}");
+    assert!(
+        !out.contains(SSE_KEY) && !out.contains(&c.env.secret_key),
+        "{out}"
+    );
     // Only the S3 lines matter here (no database: section is a note, not a failure).
     assert_eq!(code, 0, "{out}");
-    assert!(list_sizes(&c.env, &c.bucket).await.is_empty(), "probe left behind");
+    assert!(
+        list_sizes(&c.env, &c.bucket).await.is_empty(),
+        "probe left behind"
+    );
+}
+
+/// A bucket that refuses SSE-C uploads (AWS S3's default for new buckets since April 2026,
+/// answered here by the fault proxy in front of the server): `check` finds that the same PUT
+/// without SSE-C works and says so, instead of a bare AccessDenied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_names_sse_c_refused_by_the_bucket() {
+    use crate::faults_proxy::{FaultProxy, S3Fault};
+    let mut c = cli_case("ssecblocked", b"x").await;
+    std::fs::create_dir(&c.store.state).unwrap();
+    let proxy = FaultProxy::start(c.env.addr, 1).await;
+    proxy.deny_sse_c_puts(Some(S3Fault::AccessDenied));
+    c.env.endpoint = proxy.endpoint();
+    let sse = format!("  sse_customer_key: {SSE_KEY}\n");
+    write_yaml(
+        &c.cfg,
+        &upload_yaml(&c.store, &c.env, &c.bucket, &c.env.secret_key, &sse),
+    );
+    let (code, out) = tokio::task::block_in_place(|| run_bin(&c.cfg, &["check"]));
+    assert_ne!(code, 0, "{out}");
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("✗ S3 read/write"))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(line.contains("AccessDenied"), "{line}");
+    assert!(line.contains("without SSE-C works"), "{line}");
+    assert!(line.contains("s3.sse_customer_key"), "{line}");
+    assert!(!out.contains(SSE_KEY), "{out}");
+    assert!(
+        list_sizes(&c.env, &c.bucket).await.is_empty(),
+        "probes left behind"
+    );
+}
+
+/// A storage class the provider does not know: `check` names `s3.storage_class` as the cause.
+/// Needs a server that refuses GLACIER_IR (s3rver does); on others the skip says it accepted it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_names_a_refused_storage_class() {
+    let c = cli_case("sclassref", b"x").await;
+    std::fs::create_dir(&c.store.state).unwrap();
+    let accepted = client(&c.env)
+        .await
+        .put_object()
+        .bucket(&c.bucket)
+        .key("probe-glacier-ir")
+        .storage_class(aws_sdk_s3::types::StorageClass::GlacierIr)
+        .body(b"x".to_vec().into())
+        .send()
+        .await
+        .is_ok();
+    if accepted {
+        let name = provider().name();
+        skip(
+            "check_names_a_refused_storage_class",
+            &format!("{name} accepts GLACIER_IR: no refusal to name"),
+        );
+        return;
+    }
+    write_yaml(
+        &c.cfg,
+        &upload_yaml(
+            &c.store,
+            &c.env,
+            &c.bucket,
+            &c.env.secret_key,
+            "  storage_class: GLACIER_IR\n",
+        ),
+    );
+    let (code, out) = tokio::task::block_in_place(|| run_bin(&c.cfg, &["check"]));
+    assert_ne!(code, 0, "{out}");
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("✗ S3 read/write"))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(
+        line.contains("does not accept storage class GLACIER_IR"),
+        "{line}"
+    );
+    assert!(
+        list_sizes(&c.env, &c.bucket).await.is_empty(),
+        "probes left behind"
+    );
 }
 
 /// The default (`when_required`: Content-MD5, no aws-chunked trailer) works everywhere;
@@ -438,7 +560,10 @@ async fn checksum_trailers() {
         ),
     );
     let (code, out) = tokio::task::block_in_place(|| run_bin(&c.cfg, &["upload"]));
-    if skip_unless("checksum_trailers (when_supported)", Feature::ChecksumTrailers) {
+    if skip_unless(
+        "checksum_trailers (when_supported)",
+        Feature::ChecksumTrailers,
+    ) {
         // Refused, or (s3rver) stored with its chunk framing: either way not recorded as
         // uploaded, and the failure names the setting to change.
         assert_ne!(code, 0, "{out}");
@@ -447,10 +572,16 @@ async fn checksum_trailers() {
             "the failure names the fix: {out}"
         );
         let state = synapse_s3_offload::state::State::open(&c.store.state).unwrap();
-        assert_eq!(state.record_count().unwrap(), 0, "nothing recorded as verified");
+        assert_eq!(
+            state.record_count().unwrap(),
+            0,
+            "nothing recorded as verified"
+        );
     } else {
         assert_eq!(code, 0, "{out}");
-        all_uploaded(&c.env, &c.bucket, &c.store.read_all("")).await.unwrap();
+        all_uploaded(&c.env, &c.bucket, &c.store.read_all(""))
+            .await
+            .unwrap();
     }
 }
 
@@ -481,7 +612,10 @@ async fn server_restarted_mid_upload() {
     let shared = s3_env();
     let external = std::env::var("SSO_TEST_S3_RESTART").is_ok();
     if !external && provider() != Provider::S3sFs {
-        panic!("SSO_TEST_S3_RESTART is not set: scripts/test-providers.sh sets it for {}", provider().name());
+        panic!(
+            "SSO_TEST_S3_RESTART is not set: scripts/test-providers.sh sets it for {}",
+            provider().name()
+        );
     }
     let mut private = (!external).then(|| PrivateS3::start(&shared));
     let env = match &private {
@@ -509,10 +643,11 @@ async fn server_restarted_mid_upload() {
     .await;
     tokio::task::block_in_place(|| restart(private.as_mut(), &env));
     proxy.set_put_delay(Duration::ZERO);
-    eventually("every file verified after the restart", Duration::from_secs(90), || {
-        all_uploaded(&env, &bucket, &files)
-    })
+    eventually(
+        "every file verified after the restart",
+        Duration::from_secs(90),
+        || all_uploaded(&env, &bucket, &files),
+    )
     .await;
     d.stop_drained().await;
 }
-

@@ -48,16 +48,26 @@ impl Provider {
         use Feature::*;
         use Provider::*;
         match (self, f) {
-            (S3sFs, SseC) => Some("s3s-fs 0.14 accepts SSE-C headers but stores objects unencrypted"),
-            (S3sFs, StorageClasses) => Some("s3s-fs 0.14 does not keep storage classes"),
-            (Garage, StorageClasses) => Some("Garage has no storage classes"),
-            (Moto, Persistence) => Some("moto keeps everything in memory: a restart loses every bucket"),
-            (Moto, SseC) => Some("moto accepts SSE-C headers but serves the object without the key"),
-            (S3rver, SseC) => Some("s3rver accepts SSE-C headers but serves the object without the key"),
-            (S3rver, Signatures) => Some("s3rver does not verify signatures"),
-            (S3rver, ChecksumTrailers) => {
-                Some("s3rver rejects aws-chunked bodies with a checksum trailer (as B2 and others did)")
+            (S3sFs, SseC) => {
+                Some("s3s-fs 0.14 accepts SSE-C headers but stores objects unencrypted")
             }
+            (S3sFs, StorageClasses) => {
+                Some("s3s-fs 0.14 refuses STANDARD_IA (InvalidStorageClass) and reports no class")
+            }
+            (Garage, StorageClasses) => Some("Garage has no storage classes"),
+            (Moto, Persistence) => {
+                Some("moto keeps everything in memory: a restart loses every bucket")
+            }
+            (Moto, SseC) => {
+                Some("moto accepts SSE-C headers but serves the object without the key")
+            }
+            (S3rver, SseC) => {
+                Some("s3rver accepts SSE-C headers but serves the object without the key")
+            }
+            (S3rver, Signatures) => Some("s3rver does not verify signatures"),
+            (S3rver, ChecksumTrailers) => Some(
+                "s3rver stores an aws-chunked body with its chunk framing, unchecked: with trailers every streamed object is damaged",
+            ),
             _ => None,
         }
     }
@@ -71,9 +81,9 @@ pub fn provider() -> Provider {
         Ok("seaweedfs") => Provider::SeaweedFs,
         Ok("moto") => Provider::Moto,
         Ok("s3rver") => Provider::S3rver,
-        Ok(other) => panic!(
-            "SSO_PROVIDER={other:?} is not one of s3s-fs, garage, seaweedfs, moto, s3rver"
-        ),
+        Ok(other) => {
+            panic!("SSO_PROVIDER={other:?} is not one of s3s-fs, garage, seaweedfs, moto, s3rver")
+        }
     }
 }
 
