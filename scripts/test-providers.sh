@@ -212,6 +212,23 @@ EOF
   key=GK5550000000000000000000aa secret=$(printf 'ab%.0s' $(seq 1 32))
   "${g[@]}" key import --yes -n sso "$key" "$secret" >/dev/null
   "${g[@]}" key allow --create-bucket "$key" >/dev/null
+  # The new layout takes a moment to be in force: until a bucket can be created, tests would fail.
+  ensure_venv
+  "$cache/venv/bin/python" - "http://127.0.0.1:$port" "$key" "$secret" <<'EOF'
+import sys, time, boto3
+from botocore.config import Config
+s3 = boto3.client("s3", endpoint_url=sys.argv[1], region_name="us-east-1",
+                  aws_access_key_id=sys.argv[2], aws_secret_access_key=sys.argv[3],
+                  config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1}))
+err = None
+for _ in range(150):
+    try:
+        s3.create_bucket(Bucket="sso-ready-probe"); s3.delete_bucket(Bucket="sso-ready-probe"); break
+    except Exception as e:
+        err = e; time.sleep(0.2)
+else:
+    sys.exit(f"Garage never accepted a bucket: {err}")
+EOF
 }
 
 # --- run ----------------------------------------------------------------------------------------

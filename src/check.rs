@@ -176,7 +176,7 @@ async fn blame_setting(s3: &S3Config, part_size: u64, key: &str) -> Option<Strin
     if s3.sse_customer_key.is_some() {
         let mut c = s3.clone();
         c.sse_customer_key = None;
-        variants.push((c, format!(
+        variants.push((c, String::from(
             "the same PUT without SSE-C works, so the bucket refuses SSE-C uploads. AWS S3 blocks SSE-C on new buckets (and on those of accounts that had no SSE-C objects) since April 2026: allow it in the bucket's default encryption (PutBucketEncryption, BlockedEncryptionTypes NONE), or remove s3.sse_customer_key here and in Synapse's s3_storage_provider config (objects already written with the key still need it)"
         )));
     }
