@@ -155,13 +155,48 @@ async fn check_s3(s3: &S3Config, part_size: u64, c: &mut Checks) {
         }
         Ok(())
     };
-    let result = steps.await;
+    let mut result = steps.await;
+    if let Err(("PUT", e)) = &mut result
+        && let Some(cause) = blame_setting(s3, part_size, &format!("{key}-without")).await
+    {
+        e.push_str(&format!(" — {cause}"));
+    }
     let deleted = store.delete_probe(&key).await;
     match (result, deleted) {
         (Ok(()), Ok(())) => c.ok("S3 read/write", format!("PUT, HEAD, GET and DELETE of a probe object under prefix {:?}", s3.prefix)),
         (Err((step, e)), _) => c.fail("S3 read/write", format!("{step} of the probe object failed: {e}")),
         (Ok(()), Err(e)) => c.fail("S3 read/write", format!("DELETE of the probe object failed (the daemon itself never deletes objects; the probe {key} stays): {}", crate::Chain(&e))),
     }
+}
+
+/// When the probe PUT failed with SSE-C or a storage class configured, PUTs again without each:
+/// the setting whose absence makes the PUT work is the cause, named with what is known of it.
+async fn blame_setting(s3: &S3Config, part_size: u64, key: &str) -> Option<String> {
+    let mut variants = Vec::new();
+    if s3.sse_customer_key.is_some() {
+        let mut c = s3.clone();
+        c.sse_customer_key = None;
+        variants.push((c, String::from(
+            "the same PUT without SSE-C works, so the bucket refuses SSE-C uploads. AWS S3 blocks SSE-C on new buckets (and on those of accounts that had no SSE-C objects) since April 2026: allow it in the bucket's default encryption (PutBucketEncryption, BlockedEncryptionTypes NONE), or remove s3.sse_customer_key here and in Synapse's s3_storage_provider config (objects already written with the key still need it)"
+        )));
+    }
+    if let Some(class) = &s3.storage_class {
+        let mut c = s3.clone();
+        c.storage_class = None;
+        variants.push((c, format!(
+            "the same PUT without s3.storage_class works, so this provider does not accept storage class {class}: remove s3.storage_class or pick one it supports (Garage and s3s-fs have none; MinIO knows STANDARD and REDUCED_REDUNDANCY)"
+        )));
+    }
+    let body = bytes::Bytes::from_static(b"synapse-s3-offload check probe, without a setting");
+    let md5: [u8; 16] = Md5::digest(&body);
+    for (cfg, cause) in variants {
+        let store = ObjectStore::new(&cfg, part_size).await;
+        if store.put_bytes(key, body.clone(), &md5).await.is_ok() {
+            let _ = store.delete_probe(key).await;
+            return Some(cause);
+        }
+    }
+    None
 }
 
 async fn check_database(database: Option<&DatabaseConfig>, c: &mut Checks) {

@@ -37,6 +37,7 @@ pub mod digest;
 pub mod heal;
 pub mod pool;
 pub mod s3;
+mod s3_compat;
 mod s3_error;
 pub mod verdict;
 

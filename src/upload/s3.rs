@@ -32,6 +32,7 @@ use futures::{StreamExt, TryStreamExt};
 
 use crate::config::{ChecksumMode, S3Config};
 
+use super::s3_compat::{CollapseRepeatedSseHeaders, etag_contradicts};
 pub use super::s3_error::{ErrorKind, S3Error};
 use super::s3_error::{classify, read_error};
 
@@ -141,6 +142,8 @@ pub struct ObjectStore {
     storage_class: Option<StorageClass>,
     sse: Option<SseC>,
     part_size: u64,
+    /// `request_checksum_calculation: when_supported` (aws-chunked bodies with trailers).
+    checksum_trailers: bool,
 }
 
 impl ObjectStore {
@@ -181,6 +184,7 @@ impl ObjectStore {
             } else {
                 ResponseChecksumValidation::WhenRequired
             })
+            .interceptor(CollapseRepeatedSseHeaders)
             .retry_config(RetryConfig::standard().with_max_attempts(cfg.max_attempts))
             .timeout_config(
                 TimeoutConfig::builder()
@@ -205,6 +209,7 @@ impl ObjectStore {
             storage_class: cfg.storage_class.as_deref().map(StorageClass::from),
             sse,
             part_size,
+            checksum_trailers: checksum(cfg.request_checksum_calculation),
         }
     }
 
@@ -474,12 +479,46 @@ impl ObjectStore {
         // Content-MD5 header already binds the body (the server rejects any other), and hashing
         // every in-memory body a second time was the largest CPU cost per file in the profile.
         // Bodies streamed from disk are never payload-signed by the SDK anyway.
-        req.customize()
+        let out = req
+            .customize()
             .disable_payload_signing()
             .send()
             .await
             .map_err(|e| self.err("PUT", key, e))?;
-        Ok(())
+        self.check_etag("PUT", key, out.e_tag(), md5, out.server_side_encryption())
+    }
+
+    /// Refuses a success answer whose ETag proves other bytes were stored (see
+    /// [`etag_contradicts`]): the file is not recorded, and the error names the likely cause.
+    fn check_etag(
+        &self,
+        op: &'static str,
+        key: &str,
+        etag: Option<&str>,
+        md5: &[u8; 16],
+        sse: Option<&aws_sdk_s3::types::ServerSideEncryption>,
+    ) -> Result<(), S3Error> {
+        if !etag_contradicts(etag, md5, sse, self.sse.is_some()) {
+            return Ok(());
+        }
+        Err(S3Error {
+            op,
+            target: key.to_owned(),
+            kind: ErrorKind::Permanent,
+            status: None,
+            code: None,
+            detail: format!(
+                "the provider answered with ETag {} for a body whose MD5 is {}: it stored other bytes than were sent (and did not check Content-MD5)",
+                etag.unwrap_or_default(),
+                hex::encode(md5)
+            ),
+            hint: if self.checksum_trailers {
+                " — the provider stores aws-chunked bodies as they came (checksum trailers): set s3.request_checksum_calculation: when_required".into()
+            } else {
+                " — the upload is tried again; if it keeps happening, the provider corrupts uploads"
+                    .into()
+            },
+        })
     }
 
     /// Multipart upload of `file`, streamed part by part from disk with each part's
@@ -607,6 +646,8 @@ impl ObjectStore {
                         .send()
                         .await
                         .map_err(|e| self.err("UploadPart", key, e))?;
+                    let sse = out.server_side_encryption();
+                    self.check_etag("UploadPart", key, out.e_tag(), &part_md5, sse)?;
                     Ok::<_, S3Error>(
                         CompletedPart::builder()
                             .part_number(number)
@@ -623,46 +664,5 @@ impl ObjectStore {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn part_plan_stays_within_s3_limits() {
-        const MIB: u64 = 1 << 20;
-        const GIB: u64 = 1 << 30;
-        // A 5 GiB file: 1024 parts of 5 MiB, or 320 of 16 MiB (the default).
-        assert_eq!(part_size_for(5 * GIB, 5 * MIB), 5 * MIB);
-        assert_eq!((5 * GIB).div_ceil(part_size_for(5 * GIB, 5 * MIB)), 1024);
-        assert_eq!((5 * GIB).div_ceil(part_size_for(5 * GIB, 16 * MIB)), 320);
-        // Exactly 10 000 parts still fits; one byte more takes a larger part.
-        assert_eq!(part_size_for(10_000 * 16 * MIB, 16 * MIB), 16 * MIB);
-        assert_eq!(part_size_for(10_000 * 16 * MIB + 1, 16 * MIB), 17 * MIB);
-        // Up to S3's largest object (5 TiB), parts stay within 5 MiB..5 GiB and 10 000.
-        for size in [200 * GIB, 1024 * GIB, 5 * 1024 * GIB] {
-            for configured in [5 * MIB, 16 * MIB, 5 * GIB] {
-                let p = part_size_for(size, configured);
-                assert!(p >= configured && p <= 5 * GIB, "{size} {configured}: {p}");
-                assert!(size.div_ceil(p) <= MAX_PARTS, "{size} {configured}: {p}");
-            }
-        }
-    }
-
-    #[test]
-    fn confirms_needs_size_and_digest() {
-        let md5 = [0xab; 16];
-        let info = |size, meta, etag: Option<&str>| ObjectInfo {
-            size,
-            meta_md5: meta,
-            etag: etag.map(str::to_owned),
-        };
-        assert!(info(10, Some(md5), None).confirms(10, &md5));
-        assert!(!info(11, Some(md5), None).confirms(10, &md5));
-        assert!(
-            !info(10, Some([0; 16]), Some(&hex::encode(md5))).confirms(10, &md5),
-            "metadata wins over ETag"
-        );
-        assert!(info(10, None, Some(&hex::encode(md5).to_uppercase())).confirms(10, &md5));
-        assert!(!info(10, None, Some("abababab-2")).confirms(10, &md5));
-        assert!(!info(10, None, None).confirms(10, &md5));
-    }
-}
+#[path = "s3_tests.rs"]
+mod tests;

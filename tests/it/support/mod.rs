@@ -2,9 +2,12 @@
 //! unique buckets, Synapse-like media stores and configs, and the daemon under test ([`daemon`]).
 
 mod daemon;
+mod provider;
 
 #[allow(unused_imports)]
 pub use daemon::*;
+#[allow(unused_imports)]
+pub use provider::*;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
