@@ -12,6 +12,7 @@ mod faults_local;
 mod faults_proxy;
 mod faults_support;
 mod metrics;
+mod packaging;
 mod proxy;
 mod security;
 mod support;
