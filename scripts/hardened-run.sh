@@ -232,9 +232,9 @@ wait_for 30 "inotify: the held file is uploaded once closed" object "$held"
 new="local_content/cc/dd/writtenwhilerunning3"
 runuser -u "$user" -- sh -c "printf 'new' >'$media/$new'"
 wait_for 30 "inotify: a file written while running is uploaded" object "$new"
-wait_for 10 "/health answers 200" bash -c "[[ \$(http 'http://127.0.0.1:$mport/health' | head -n1) == 200 ]]"
+wait_for 10 "/health answers 200" bash -c "[[ \$(http 'http://127.0.0.1:$mport/health' | sed -n 1p) == 200 ]]"
 wait_for 10 "/metrics counts the three uploads" bash -c \
-  "http 'http://127.0.0.1:$mport/metrics' | grep -q '^synapse_s3_offload_uploaded_total{outcome=\"uploaded\"} 3'"
+  "http 'http://127.0.0.1:$mport/metrics' | grep '^synapse_s3_offload_uploaded_total{outcome=\"uploaded\"} 3' >/dev/null"
 runuser -u "$user" -- env "${daemon_env[@]}" ${exec_start% run} status --json >"$work/status.json" 2>"$work/status.err" ||
   die "status over the control socket failed: $(cat "$work/status.err")"
 tr -d ' \n' <"$work/status.json" | grep -q '"daemon_running":true' ||

@@ -28,7 +28,7 @@ archive="$out/$name-image.tar"
 # --- Root filesystem -------------------------------------------------------------------------------
 need busybox busybox-static || die "busybox-static is needed for the image's health check"
 busybox=$(command -v busybox)
-file -b "$busybox" | grep -q 'statically linked' || die "$busybox is not static (install busybox-static)"
+{ ldd "$busybox" 2>&1 || true; } | grep -q 'not a dynamic executable' || die "$busybox is not static (install busybox-static)"
 root=$(mktemp -d "$out/rootfs-build.XXXXXX")
 trap 'rm -rf "$root"' EXIT
 install -d "$root/usr/bin" "$root/bin" "$root/etc/ssl/certs" "$root/etc/synapse-s3-offload" \
@@ -50,10 +50,13 @@ install -m 0644 config/example.yaml "$root/usr/share/doc/$name/config.yaml"
 install -d -o 991 -g 991 -m 0700 "$root/var/lib/$name"
 
 # --- Image -----------------------------------------------------------------------------------------
-health='["/bin/busybox", "wget", "-q", "-O", "/dev/null", "http://127.0.0.1:9187/health"]'
+# Exec form (buildah splits it on spaces): no shell involved.
+health='/bin/busybox wget -q -O /dev/null http://127.0.0.1:9187/health'
 rm -f "$archive"
 if need buildah buildah; then
   log "buildah: $image"
+  # Docker format: OCI image configs have no HEALTHCHECK.
+  export BUILDAH_FORMAT=docker
   b() { buildah --storage-driver vfs "$@"; }
   ctr=$(b from --quiet scratch)
   mnt=$(b mount "$ctr")
