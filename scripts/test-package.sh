@@ -3,8 +3,9 @@
 #   1. scripts/package.sh builds the .deb and the image (SSO_PACKAGE_OUT: reuse a build).
 #   2. dpkg -i: the user, the state directory, the conffile's owner and mode, the units
 #      (systemd-analyze verify, exposure <= 1.5, enabled but not started).
-#   3. The installed binary's `check` as matrix-synapse, with the installed config, against the test
-#      servers (s3s-fs, PostgreSQL) and a Synapse config laid out as matrix-synapse-py3 does.
+#   3. The installed binary's `check` and `upload` as matrix-synapse, with the installed config,
+#      against the test servers (s3s-fs, PostgreSQL) and a Synapse config laid out as
+#      matrix-synapse-py3 does.
 #   4. The daemon as matrix-synapse under the unit's main restrictions (scripts/hardened-run.sh):
 #      inotify upload, the read lease, the control socket, /metrics and /health.
 #   5. An upgrade to a newer version (the conffile an admin edited is kept), then remove and purge.
@@ -126,6 +127,16 @@ else
   fail "installed check as matrix-synapse:"
 fi
 sed 's/^/    /' "$work/check.txt" >&2
+# The guide's next step: upload what is already there, with the installed config.
+install -d -o matrix-synapse -g matrix-synapse "$work/media/local_content/00/11"
+runuser -u matrix-synapse -- sh -c "printf 'before the daemon' >'$work/media/local_content/00/11/uploadedbycli01'"
+if as_synapse /usr/bin/$pkg upload --no-progress >"$work/upload.txt" 2>&1 &&
+  [[ -f "$work/s3/$bucket/local_content/00/11/uploadedbycli01" ]]; then
+  ok "installed upload as matrix-synapse (the file is in the bucket)"
+else
+  fail "installed upload as matrix-synapse:"
+  sed 's/^/    /' "$work/upload.txt" >&2
+fi
 
 # --- 4. The daemon under the unit's restrictions ----------------------------------------------------
 if bash scripts/hardened-run.sh "$unit" "$work" "$hs" "$endpoint" "$bucket"; then

@@ -63,9 +63,12 @@ fn the_monitoring_kit_names_only_exported_metrics() {
     let defined: BTreeSet<String> = src
         .lines()
         .filter(|l| l.starts_with("pub const "))
-        .flat_map(|l| names(l))
+        .flat_map(names)
         .collect();
-    assert!(defined.len() > 10, "metric names in src/metrics.rs: {defined:?}");
+    assert!(
+        defined.len() > 10,
+        "metric names in src/metrics.rs: {defined:?}"
+    );
     for file in [
         "dist/monitoring/alerts.yml",
         "dist/monitoring/alerts.test.yml",
