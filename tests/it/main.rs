@@ -13,6 +13,7 @@ mod faults_local;
 mod faults_proxy;
 mod faults_support;
 mod metrics;
+mod packaging;
 mod providers;
 mod proxy;
 mod prune;
