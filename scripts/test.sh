@@ -40,10 +40,11 @@ s3_port=$(free_port)
   --access-key "$SSO_TEST_S3_ACCESS_KEY" --secret-key "$SSO_TEST_S3_SECRET_KEY" "$s3_root" \
   >"$s3_root.log" 2>&1 &
 s3_pid=$!
+moto_pid=
 cleanup() {
-  kill "$s3_pid" 2>/dev/null || true
-  wait "$s3_pid" 2>/dev/null || true
-  rm -rf "$s3_root" "$s3_root.log"
+  kill "$s3_pid" $moto_pid 2>/dev/null || true
+  wait "$s3_pid" $moto_pid 2>/dev/null || true
+  rm -rf "$s3_root" "$s3_root.log" "$s3_root.moto.log"
 }
 trap cleanup EXIT
 if ! wait_port 127.0.0.1 "$s3_port" 30; then
@@ -51,6 +52,29 @@ if ! wait_port 127.0.0.1 "$s3_port" 30; then
 fi
 export SSO_TEST_S3_ENDPOINT="http://127.0.0.1:$s3_port"
 log "s3s-fs listening on $SSO_TEST_S3_ENDPOINT"
+
+# --- A second S3 server whose listings carry ETags -------------------------------------------
+# s3s-fs lists objects without their ETag, so the sweep's dense mode (confirming files from a
+# listing, src/sweep/dense.rs) would fall back to a HEAD for every file there. moto's server
+# (PyPI, in a venv of its own, installed once) lists them as S3 does; the dense-sweep tests run on
+# both. Under CI=true a moto that cannot be installed or started fails those tests.
+moto_venv=${SSO_MOTO_VENV:-$HOME/.cache/sso-moto-venv}
+if [[ ! -x "$moto_venv/bin/moto_server" ]]; then
+  log "Installing moto's S3 server into $moto_venv (once, ~1 min)"
+  (python3 -m venv "$moto_venv" && "$moto_venv/bin/pip" install -q "moto[server]==5.2.5") >&2 ||
+    log "could not install moto (the dense-sweep tests will fail)"
+fi
+if [[ -x "$moto_venv/bin/moto_server" ]]; then
+  moto_port=$(free_port)
+  "$moto_venv/bin/moto_server" -H 127.0.0.1 -p "$moto_port" >"$s3_root.moto.log" 2>&1 &
+  moto_pid=$!
+  if wait_port 127.0.0.1 "$moto_port" 60; then
+    export SSO_TEST_MOTO_ENDPOINT="http://127.0.0.1:$moto_port"
+    log "moto listening on $SSO_TEST_MOTO_ENDPOINT"
+  else
+    log "moto did not start:"; cat "$s3_root.moto.log" >&2
+  fi
+fi
 
 # --- PostgreSQL -------------------------------------------------------------------------------
 if command -v pg_isready >/dev/null; then

@@ -61,8 +61,8 @@ pub async fn run_file(path: &Path) -> Checks {
         Err(_) => c.note("S3", "not checked: fix the s3 key above first"),
     }
     match &parts.database {
-        Ok(db) => check_database(db.as_ref(), parts.synapse_uses_sqlite, &mut c).await,
-        Err(_) => c.note("PostgreSQL", "not checked: fix the config key above first"),
+        Ok(db) => check_database(db.as_ref(), &mut c).await,
+        Err(_) => c.note("database", "not checked: fix the config key above first"),
     }
     match &parts.media_store_path {
         Ok(root) => {
@@ -155,7 +155,12 @@ async fn check_s3(s3: &S3Config, part_size: u64, c: &mut Checks) {
         }
         Ok(())
     };
-    let result = steps.await;
+    let mut result = steps.await;
+    if let Err(("PUT", e)) = &mut result
+        && let Some(cause) = blame_setting(s3, part_size, &format!("{key}-without")).await
+    {
+        e.push_str(&format!(" — {cause}"));
+    }
     let deleted = store.delete_probe(&key).await;
     match (result, deleted) {
         (Ok(()), Ok(())) => c.ok("S3 read/write", format!("PUT, HEAD, GET and DELETE of a probe object under prefix {:?}", s3.prefix)),
@@ -164,31 +169,75 @@ async fn check_s3(s3: &S3Config, part_size: u64, c: &mut Checks) {
     }
 }
 
-async fn check_database(database: Option<&DatabaseConfig>, sqlite: bool, c: &mut Checks) {
-    let Some(dbc) = database else {
-        if sqlite {
-            c.note(
-                "PostgreSQL",
-                "Synapse uses SQLite: uploads work, the sweep needs PostgreSQL",
-            );
-        } else {
-            c.note(
-                "PostgreSQL",
-                "no database: section, so no sweep (uploads work)",
-            );
+/// When the probe PUT failed with SSE-C or a storage class configured, PUTs again without each:
+/// the setting whose absence makes the PUT work is the cause, named with what is known of it.
+async fn blame_setting(s3: &S3Config, part_size: u64, key: &str) -> Option<String> {
+    let mut variants = Vec::new();
+    if s3.sse_customer_key.is_some() {
+        let mut c = s3.clone();
+        c.sse_customer_key = None;
+        variants.push((c, String::from(
+            "the same PUT without SSE-C works, so the bucket refuses SSE-C uploads. AWS S3 blocks SSE-C on new buckets (and on those of accounts that had no SSE-C objects) since April 2026: allow it in the bucket's default encryption (PutBucketEncryption, BlockedEncryptionTypes NONE), or remove s3.sse_customer_key here and in Synapse's s3_storage_provider config (objects already written with the key still need it)"
+        )));
+    }
+    if let Some(class) = &s3.storage_class {
+        let mut c = s3.clone();
+        c.storage_class = None;
+        variants.push((c, format!(
+            "the same PUT without s3.storage_class works, so this provider does not accept storage class {class}: remove s3.storage_class or pick one it supports (Garage and s3s-fs have none; MinIO knows STANDARD and REDUCED_REDUNDANCY)"
+        )));
+    }
+    let body = bytes::Bytes::from_static(b"synapse-s3-offload check probe, without a setting");
+    let md5: [u8; 16] = Md5::digest(&body);
+    for (cfg, cause) in variants {
+        let store = ObjectStore::new(&cfg, part_size).await;
+        if store.put_bytes(key, body.clone(), &md5).await.is_ok() {
+            let _ = store.delete_probe(key).await;
+            return Some(cause);
         }
+    }
+    None
+}
+
+async fn check_database(database: Option<&DatabaseConfig>, c: &mut Checks) {
+    let Some(dbc) = database else {
+        c.note(
+            "database",
+            "no database: section and no synapse_config, so no sweep or audit (uploads work)",
+        );
         return;
     };
+    let what = dbc.kind();
     let db = match crate::synapse_db::Db::new(dbc) {
         Ok(db) => db,
-        Err(e) => return c.fail("PostgreSQL", crate::Chain(&e).to_string()),
+        Err(e) => return c.fail(what, crate::Chain(&e).to_string()),
     };
-    match db.media_counts().await {
-        Ok((local, remote)) => c.ok(
-            "PostgreSQL",
-            format!("media tables found: {local} local media, {remote} cached remote media"),
+    let counts = match db.media_counts().await {
+        Ok((local, remote)) => {
+            format!("media tables found: {local} local media, {remote} cached remote media")
+        }
+        Err(e) => return c.fail(what, crate::Chain(&e).to_string()),
+    };
+    let DatabaseConfig::Sqlite(s) = dbc else {
+        return c.ok(what, counts);
+    };
+    let file = s.path.display();
+    match db.journal_mode().await {
+        Ok(Some(mode)) if mode.eq_ignore_ascii_case("wal") => c.ok(
+            what,
+            format!("{file} is readable; {counts}; journal mode wal (as Synapse sets it: our reads never block its writes)"),
         ),
-        Err(e) => c.fail("PostgreSQL", crate::Chain(&e).to_string()),
+        Ok(mode) => {
+            c.ok(what, format!("{file} is readable; {counts}"));
+            c.note(
+                what,
+                format!(
+                    "journal mode {} (Synapse sets wal when it starts): while Synapse writes, our reads wait up to database.statement_timeout, and a sweep that waits longer stops and deletes nothing",
+                    mode.as_deref().unwrap_or("unknown")
+                ),
+            );
+        }
+        Err(e) => c.fail(what, crate::Chain(&e).to_string()),
     }
 }
 

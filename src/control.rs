@@ -26,8 +26,21 @@ pub const MAX_CONNECTIONS: usize = 16;
 #[serde(tag = "cmd", rename_all = "snake_case")]
 pub enum Request {
     Status,
-    Sweep { dry_run: bool },
-    Audit { options: crate::audit::Options },
+    Sweep {
+        dry_run: bool,
+    },
+    Audit {
+        options: crate::audit::Options,
+    },
+    /// One prune run now: `path` forced, or the one due.
+    Prune {
+        path: Option<crate::audit::PrunePath>,
+        dry_run: bool,
+    },
+    Forget {
+        targets: Vec<String>,
+        dry_run: bool,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -36,6 +49,8 @@ pub enum Response {
     Status(Status),
     Sweep(Report),
     Audit(Box<crate::audit::Report>),
+    Prune(Box<crate::audit::PruneReport>),
+    Forget(crate::audit::ForgetReport),
     Error(String),
 }
 
@@ -58,9 +73,16 @@ pub struct Status {
     pub last_sweep: Option<Box<Report>>,
     #[serde(default)]
     pub last_dry_run: Option<Box<Report>>,
+    /// The last run of the prune job (or `prune` command).
+    #[serde(default)]
+    pub last_prune: Option<Box<crate::audit::PruneReport>>,
     /// Parts of the media store the daemon's scans could not read (their files are not uploaded).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub unreadable: Vec<String>,
+    /// Why inotify does not cover the whole store (degraded mode: new files are found by scans
+    /// every `scan_interval_when_degraded`); empty while the watch covers it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub degraded: Vec<String>,
     /// Local files that differ from their verified object and are not healed (healing off, or
     /// it failed), and conflicts (local file and an unverified object differ; both kept).
     #[serde(default)]
@@ -111,6 +133,19 @@ impl std::fmt::Display for Status {
         }
         if let Some(r) = &self.last_dry_run {
             writeln!(f, "last dry run: {} ago: {r}", ago(r))?;
+        }
+        if let Some(r) = &self.last_prune {
+            let ago = humantime::format_duration(Duration::from_secs(
+                crate::state::now_ms().saturating_sub(r.started_at_ms) / 1000,
+            ));
+            writeln!(f, "last prune:   {ago} ago: {r}")?;
+        }
+        if self.daemon_running && !self.degraded.is_empty() {
+            writeln!(
+                f,
+                "watch:        degraded ({}): new files are found by scans every scan_interval_when_degraded, not at once",
+                self.degraded.join(", ")
+            )?;
         }
         for u in &self.unreadable {
             writeln!(f, "unreadable:   {u} (its files are not uploaded)")?;
@@ -174,6 +209,7 @@ pub fn status(state: &State, queue: &Queue, daemon_running: bool) -> Result<Stat
             .collect(),
         last_sweep: last.sweep,
         last_dry_run: last.dry_run,
+        last_prune: crate::audit::job::last(state)?.map(Box::new),
         unreadable: Vec::new(),
         ..problems(state)?
     })

@@ -88,6 +88,33 @@ enum Command {
         #[arg(long, requires = "delete_orphans")]
         ignore_prune_limits: bool,
     },
+    /// Follow Synapse's deletions now: one run of the prune job (see `prune:` in the config), the
+    /// path that is due unless --incremental or --full (asks the running daemon if there is one).
+    Prune {
+        /// Check only our upload records against the database.
+        #[arg(long, conflicts_with = "full")]
+        incremental: bool,
+        /// List the whole bucket (finds objects we did not upload too).
+        #[arg(long)]
+        full: bool,
+        /// Delete nothing; report what would be deleted.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove deleted media from the bucket at once (a legal removal): their original and
+    /// thumbnails, once Synapse has deleted the media (refused while its row exists).
+    Forget {
+        /// mxc://server/media_id of a local media, or the path of a remote media's original
+        /// (remote_content/ORIGIN/AB/CD/REST) as `audit` prints it.
+        #[arg(required = true)]
+        media: Vec<String>,
+        /// Remove nothing; list what would be removed.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Upload every file of the media store that is not yet verified in the bucket, then exit.
     Upload {
         /// Plain log lines instead of a progress bar, even on a terminal.
@@ -255,6 +282,70 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     return Ok(ExitCode::FAILURE);
                 }
                 Ok(ExitCode::SUCCESS)
+            }
+            Command::Prune {
+                incremental,
+                full,
+                dry_run,
+                json,
+            } => {
+                let cancel = cancel_on_signal(false);
+                let path = match (incremental, full) {
+                    (true, _) => Some(audit::PrunePath::Incremental),
+                    (_, true) => Some(audit::PrunePath::Full),
+                    _ => None,
+                };
+                let req = Request::Prune { path, dry_run };
+                let answer = daemon_or_local(&config.state_dir, req, async || {
+                    match audit::job::run_standalone(&config, path, dry_run, &cancel).await {
+                        Err(audit::AuditError::State(StateError::Locked { .. })) => Ok(None),
+                        other => Ok(Some(other?)),
+                    }
+                })
+                .await?;
+                let report = match answer {
+                    Ok(Response::Prune(r)) => *r,
+                    Err(r) => r,
+                    Ok(Response::Error(e)) => anyhow::bail!("{e}"),
+                    Ok(other) => anyhow::bail!("unexpected answer from the daemon: {other:?}"),
+                };
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&report)?);
+                } else {
+                    let verb = if dry_run { "would delete" } else { "deleted" };
+                    for e in &report.deleted.examples {
+                        println!("{verb} {}", e.path);
+                    }
+                    println!("{report}");
+                }
+                if let Some(why) = &report.refused {
+                    eprintln!("error: refusing to delete orphaned objects: {why}");
+                    return Ok(ExitCode::FAILURE);
+                }
+                if report.skipped_locked {
+                    anyhow::bail!("another sweep or prune holds the lock; try again later");
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Forget { media, dry_run } => {
+                let req = Request::Forget { targets: media.clone(), dry_run };
+                let answer = daemon_or_local(&config.state_dir, req, async || {
+                    match audit::forget_standalone(&config, &media, dry_run).await {
+                        Err(audit::AuditError::State(StateError::Locked { .. })) => Ok(None),
+                        other => Ok(Some(other?)),
+                    }
+                })
+                .await?;
+                let report = match answer {
+                    Ok(Response::Forget(r)) | Err(r) => r,
+                    Ok(Response::Error(e)) => anyhow::bail!("{e}"),
+                    Ok(other) => anyhow::bail!("unexpected answer from the daemon: {other:?}"),
+                };
+                print!("{report}");
+                match report.refused() {
+                    0 => Ok(ExitCode::SUCCESS),
+                    n => anyhow::bail!("{n} of {} media refused (nothing removed for them; see above)", report.items.len()),
+                }
             }
             Command::Status { json } => {
                 // Not created here: a typo'd path would look like a fresh install.

@@ -35,11 +35,20 @@ pub const CONFLICTS: &str = "synapse_s3_offload_upload_conflicts_total";
 pub const SCANS: &str = "synapse_s3_offload_scans_total";
 pub const SCAN_DURATION: &str = "synapse_s3_offload_scan_duration_seconds";
 pub const WATCHED_DIRS: &str = "synapse_s3_offload_inotify_watched_directories";
+pub const DEGRADED: &str = "synapse_s3_offload_watch_degraded";
+pub const REWATCHES: &str = "synapse_s3_offload_watch_reestablished_total";
 pub const SWEEPS: &str = "synapse_s3_offload_sweeps_total";
 pub const SWEEP_DELETED_FILES: &str = "synapse_s3_offload_sweep_deleted_files_total";
 pub const SWEEP_DELETED_BYTES: &str = "synapse_s3_offload_sweep_deleted_bytes_total";
 pub const SWEEP_KEPT: &str = "synapse_s3_offload_sweep_kept_unconfirmed_total";
 pub const LAST_SWEEP: &str = "synapse_s3_offload_last_successful_sweep_timestamp_seconds";
+pub const PRUNES: &str = "synapse_s3_offload_prunes_total";
+pub const PRUNE_ORPHANS: &str = "synapse_s3_offload_prune_orphans";
+pub const PRUNED_OBJECTS: &str = "synapse_s3_offload_pruned_objects_total";
+pub const PRUNED_BYTES: &str = "synapse_s3_offload_pruned_bytes_total";
+pub const PRUNE_REFUSED: &str = "synapse_s3_offload_prune_refused_total";
+pub const LAST_PRUNE: &str = "synapse_s3_offload_last_successful_prune_timestamp_seconds";
+pub const FORGOTTEN_OBJECTS: &str = "synapse_s3_offload_forgotten_objects_total";
 pub const BUILD_INFO: &str = "synapse_s3_offload_build_info";
 
 fn describe() {
@@ -92,6 +101,14 @@ fn describe() {
         WATCHED_DIRS,
         "Directories of the media store seen by the last full scan (inotify watches needed); 0 while degraded."
     );
+    describe_gauge!(
+        DEGRADED,
+        "1 while inotify does not cover the whole media store (watch limit, unreadable part, store gone): new files are then found by scans every scan_interval_when_degraded; `status` says why."
+    );
+    describe_counter!(
+        REWATCHES,
+        "Times the watch was set up again (after an inotify queue overflow, the store replaced or remounted, or a part readable again), by reason."
+    );
     describe_counter!(
         SWEEPS,
         "Sweeps, by outcome (done, dry_run, skipped_locked, stopped, refused)."
@@ -106,6 +123,36 @@ fn describe() {
         LAST_SWEEP,
         Unit::Seconds,
         "Unix time of the last sweep (not dry run) that ran to the end; 0 until the first."
+    );
+    describe_counter!(
+        PRUNES,
+        "Runs of the prune job (or `prune`), by path (incremental, full) and outcome (done, dry_run, refused, skipped_locked, failed)."
+    );
+    describe_gauge!(
+        PRUNE_ORPHANS,
+        "Orphans (objects or records whose media has no database row) seen by the last prune run, by path."
+    );
+    describe_counter!(
+        PRUNED_OBJECTS,
+        "Orphaned objects deleted from the bucket by prune runs."
+    );
+    describe_counter!(
+        PRUNED_BYTES,
+        Unit::Bytes,
+        "Bytes of orphaned objects deleted by prune runs."
+    );
+    describe_counter!(
+        PRUNE_REFUSED,
+        "Prune runs whose deletions a sanity limit refused, by reason (empty_database, too_many_orphans, too_many_deletions)."
+    );
+    describe_gauge!(
+        LAST_PRUNE,
+        Unit::Seconds,
+        "Unix time of the last prune run (not dry run) that ran to the end unrefused; 0 until the first."
+    );
+    describe_counter!(
+        FORGOTTEN_OBJECTS,
+        "Objects removed by `forget` (legal removals of deleted media)."
     );
     describe_gauge!(BUILD_INFO, "Always 1; the version label tells the build.");
 }
@@ -129,6 +176,24 @@ pub fn sweep_metrics_at_zero() {
     metrics::counter!(SWEEP_DELETED_BYTES).increment(0);
     metrics::counter!(SWEEP_KEPT).increment(0);
     metrics::gauge!(LAST_SWEEP).increment(0.0);
+}
+
+/// The prune job's series at 0 from startup when the job is enabled (see
+/// [`sweep_metrics_at_zero`]).
+pub fn prune_metrics_at_zero() {
+    for path in ["incremental", "full"] {
+        for outcome in ["done", "dry_run", "refused", "skipped_locked", "failed"] {
+            metrics::counter!(PRUNES, "path" => path, "outcome" => outcome).increment(0);
+        }
+        metrics::gauge!(PRUNE_ORPHANS, "path" => path).increment(0.0);
+    }
+    for reason in ["empty_database", "too_many_orphans", "too_many_deletions"] {
+        metrics::counter!(PRUNE_REFUSED, "reason" => reason).increment(0);
+    }
+    metrics::counter!(PRUNED_OBJECTS).increment(0);
+    metrics::counter!(PRUNED_BYTES).increment(0);
+    metrics::counter!(FORGOTTEN_OBJECTS).increment(0);
+    metrics::gauge!(LAST_PRUNE).increment(0.0);
 }
 
 /// Installs the recorder (once per process) and returns the handle that renders `/metrics`.

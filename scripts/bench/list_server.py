@@ -7,9 +7,16 @@ benchmark measures the audit, not the server. Keys: for media i in 1..N, id = md
 `PREFIX/local_content/AB/CD/REST` and 4 thumbnails under `PREFIX/local_thumbnails/AB/CD/REST/`,
 minus every 100th media (lost), plus M orphans. Same generator as scripts/bench-audit.sh's SQL.
 
+Also answers a `prefix=` filter, DELETE (the key leaves the set) and HEAD, for the prune
+benchmark; `GET /__requests` returns the request counts so far (JSON), by method, and
+`GET /__reset` brings every deleted key back (each path starts from the same bucket).
+
 usage: list_server.py PORT N ORPHANS PREFIX
 """
+import bisect
+import collections
 import hashlib
+import json
 import sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
@@ -35,6 +42,8 @@ for i in range(orphans):
     keys.append(f"{prefix}local_content/{s}")
 keys.sort(key=lambda k: k.encode())
 print(f"list_server: {len(keys)} keys on 127.0.0.1:{port}", flush=True)
+deleted = set()
+counts = collections.Counter()
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -43,12 +52,41 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, *a):
         pass
 
+    def reply(self, code, body=b"", ctype="application/xml"):
+        self.send_response(code)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_DELETE(self):
+        counts["DELETE"] += 1
+        key = urlparse(self.path).path.split("/", 2)[2]
+        from urllib.parse import unquote
+        deleted.add(unquote(key))
+        self.reply(204)
+
     def do_GET(self):
-        q = parse_qs(urlparse(self.path).query)
-        start = int(q.get("continuation-token", ["0"])[0])
-        page = keys[start:start + 1000]
-        nxt = start + len(page)
-        truncated = nxt < len(keys)
+        u = urlparse(self.path)
+        if u.path == "/__requests":
+            return self.reply(200, json.dumps(counts).encode(), "application/json")
+        if u.path == "/__reset":  # every deleted key back, counts kept
+            deleted.clear()
+            return self.reply(200, b"{}", "application/json")
+        counts["LIST"] += 1
+        q = parse_qs(u.query)
+        want = q.get("prefix", [""])[0]
+        # Keys are byte-sorted; bisect on the str list works for the ASCII keys generated here.
+        lo = bisect.bisect_left(keys, want)
+        start = max(int(q.get("continuation-token", [str(lo)])[0]), lo)
+        page = []
+        i = start
+        while i < len(keys) and len(page) < 1000 and keys[i].startswith(want):
+            if keys[i] not in deleted:
+                page.append(keys[i])
+            i += 1
+        nxt = i
+        truncated = nxt < len(keys) and keys[nxt].startswith(want)
         parts = ['<?xml version="1.0" encoding="UTF-8"?><ListBucketResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/">',
                  f"<Name>bench</Name><Prefix>{escape(prefix)}</Prefix><KeyCount>{len(page)}</KeyCount><MaxKeys>1000</MaxKeys>",
                  f"<IsTruncated>{'true' if truncated else 'false'}</IsTruncated>"]
@@ -57,12 +95,7 @@ class Handler(BaseHTTPRequestHandler):
         for k in page:
             parts.append(f"<Contents><Key>{escape(k)}</Key><LastModified>2026-01-01T00:00:00.000Z</LastModified><Size>4096</Size><StorageClass>STANDARD</StorageClass></Contents>")
         parts.append("</ListBucketResult>")
-        body = "".join(parts).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/xml")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        self.reply(200, "".join(parts).encode())
 
 
 ThreadingHTTPServer(("127.0.0.1", port), Handler).serve_forever()

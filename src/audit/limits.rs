@@ -42,6 +42,17 @@ pub enum PruneRefused {
     TooManyDeletions { deletions: u64, max: u64 },
 }
 
+impl PruneRefused {
+    /// A bounded name for metrics labels.
+    pub fn label(&self) -> &'static str {
+        match self {
+            PruneRefused::EmptyDatabase => "empty_database",
+            PruneRefused::TooManyOrphans { .. } => "too_many_orphans",
+            PruneRefused::TooManyDeletions { .. } => "too_many_deletions",
+        }
+    }
+}
+
 /// `Ok` when pruning may go on with these counts.
 pub fn check(limits: &PruneConfig, c: &Counts) -> Result<(), PruneRefused> {
     if c.database_files == 0 {
@@ -113,6 +124,7 @@ mod tests {
         let lax = PruneConfig {
             max_orphan_percent: 100.0,
             max_deletions_per_run: u64::MAX,
+            ..PruneConfig::default()
         };
         assert_eq!(check(&lax, &c(1, 1000, 999, 999)), Ok(()));
         assert_eq!(

@@ -15,6 +15,9 @@
 //! Orphan sightings are recorded by every audit; an orphan is deletable only once an earlier
 //! audit saw it orphaned at least the grace period ago, and this one still does.
 
+mod forget;
+mod incremental;
+pub mod job;
 pub mod limits;
 mod prune;
 mod report;
@@ -26,6 +29,8 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
+pub use self::forget::{ForgetItem, ForgetReport, forget, forget_standalone};
+pub use self::job::{PrunePath, PruneReport};
 pub use self::report::{Category, Report};
 use self::sources::{BucketStream, DbKind, DbStream, DiskStream, StateStream};
 use crate::config::Config;
@@ -42,10 +47,10 @@ const OPS_BATCH: usize = 1000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuditError {
-    #[error("the audit needs the database: section (Synapse's PostgreSQL)")]
+    #[error(
+        "the audit needs Synapse's database: set synapse_config (homeserver.yaml), or a database: section"
+    )]
     NoDatabase,
-    #[error("Synapse uses SQLite: the audit needs PostgreSQL")]
-    Sqlite,
     #[error(transparent)]
     Db(#[from] DbError),
     #[error(transparent)]
@@ -93,21 +98,18 @@ pub struct Auditor<'a> {
     pub queue: &'a Queue,
 }
 
+/// The `database:` section, or why there is none.
+fn db_config(config: &Config) -> Result<&crate::config::DatabaseConfig, AuditError> {
+    config.database.as_ref().ok_or(AuditError::NoDatabase)
+}
+
 /// `audit` without a running daemon: opens the state itself.
 pub async fn run_standalone(
     config: &Config,
     opts: &Options,
     cancel: &CancellationToken,
 ) -> Result<Report, AuditError> {
-    let db_config = config
-        .database
-        .as_ref()
-        .ok_or(if config.synapse_uses_sqlite {
-            AuditError::Sqlite
-        } else {
-            AuditError::NoDatabase
-        })?;
-    let db = Db::new(db_config)?;
+    let db = Db::new(db_config(config)?)?;
     let h = StateHandle::open(&config.state_dir)?;
     let queue = Arc::new(Queue::open(&h.state, h.committer.clone(), &config.upload)?);
     let store = ObjectStore::new(&config.s3, config.upload.multipart_part_size).await;
@@ -236,6 +238,7 @@ impl Auditor<'_> {
                     tracing::error!(reason = %why, "Refusing to delete orphaned objects.");
                     m.report.orphans_waiting += counts.deletions;
                     m.report.prune_refused = Some(why.to_string());
+                    m.report.prune_refused_reason = Some(why.label().to_owned());
                 }
                 checked => {
                     if let Err(why) = checked {

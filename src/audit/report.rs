@@ -96,6 +96,10 @@ pub struct Report {
     /// Why `--delete-orphans` deleted nothing: the sanity limits refused (see `audit::limits`).
     #[serde(default)]
     pub prune_refused: Option<String>,
+    /// Which limit refused, as a bounded word (`empty_database`, `too_many_orphans`,
+    /// `too_many_deletions`), for metrics.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prune_refused_reason: Option<String>,
 }
 
 impl Report {

@@ -112,14 +112,21 @@ impl<T> Buffered<T> {
         }
     }
 
+    /// Drops the head, whatever its key.
+    pub fn pop(&mut self) {
+        self.buf.pop_front();
+    }
+
     fn needs(&self) -> bool {
         self.buf.is_empty() && !self.done
     }
 }
 
-/// Synapse's media, as the paths of the files Synapse expects, streamed through a cursor.
-pub struct DbStream {
-    client: deadpool_postgres::ClientWrapper,
+/// Synapse's media, as the paths of the files Synapse expects: through a cursor (PostgreSQL), or
+/// page by page after the last key, each page its own short read transaction (SQLite: a
+/// transaction held across the audit would stall Synapse's WAL checkpoints).
+pub struct DbStream<'a> {
+    source: Source<'a>,
     /// The server's `statement_timeout` of the audit's queries, and our client-side one.
     statement_timeout: Duration,
     timeout: Duration,
@@ -134,6 +141,11 @@ pub struct DbStream {
     /// Rows whose ids make no safe path (`..`, `/`, too short): reported, never touched.
     pub invalid: Vec<String>,
     pub invalid_count: u64,
+}
+
+enum Source<'a> {
+    Postgres(deadpool_postgres::ClientWrapper),
+    Sqlite(&'a Db),
 }
 
 /// `AB/CD/REST` of an id, as Synapse splits it (by characters).
@@ -195,21 +207,25 @@ pub const MAX_SNAPSHOT_AGE: Duration = Duration::from_secs(300);
 /// The longest a single FETCH may take: the first one sorts every row.
 const MIN_FETCH_TIMEOUT: Duration = Duration::from_secs(300);
 
-impl DbStream {
+impl<'a> DbStream<'a> {
     /// Opens a read-only, repeatable-read transaction (one consistent snapshot) on a connection
     /// of its own and declares the cursor. The connection is closed when the stream is dropped,
     /// which ends the transaction; it never goes back to a pool.
-    pub async fn open(db: &Db) -> Result<DbStream, DbError> {
+    pub async fn open(db: &'a Db) -> Result<DbStream<'a>, DbError> {
         DbStream::open_with_max_age(db, MAX_SNAPSHOT_AGE).await
     }
 
     /// [`DbStream::open`], renewing the snapshot once it is older than `max_age`.
-    pub async fn open_with_max_age(db: &Db, max_age: Duration) -> Result<DbStream, DbError> {
+    pub async fn open_with_max_age(db: &'a Db, max_age: Duration) -> Result<DbStream<'a>, DbError> {
         let has_sha256 = db.has_sha256().await?;
-        let client = db.dedicated_client().await?;
+        let source = if db.is_sqlite() {
+            Source::Sqlite(db)
+        } else {
+            Source::Postgres(db.dedicated_client().await?)
+        };
         let statement_timeout = db.statement_timeout().max(MIN_FETCH_TIMEOUT);
         let mut stream = DbStream {
-            client,
+            source,
             statement_timeout,
             timeout: statement_timeout + Duration::from_secs(5),
             snapshot_at: std::time::Instant::now(),
@@ -220,13 +236,18 @@ impl DbStream {
             invalid: Vec::new(),
             invalid_count: 0,
         };
-        stream.declare("BEGIN").await?;
+        if let Source::Postgres(_) = stream.source {
+            stream.declare("BEGIN").await?;
+        }
         Ok(stream)
     }
 
     /// Starts a snapshot and declares the cursor over the rows after the last one read. `start`
     /// is `BEGIN`, or `COMMIT; BEGIN` to end the previous snapshot (and its cursor) first.
     async fn declare(&mut self, start: &str) -> Result<(), DbError> {
+        let Source::Postgres(client) = &self.source else {
+            return Ok(());
+        };
         let setup = format!(
             "{start} ISOLATION LEVEL REPEATABLE READ READ ONLY; \
              SET LOCAL statement_timeout = {}; \
@@ -239,7 +260,7 @@ impl DbStream {
         Db::timed_with(
             self.timeout,
             "declare the audit cursor",
-            self.client.batch_execute(&setup),
+            client.batch_execute(&setup),
         )
         .await?;
         self.snapshot_at = std::time::Instant::now();
@@ -267,25 +288,16 @@ impl DbStream {
 
     pub async fn fill(&mut self, examples: usize) -> Result<(), AuditError> {
         while self.rows.needs() {
-            // Between two FETCHes only: the rows after the last one read, in a new snapshot.
-            // Each path is still read once and in order; a media created meanwhile behind that
-            // point is missed, as it would have been by the old snapshot.
-            if self.snapshot_at.elapsed() >= self.max_age {
-                self.declare("COMMIT; BEGIN").await?;
-            }
-            let q = format!("FETCH {PAGE} FROM audit_files");
-            let rows = Db::timed_with(self.timeout, "fetch media rows", self.client.query(&q, &[]))
-                .await?;
+            let rows = self.next_rows().await?;
             if rows.len() < PAGE {
                 self.rows.done = true;
             }
             let mut page = Vec::with_capacity(rows.len());
             if let Some(r) = rows.last() {
-                self.last = Some(r.get(0));
+                self.last = Some(r.0.clone());
             }
-            for r in rows {
-                let key: String = r.get(0);
-                let kind = match r.get::<_, i32>(1) {
+            for (key, kind, len, sha256) in rows {
+                let kind = match kind {
                     0 => DbKind::Content,
                     1 => DbKind::Thumbnail,
                     _ => DbKind::MediaDir,
@@ -301,23 +313,52 @@ impl DbStream {
                     }
                     continue;
                 }
-                page.push((
-                    key,
-                    DbRow {
-                        kind,
-                        len: r.get(2),
-                        sha256: r
-                            .get::<_, Option<String>>(3)
-                            .as_deref()
-                            .and_then(crate::sha256::parse_hex),
-                    },
-                ));
+                page.push((key, DbRow { kind, len, sha256 }));
             }
             self.rows.push_page(page)?;
         }
         Ok(())
     }
+
+    /// The next page of (path, kind, length, sha256), from the cursor or the next SQLite page.
+    async fn next_rows(&mut self) -> Result<Vec<FileRow>, DbError> {
+        if let Source::Sqlite(db) = self.source {
+            let rows = db.media_files_page(self.last.as_deref(), PAGE).await?;
+            return Ok(rows
+                .into_iter()
+                .map(|r| (r.key, r.kind, r.len, r.sha256))
+                .collect());
+        }
+        // Between two FETCHes only: the rows after the last one read, in a new snapshot.
+        // Each path is still read once and in order; a media created meanwhile behind that
+        // point is missed, as it would have been by the old snapshot.
+        if self.snapshot_at.elapsed() >= self.max_age {
+            self.declare("COMMIT; BEGIN").await?;
+        }
+        let Source::Postgres(client) = &self.source else {
+            return Err(DbError::Unsupported("fetch media rows"));
+        };
+        let q = format!("FETCH {PAGE} FROM audit_files");
+        let rows = Db::timed_with(self.timeout, "fetch media rows", client.query(&q, &[])).await?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                (
+                    r.get(0),
+                    i64::from(r.get::<_, i32>(1)),
+                    r.get(2),
+                    r.get::<_, Option<String>>(3)
+                        .as_deref()
+                        .and_then(crate::sha256::parse_hex),
+                )
+            })
+            .collect())
+    }
 }
+
+/// A database row of the stream: path, kind (0 original, 1 thumbnail, 2 media directory),
+/// length, sha256.
+type FileRow = (String, i64, Option<i64>, Option<[u8; 32]>);
 
 /// The bucket under our prefix, keys with the prefix removed.
 pub struct BucketStream<'a> {

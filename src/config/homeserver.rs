@@ -168,53 +168,59 @@ pub fn fill(raw: &mut RawConfig, hs: &HomeserverYaml, origins: &mut Origins) -> 
             origins.set("media_store_path", o);
         }
     }
-    match &hs.database {
-        Some(db) if db.name == "sqlite3" => {
-            raw.synapse_uses_sqlite = Some(true);
+    if let Some(db) = &hs.database {
+        let a = &db.args;
+        let from_synapse = RawDatabase {
+            // Synapse's default when the block has no name is SQLite, but a block without a
+            // name is not a config Synapse writes; leave it to ours (PostgreSQL by default).
+            name: (!db.name.is_empty()).then(|| db.name.clone()),
+            args: None,
+            host: a.host.clone(),
+            port: match &a.port {
+                Some(PortValue::Number(n)) => Some(*n),
+                Some(PortValue::Text(t)) => t.parse().ok(),
+                None => None,
+            },
+            user: a.user.clone(),
+            password: a.password.clone(),
+            database: a.database.clone(),
+            dbname: a.dbname.clone(),
+            sslmode: a.sslmode.clone(),
+            sslrootcert: a.sslrootcert.clone(),
+            connect_timeout: a.connect_timeout.clone(),
+            cp_min: a.cp_min,
+            cp_max: a.cp_max,
+            statement_timeout: None,
+        };
+        // Key by key, as for s3: a `database:` of ours with only a password (or an env
+        // override) keeps Synapse's host, user and database name. Our `args:` counts as ours.
+        let mut ours = raw.database.take().unwrap_or_default();
+        if let Some(args) = ours.args.take() {
+            ours = RawDatabase::over(*args, ours);
         }
-        Some(db) => {
-            let a = &db.args;
-            let from_synapse = RawDatabase {
-                host: a.host.clone(),
-                port: match &a.port {
-                    Some(PortValue::Number(n)) => Some(*n),
-                    Some(PortValue::Text(t)) => t.parse().ok(),
-                    None => None,
-                },
-                user: a.user.clone(),
-                password: a.password.clone(),
-                database: a.database.clone(),
-                dbname: a.dbname.clone(),
-                sslmode: a.sslmode.clone(),
-                sslrootcert: a.sslrootcert.clone(),
-                connect_timeout: a.connect_timeout.clone(),
-                cp_min: a.cp_min,
-                cp_max: a.cp_max,
-                statement_timeout: None,
-            };
-            // Key by key, as for s3: a `database:` of ours with only a password (or an env
-            // override) keeps Synapse's host, user and database name.
-            let ours = raw.database.take().unwrap_or_default();
-            for key in [
-                "host",
-                "port",
-                "user",
-                "password",
-                "database",
-                "dbname",
-                "sslmode",
-                "sslrootcert",
-                "connect_timeout",
-            ] {
-                if !ours_sets(&ours, key)
-                    && let Some(o) = theirs(&format!("database.args.{key}"))
-                {
-                    origins.set(format!("database.{key}"), o);
-                }
+        if !ours_sets(&ours, "name")
+            && let Some(o) = theirs("database.name")
+        {
+            origins.set("database.name", o);
+        }
+        for key in [
+            "host",
+            "port",
+            "user",
+            "password",
+            "database",
+            "dbname",
+            "sslmode",
+            "sslrootcert",
+            "connect_timeout",
+        ] {
+            if !ours_sets(&ours, key)
+                && let Some(o) = theirs(&format!("database.args.{key}"))
+            {
+                origins.set(format!("database.{key}"), o);
             }
-            raw.database = Some(RawDatabase::over(from_synapse, ours));
         }
-        _ => {}
+        raw.database = Some(RawDatabase::over(from_synapse, ours));
     }
     match hs.s3_provider() {
         None => warnings.push(format!(
@@ -247,6 +253,7 @@ pub fn fill(raw: &mut RawConfig, hs: &HomeserverYaml, origins: &mut Origins) -> 
 /// Whether our `database:` sets `key` itself.
 fn ours_sets(ours: &RawDatabase, key: &str) -> bool {
     match key {
+        "name" => ours.name.is_some(),
         "host" => ours.host.is_some(),
         "port" => ours.port.is_some(),
         "user" => ours.user.is_some(),

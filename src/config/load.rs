@@ -184,8 +184,13 @@ overlay_options!(RawSweep {
     confirm_synapse_reads_from_bucket,
     max_deletions_per_run,
     concurrency,
+    listing,
 });
 overlay_options!(RawPrune {
+    enabled,
+    interval,
+    grace,
+    full_every,
     max_orphan_percent,
     max_deletions_per_run
 });
@@ -194,6 +199,8 @@ overlay_options!(RawMetrics {
     s3_probe_interval
 });
 overlay_options!(RawDatabase {
+    name,
+    args,
     host,
     port,
     user,
@@ -238,7 +245,6 @@ impl RawConfig {
             synapse_config,
             metrics,
             synapse_config_dir,
-            synapse_uses_sqlite,
         } = other;
         macro_rules! opt {
             ($($f:ident),*) => {$( if $f.is_some() { self.$f = $f; } )*};
@@ -250,8 +256,7 @@ impl RawConfig {
             scan_interval_when_degraded,
             shutdown_grace,
             synapse_config,
-            synapse_config_dir,
-            synapse_uses_sqlite
+            synapse_config_dir
         );
         self.s3.overlay(s3);
         self.upload.overlay(upload);

@@ -15,7 +15,10 @@ use serde::Deserialize;
 pub use self::load::{Layers, load_layers, load_layers_with_env};
 pub use self::origin::{Origin, Origins};
 pub use self::prune::{PruneConfig, RawPrune};
-pub use self::sweep::{DatabaseConfig, RawDatabase, RawSweep, SslMode, SweepConfig};
+pub use self::sweep::{
+    DatabaseConfig, Listing, PostgresConfig, RawDatabase, RawSweep, SqliteConfig, SslMode,
+    SweepConfig,
+};
 
 mod env;
 pub mod homeserver;
@@ -195,9 +198,6 @@ pub struct RawConfig {
     pub metrics: RawMetrics,
     /// Extra Synapse config files (conf.d), merged after synapse_config in file-name order.
     pub synapse_config_dir: Option<PathBuf>,
-    /// Set by the import when Synapse uses SQLite (not a config key).
-    #[serde(skip)]
-    pub synapse_uses_sqlite: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -297,7 +297,7 @@ pub struct Config {
     pub shutdown_grace: Duration,
     pub s3: S3Config,
     pub upload: UploadConfig,
-    /// Synapse's PostgreSQL; needed by the sweep only.
+    /// Synapse's database (PostgreSQL or SQLite): the sweep, audit and the uploads' arbiter.
     pub database: Option<DatabaseConfig>,
     pub sweep: SweepConfig,
     /// Sanity limits of orphan pruning.
@@ -305,8 +305,6 @@ pub struct Config {
     pub synapse_config: Option<PathBuf>,
     pub synapse_config_dir: Option<PathBuf>,
     pub metrics: MetricsConfig,
-    /// Synapse's database is SQLite: uploads work, the sweep cannot run.
-    pub synapse_uses_sqlite: bool,
     /// Warnings about Synapse's provider settings, logged at startup and shown by `check`.
     pub warnings: Vec<String>,
 }
@@ -396,7 +394,6 @@ pub struct Parts {
     pub s3: Result<S3Config, ConfigError>,
     pub upload: Result<UploadConfig, ConfigError>,
     pub database: Result<Option<DatabaseConfig>, ConfigError>,
-    pub synapse_uses_sqlite: bool,
     pub synapse_config: Option<PathBuf>,
     pub synapse_config_dir: Option<PathBuf>,
     rest: Result<Rest, ConfigError>,
@@ -443,7 +440,6 @@ impl Parts {
             synapse_config: self.synapse_config,
             synapse_config_dir: self.synapse_config_dir,
             metrics: rest.metrics,
-            synapse_uses_sqlite: self.synapse_uses_sqlite,
             warnings: Vec::new(),
         })
     }
@@ -504,14 +500,21 @@ pub fn validate_parts(raw: RawConfig, origins: &Origins) -> Parts {
             },
         })
     })();
+    // The SQLite sweep's lock file lives in state_dir (see synapse_db::sqlite).
+    let database = sweep::validate_database(raw.database).map(|d| match (d, &state_dir) {
+        (Some(DatabaseConfig::Sqlite(mut s)), Ok(dir)) => {
+            s.lock_dir = Some(dir.clone());
+            Some(DatabaseConfig::Sqlite(s))
+        }
+        (d, _) => d,
+    });
     let o = |e: ConfigError| e.with_origin(origins);
     Parts {
         media_store_path: media_store_path.map_err(o),
         state_dir: state_dir.map_err(o),
         s3: s3::validate_s3(raw.s3).map_err(o),
         upload: validate_upload(raw.upload).map_err(o),
-        database: sweep::validate_database(raw.database).map_err(o),
-        synapse_uses_sqlite: raw.synapse_uses_sqlite.unwrap_or(false),
+        database: database.map_err(o),
         synapse_config: raw.synapse_config,
         synapse_config_dir: raw.synapse_config_dir,
         rest: rest.map_err(o),

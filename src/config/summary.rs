@@ -11,15 +11,15 @@ impl Config {
         } else {
             "AWS credential chain"
         };
-        let sweep = match (&self.database, self.synapse_uses_sqlite) {
+        let sweep = match &self.database {
             _ if !self.sweep.enabled => "off (sweep.enabled: false)".to_string(),
-            (None, true) => "off (Synapse uses SQLite)".to_string(),
-            (None, false) => "off (no database: section)".to_string(),
-            (Some(_), _) => format!(
-                "{}every {}, keeping media accessed in the last {}",
+            None => "off (no database: section)".to_string(),
+            Some(db) => format!(
+                "{}every {}, keeping media accessed in the last {} (Synapse's {})",
                 if self.sweep.dry_run { "dry run " } else { "" },
                 humantime::format_duration(self.sweep.interval),
-                humantime::format_duration(self.sweep.keep_local_for)
+                humantime::format_duration(self.sweep.keep_local_for),
+                db.kind()
             ),
         };
         format!(

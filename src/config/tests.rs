@@ -20,7 +20,6 @@ fn raw_with(dir: &Path) -> RawConfig {
         synapse_config: None,
         synapse_config_dir: None,
         metrics: Default::default(),
-        synapse_uses_sqlite: None,
     }
 }
 
@@ -486,4 +485,47 @@ fn the_setup_summary_names_bucket_endpoint_metrics_and_sweep_and_no_secret() {
         !s.contains("secret") && !s.contains("password") && !s.contains("AKID"),
         "{s}"
     );
+}
+
+#[test]
+fn database_name_sqlite3_selects_the_file_in_synapses_block_or_flat() {
+    let dir = tempfile::tempdir().unwrap();
+    let with = |yaml: &str| {
+        let mut raw = raw_with(dir.path());
+        raw.database = Some(serde_saphyr::from_str::<RawDatabase>(yaml).unwrap());
+        validate(raw)
+    };
+    // Synapse's whole block pasted, or the flat form; the lock file goes to state_dir.
+    for yaml in [
+        "name: sqlite3\nargs:\n  database: /var/lib/matrix-synapse/homeserver.db\n  cp_min: 1\n",
+        "name: sqlite3\ndatabase: /var/lib/matrix-synapse/homeserver.db\n",
+    ] {
+        match with(yaml).unwrap().database {
+            Some(DatabaseConfig::Sqlite(s)) => {
+                assert_eq!(s.path, Path::new("/var/lib/matrix-synapse/homeserver.db"));
+                assert_eq!(s.lock_dir.as_deref(), Some(Path::new("/var/lib/x")));
+            }
+            other => panic!("{yaml}: {other:?}"),
+        }
+    }
+    // PostgreSQL by Synapse's names, in the block form too.
+    let c = with("name: psycopg2\nargs:\n  database: synapse\n  host: db\n").unwrap();
+    assert!(matches!(c.database, Some(DatabaseConfig::Postgres(p)) if p.host == "db"));
+    for (yaml, key, needle) in [
+        (
+            "name: sqlite3\ndatabase: homeserver.db\n",
+            "database.database",
+            "absolute",
+        ),
+        ("name: sqlite3\n", "database.database", "SQLite file"),
+        (
+            "name: sqlite3\ndatabase: /x.db\nhost: db\n",
+            "database.host",
+            "PostgreSQL key",
+        ),
+        ("name: mysql\ndatabase: x\n", "database.name", "sqlite3"),
+    ] {
+        let e = with(yaml).unwrap_err().to_string();
+        assert!(e.contains(key) && e.contains(needle), "{yaml}: {e}");
+    }
 }

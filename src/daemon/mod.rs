@@ -183,7 +183,7 @@ pub async fn run_with(
     };
     let scanner = Scanner {
         intake: feed,
-        signals,
+        signals: signals.clone(),
         interval: config.scan_interval,
         interval_when_degraded: config.scan_interval_when_degraded,
         ready: opts.ready,
@@ -205,6 +205,7 @@ pub async fn run_with(
         sweeper,
         sweeping: tokio::sync::Mutex::new(()),
         unreadable,
+        signals,
     });
 
     let intake = shutdown.child_token();
@@ -213,6 +214,7 @@ pub async fn run_with(
     tasks.spawn(scanner.run(intake.clone()));
     tasks.spawn(status_line.run(intake.clone()));
     tasks.spawn(service::sweeps(services.clone(), intake.clone()));
+    tasks.spawn(service::prunes(services.clone(), intake.clone()));
     tasks.spawn(service::control(services, control, intake.clone()));
     tasks.spawn(service::systemd(queue.clone(), heartbeat, intake.clone()));
     if let Some(listener) = metrics_listener {

@@ -1,5 +1,6 @@
-//! The daemon's periodic sweep and its control socket (`sweep` and `status` from the CLI), the
-//! systemd notifications and the metrics endpoint: the services beside the stages.
+//! The daemon's periodic sweep and prune job and its control socket (`sweep`, `audit`, `prune`,
+//! `forget` and `status` from the CLI), the systemd notifications and the metrics endpoint: the
+//! services beside the stages.
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
@@ -11,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::control::{self, Request, Response};
 use crate::queue::Queue;
-use crate::scan::Unreadable;
+use crate::scan::{Signals, Unreadable};
 use crate::state::{Committer, State};
 use crate::sweep::Sweeper;
 use crate::upload::s3::ObjectStore;
@@ -28,6 +29,8 @@ pub(super) struct Services {
     pub(super) sweeping: tokio::sync::Mutex<()>,
     /// Filled by the scans, shown by `status`.
     pub(super) unreadable: Unreadable,
+    /// The watch's degraded causes, shown by `status`.
+    pub(super) signals: Signals,
 }
 
 /// Runs the sweep every `sweep.interval` (first one an interval after startup).
@@ -49,7 +52,7 @@ pub(super) async fn sweeps(s: Arc<Services>, intake: CancellationToken) {
 pub(super) async fn sweep(s: &Services, dry_run: bool, cancel: &CancellationToken) -> Response {
     let Some(sweeper) = &s.sweeper else {
         return Response::Error(
-            "the sweep needs the database: section (Synapse's PostgreSQL)".into(),
+            "the sweep needs Synapse's database (synapse_config or a database: section)".into(),
         );
     };
     let _one = s.sweeping.lock().await;
@@ -110,7 +113,7 @@ async fn audit(
 ) -> Response {
     let Some(sweeper) = &s.sweeper else {
         return Response::Error(
-            "the audit needs the database: section (Synapse's PostgreSQL)".into(),
+            "the audit needs Synapse's database (synapse_config or a database: section)".into(),
         );
     };
     let _one = s.sweeping.lock().await;
@@ -141,7 +144,121 @@ async fn audit(
     }
 }
 
-/// Answers `status`, `sweep` and `audit` on the control socket until shutdown.
+/// Runs the prune job every `prune.interval` (first one an interval after startup), when enabled.
+pub(super) async fn prunes(s: Arc<Services>, intake: CancellationToken) {
+    if s.sweeper.is_none() || !s.config.prune.enabled {
+        return;
+    }
+    crate::metrics::prune_metrics_at_zero();
+    loop {
+        tokio::select! {
+            _ = intake.cancelled() => return,
+            _ = tokio::time::sleep(s.config.prune.interval) => {}
+        }
+        let _ = prune(&s, None, false, &intake).await;
+    }
+}
+
+/// One prune run, serialized with the sweeps and audits of this process (the advisory lock, taken
+/// by the run, covers other instances); its report is remembered for `status`.
+async fn prune(
+    s: &Services,
+    path: Option<crate::audit::PrunePath>,
+    dry_run: bool,
+    cancel: &CancellationToken,
+) -> Response {
+    let Some(sweeper) = &s.sweeper else {
+        return Response::Error(
+            "pruning needs the database: section (Synapse's PostgreSQL)".into(),
+        );
+    };
+    let _one = s.sweeping.lock().await;
+    let auditor = auditor(s, sweeper);
+    use crate::metrics as m;
+    let due = path.unwrap_or_else(|| {
+        crate::audit::job::due_path(&s.state, s.config.prune.full_every).unwrap_or_default()
+    });
+    match crate::audit::job::run(&auditor, Some(due), dry_run, cancel).await {
+        Ok(report) => {
+            tracing::info!(report = %report, "Prune finished.");
+            let p = report.path.as_str();
+            let outcome = match (&report.refused, report.skipped_locked) {
+                (_, true) => "skipped_locked",
+                (Some(_), _) => "refused",
+                (None, _) if dry_run => "dry_run",
+                (None, _) => "done",
+            };
+            metrics::counter!(m::PRUNES, "path" => p, "outcome" => outcome).increment(1);
+            if !report.skipped_locked {
+                metrics::gauge!(m::PRUNE_ORPHANS, "path" => p).set(report.orphans as f64);
+            }
+            let reason = match report.refused_reason.as_deref() {
+                Some("empty_database") => Some("empty_database"),
+                Some("too_many_orphans") => Some("too_many_orphans"),
+                Some(_) => Some("too_many_deletions"),
+                None => None,
+            };
+            if let Some(reason) = reason {
+                metrics::counter!(m::PRUNE_REFUSED, "reason" => reason).increment(1);
+            }
+            if outcome == "done" {
+                metrics::counter!(m::PRUNED_OBJECTS).increment(report.deleted.count);
+                metrics::counter!(m::PRUNED_BYTES).increment(report.deleted.bytes);
+                metrics::gauge!(m::LAST_PRUNE).set(report.started_at_ms as f64 / 1000.0);
+            }
+            if !report.skipped_locked
+                && let Err(e) = s
+                    .committer
+                    .apply(crate::audit::job::remember(&report))
+                    .await
+            {
+                tracing::warn!(error = %crate::Chain(&e), "Cannot remember the prune report.");
+            }
+            Response::Prune(Box::new(report))
+        }
+        Err(e) => {
+            metrics::counter!(m::PRUNES, "path" => due.as_str(), "outcome" => "failed")
+                .increment(1);
+            tracing::error!(error = %crate::Chain(&e), "Prune failed (nothing more deleted).");
+            Response::Error(crate::Chain(&e).to_string())
+        }
+    }
+}
+
+/// `forget`: at once, not behind a running sweep or prune (a legal removal does not wait an
+/// hour); it touches only the named media, whose rows are gone.
+async fn forget(s: &Services, targets: &[String], dry_run: bool) -> Response {
+    let Some(sweeper) = &s.sweeper else {
+        return Response::Error("forget needs the database: section (Synapse's PostgreSQL)".into());
+    };
+    match crate::audit::forget(&auditor(s, sweeper), targets, dry_run).await {
+        Ok(report) => {
+            if !dry_run {
+                let n: usize = report.items.iter().map(|i| i.removed.len()).sum();
+                metrics::counter!(crate::metrics::FORGOTTEN_OBJECTS).increment(n as u64);
+            }
+            tracing::info!(removed = %report, "Forget finished.");
+            Response::Forget(report)
+        }
+        Err(e) => {
+            tracing::error!(error = %crate::Chain(&e), "Forget failed.");
+            Response::Error(crate::Chain(&e).to_string())
+        }
+    }
+}
+
+fn auditor<'a>(s: &'a Services, sweeper: &'a Sweeper) -> crate::audit::Auditor<'a> {
+    crate::audit::Auditor {
+        config: &s.config,
+        db: &sweeper.db,
+        store: &sweeper.store,
+        state: &s.state,
+        committer: &s.committer,
+        queue: &s.queue,
+    }
+}
+
+/// Answers `status`, `sweep`, `audit`, `prune` and `forget` on the control socket until shutdown.
 pub(super) async fn control(s: Arc<Services>, listener: UnixListener, intake: CancellationToken) {
     let mut conns = JoinSet::new();
     loop {
@@ -168,12 +285,20 @@ pub(super) async fn control(s: Arc<Services>, listener: UnixListener, intake: Ca
                     Request::Status => match control::status(&s.state, &s.queue, true) {
                         Ok(mut st) => {
                             st.unreadable = s.unreadable.lock().expect("not poisoned").clone();
+                            st.degraded = s
+                                .signals
+                                .blind_causes()
+                                .into_iter()
+                                .map(String::from)
+                                .collect();
                             Response::Status(st)
                         }
                         Err(e) => Response::Error(crate::Chain(&e).to_string()),
                     },
                     Request::Sweep { dry_run } => sweep(&s, dry_run, &cancel).await,
                     Request::Audit { options } => audit(&s, &options, &cancel).await,
+                    Request::Prune { path, dry_run } => prune(&s, path, dry_run, &cancel).await,
+                    Request::Forget { targets, dry_run } => forget(&s, &targets, dry_run).await,
                 }
             })
             .await

@@ -425,6 +425,30 @@ impl Queue {
         pending.wait().await
     }
 
+    /// Takes the in-flight item's `dirty` mark (it was enqueued again since its claim), for the
+    /// caller to look at the file before [`Queue::finish_written`]. A scan that finds the file
+    /// being uploaded (the 0.2/1/5 s rescans of a new directory) or a late close event re-enqueue
+    /// a file that did not change: that must not make its record provisional (a second full
+    /// upload). Order (see the pool): take the mark, stat the file, put the mark back if it
+    /// changed. A write after the stat has its own close event, which marks it dirty again.
+    pub fn take_dirty(&self, path: &MediaPath) -> bool {
+        let mut inner = self.inner.lock().expect("queue lock");
+        match inner.items.get_mut(path) {
+            Some(e) if e.in_flight => std::mem::take(&mut e.dirty),
+            _ => false,
+        }
+    }
+
+    /// Marks an in-flight item dirty again (see [`Queue::take_dirty`]).
+    pub fn mark_dirty(&self, path: &MediaPath) {
+        let mut inner = self.inner.lock().expect("queue lock");
+        if let Some(e) = inner.items.get_mut(path)
+            && e.in_flight
+        {
+            e.dirty = true;
+        }
+    }
+
     /// The upload failed: schedule the next attempt and keep the error for `status`.
     pub async fn retry_later(
         &self,

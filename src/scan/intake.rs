@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use super::Signals;
+use super::{Blind, Signals};
 use super::{Item, Problem};
 use crate::layout::MediaPath;
 use crate::queue::Queue;
@@ -107,18 +107,15 @@ impl Intake {
     }
 
     /// A directory of the store could not be read. notify silently skips a new directory it
-    /// cannot watch and never tries again, so files written there later, even once it is
-    /// readable, may have no events at all: from now on scan every `scan_interval_when_degraded`
-    /// (as when the watch limit is reached), instead of finding them only at the next
+    /// cannot watch and never tries again, so files written there later may have no events at
+    /// all: until a full scan reads everything again (then the scan stage sets up a new watch),
+    /// scan every `scan_interval_when_degraded`, instead of finding them only at the next
     /// `scan_interval` (hours).
     fn unreadable(&self) {
-        if self.signals.degrade() {
+        if self.signals.degrade(Blind::Unreadable) {
             tracing::error!(
-                "Part of the media store cannot be read (see the scan problem above); it may not be watched either: scanning every scan_interval_when_degraded from now on. Fix the permissions, then restart the daemon to watch everything again."
+                "Part of the media store cannot be read (see the scan problem above); it may not be watched either: scanning every scan_interval_when_degraded until a scan reads everything again (fix the permissions; a transient error such as EMFILE or ESTALE ends by itself)."
             );
-            // Not a rescan (the store may still be unreadable): the scan task picks the shorter
-            // interval now rather than after its current wait.
-            self.signals.wake();
         }
     }
 }

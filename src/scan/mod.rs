@@ -12,7 +12,7 @@ mod intake;
 mod stage;
 
 pub use intake::{Entry, Intake, Unreadable};
-pub use stage::{Ready, Scanner, Signals};
+pub use stage::{Blind, Ready, Scanner, Signals};
 
 use std::path::{Path, PathBuf};
 

@@ -5,28 +5,65 @@
 //! event, a channel overflow, a watch error, the watch limit) is a [`Signals::full_scan`].
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::time::Duration;
 
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use super::Item;
 use super::intake::{Entry, Intake};
+use super::{Item, Problem};
+
+/// Why the watch does not cover the whole store. Each cause is entered and left on its own;
+/// the daemon is degraded (full scans every `scan_interval_when_degraded`) while any is present.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Blind {
+    /// inotify's watch limit: left only by a restart (the limit is a sysctl).
+    WatchLimit = 1,
+    /// The watch could not be set up (or re-established).
+    WatchFailed = 2,
+    /// A scan could not read part of the store (notify skips what it cannot read, so those
+    /// directories are unwatched too); left after a clean full scan and a new watch.
+    Unreadable = 4,
+    /// The media store's root is gone (deleted, moved away, unmounted); left when it is back and
+    /// watched again.
+    RootGone = 8,
+}
+
+impl Blind {
+    const ALL: [Blind; 4] = [
+        Blind::WatchLimit,
+        Blind::WatchFailed,
+        Blind::Unreadable,
+        Blind::RootGone,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Blind::WatchLimit => "inotify watch limit",
+            Blind::WatchFailed => "watch failed",
+            Blind::Unreadable => "unreadable part of the store",
+            Blind::RootGone => "media store gone",
+        }
+    }
+}
 
 /// What the watch (and the intake) tell the scan stage: scan everything now, scan more often
-/// from now on, the watch is in place. Cheap to clone; every clone is the same signals.
+/// from now on, the watch is in place; and what the scan stage tells the watch: watch again.
+/// Cheap to clone; every clone is the same signals.
 #[derive(Clone)]
 pub struct Signals {
     /// Set when events were lost; the scan stage then runs a full scan.
     rescan: Arc<AtomicBool>,
     wake: Arc<Notify>,
-    /// inotify does not cover the whole store (watch limit, watch error, unreadable part).
-    degraded: Arc<AtomicBool>,
+    /// The [`Blind`] causes present (bits); degraded mode while not zero.
+    degraded: Arc<AtomicU8>,
     /// The watch is in place: a scan that starts now misses nothing written before it started.
     watching: Arc<AtomicBool>,
     /// Setting up the watch is over (in place or failed): the next scan ends the startup.
     settled: Arc<AtomicBool>,
+    /// Asks the watch stage to drop its watch and set up a new one (the cause of a gap is gone).
+    rewatch: Arc<Notify>,
 }
 
 impl Signals {
@@ -35,9 +72,10 @@ impl Signals {
         Signals {
             rescan: Arc::new(AtomicBool::new(true)),
             wake: Arc::new(Notify::new()),
-            degraded: Arc::new(AtomicBool::new(false)),
+            degraded: Arc::new(AtomicU8::new(0)),
             watching: Arc::new(AtomicBool::new(false)),
             settled: Arc::new(AtomicBool::new(false)),
+            rewatch: Arc::new(Notify::new()),
         }
     }
 
@@ -57,9 +95,46 @@ impl Signals {
         self.wake.notify_one();
     }
 
-    /// Enters degraded mode; `true` the first time (the caller logs why, once).
-    pub fn degrade(&self) -> bool {
-        !self.degraded.swap(true, Ordering::SeqCst)
+    /// Enters degraded mode for `why`; `true` if that cause is new (the caller logs it, once).
+    /// Wakes the scan stage, which picks the shorter interval at once.
+    pub fn degrade(&self, why: Blind) -> bool {
+        let new = self.degraded.fetch_or(why as u8, Ordering::SeqCst) & why as u8 == 0;
+        if new {
+            self.update_gauge();
+            self.wake.notify_one();
+        }
+        new
+    }
+
+    /// `why` is gone; `true` if it was present (the caller logs it).
+    pub fn recover(&self, why: Blind) -> bool {
+        let was = self.degraded.fetch_and(!(why as u8), Ordering::SeqCst) & why as u8 != 0;
+        if was {
+            self.update_gauge();
+        }
+        was
+    }
+
+    pub fn is_degraded(&self) -> bool {
+        self.degraded.load(Ordering::SeqCst) != 0
+    }
+
+    pub fn has(&self, why: Blind) -> bool {
+        self.degraded.load(Ordering::SeqCst) & why as u8 != 0
+    }
+
+    /// The causes present, for `status` and the log.
+    pub fn blind_causes(&self) -> Vec<&'static str> {
+        let bits = self.degraded.load(Ordering::SeqCst);
+        Blind::ALL
+            .iter()
+            .filter(|b| bits & **b as u8 != 0)
+            .map(|b| b.label())
+            .collect()
+    }
+
+    fn update_gauge(&self) {
+        metrics::gauge!(crate::metrics::DEGRADED).set(self.is_degraded() as u8 as f64);
     }
 
     /// The watch is in place. Files written while the watches were being added have no events:
@@ -71,9 +146,24 @@ impl Signals {
         self.full_scan();
     }
 
+    /// The watch is being replaced: scans that start now are not under a complete watch.
+    pub fn unwatched(&self) {
+        self.watching.store(false, Ordering::SeqCst);
+    }
+
     /// The watch could not be set up (the caller reports why and asks for a scan).
     pub fn watch_failed(&self) {
         self.settled.store(true, Ordering::SeqCst);
+    }
+
+    /// Asks the watch stage for a new watch (and, through it, a full scan under it).
+    pub fn rewatch(&self) {
+        self.rewatch.notify_one();
+    }
+
+    /// Resolves when a new watch was asked for.
+    pub async fn rewatch_asked(&self) {
+        self.rewatch.notified().await
     }
 }
 
@@ -140,15 +230,21 @@ impl Scanner {
     /// Full scans: at startup, on lost events, and periodically, until `cancel`.
     pub async fn run(self, cancel: CancellationToken) {
         let s = &self.signals;
+        let mut last_took = Duration::ZERO;
         loop {
             if s.rescan.swap(false, Ordering::SeqCst) {
+                let started = std::time::Instant::now();
                 self.scan(&cancel).await;
+                last_took = started.elapsed();
             }
-            let every = if s.degraded.load(Ordering::SeqCst) {
-                self.interval_when_degraded
-            } else {
-                self.interval
-            };
+            let every = periodic_wait(
+                if s.is_degraded() {
+                    self.interval_when_degraded
+                } else {
+                    self.interval
+                },
+                last_took,
+            );
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 _ = s.wake.notified() => {}
@@ -169,28 +265,33 @@ impl Scanner {
         let walker = tokio::task::spawn_blocking(move || {
             let mut chunk = Vec::new();
             let mut files = 0u64;
+            let mut unreadable = 0u64;
+            let mut complete = true;
             super::walk(&intake.root, intake.include_url_cache, |item| {
                 files += matches!(item, Item::File(_)) as u64;
+                unreadable += matches!(item, Item::Problem(Problem::Unreadable { .. })) as u64;
                 if let Some(x) = intake.to_enqueue(item) {
                     chunk.push(x);
                     if chunk.len() >= 1000 && tx.blocking_send(std::mem::take(&mut chunk)).is_err()
                     {
+                        complete = false;
                         return false;
                     }
                 }
-                !stop.is_cancelled()
+                complete = !stop.is_cancelled();
+                complete
             });
             if !chunk.is_empty() {
                 let _ = tx.blocking_send(chunk);
             }
-            files
+            (files, unreadable, complete)
         });
         let mut not_recorded = 0;
         while let Some(chunk) = rx.recv().await {
             not_recorded += chunk.len();
             self.intake.enqueue(chunk).await;
         }
-        let files = walker.await.unwrap_or(0);
+        let (files, unreadable, complete) = walker.await.unwrap_or((0, 0, false));
         metrics::counter!(crate::metrics::SCANS).increment(1);
         metrics::histogram!(crate::metrics::SCAN_DURATION).record(started.elapsed().as_secs_f64());
         tracing::info!(
@@ -200,6 +301,14 @@ impl Scanner {
             secs = started.elapsed().as_secs_f64(),
             "Scan finished."
         );
+        // A complete walk that could read everything ends the "unreadable" cause (EMFILE, ESTALE,
+        // permissions fixed): notify skipped what it could not read, so a new watch is set up
+        // (and scanned under), rather than staying degraded until a restart.
+        if complete && unreadable == 0 && self.signals.recover(Blind::Unreadable) {
+            self.intake.unreadable.lock().expect("not poisoned").clear();
+            tracing::info!("The whole media store is readable again; watching it again.");
+            self.signals.rewatch();
+        }
         // Only after everything it found is durably queued (`enqueue` returned above). A scan
         // stopped by shutdown is not a finished startup.
         if settled && !cancel.is_cancelled() {
@@ -208,9 +317,27 @@ impl Scanner {
     }
 }
 
+/// How long the scan stage waits for its next periodic scan: the configured interval, but at
+/// least three times what the last scan took, so that on a large store scans (back to back in
+/// degraded mode, `scan_interval_when_degraded` being a minute) take at most a quarter of the
+/// time. Scans asked for (lost events, a new watch) are not delayed.
+pub fn periodic_wait(interval: Duration, last_scan_took: Duration) -> Duration {
+    interval.max(last_scan_took.saturating_mul(3))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn periodic_scans_take_at_most_a_quarter_of_the_time() {
+        let min = Duration::from_secs(60);
+        assert_eq!(periodic_wait(min, Duration::from_secs(1)), min);
+        assert_eq!(
+            periodic_wait(min, Duration::from_secs(50)),
+            Duration::from_secs(150)
+        );
+    }
 
     #[tokio::test]
     async fn ready_resolves_once_with_the_first_startup_and_keeps_it() {
@@ -234,8 +361,22 @@ mod tests {
     fn degraded_mode_is_entered_once_and_the_watch_asks_for_a_scan() {
         let s = Signals::new();
         assert!(s.rescan.swap(false, Ordering::SeqCst), "the startup scan");
-        assert!(s.degrade());
-        assert!(!s.degrade(), "said once");
+        assert!(!s.is_degraded());
+        assert!(s.degrade(Blind::Unreadable));
+        assert!(!s.degrade(Blind::Unreadable), "said once");
+        assert!(s.degrade(Blind::RootGone), "each cause on its own");
+        assert_eq!(
+            s.blind_causes(),
+            ["unreadable part of the store", "media store gone"]
+        );
+        assert!(s.recover(Blind::Unreadable));
+        assert!(!s.recover(Blind::Unreadable), "left once");
+        assert!(s.is_degraded(), "another cause remains");
+        assert!(s.recover(Blind::RootGone));
+        assert!(
+            !s.is_degraded(),
+            "degraded mode is left once every cause is gone"
+        );
         s.watching();
         assert!(s.watching.load(Ordering::SeqCst) && s.settled.load(Ordering::SeqCst));
         assert!(s.rescan.load(Ordering::SeqCst), "a scan under the watch");

@@ -26,12 +26,22 @@ pub struct Record {
     /// object holds these bytes, but they were never the file's final content, so it may be
     /// replaced. Never confirms anything for the sweep.
     pub provisional: bool,
+    /// The object's ETag when it was verified, if it is a multipart ETag (the MD5 of the parts'
+    /// MD5s, and the number of parts): such an ETag is not the MD5 of the bytes, so without it
+    /// the sweep could not recognise the object by its ETag (HEAD without our digest metadata, or
+    /// a listing) and would read the file again to recompute it. `None` for single-part objects,
+    /// whose ETag is the MD5 above.
+    pub multipart_etag: Option<([u8; 16], u32)>,
 }
 
 const RECORD_V1_LEN: usize = 1 + 8 + 8 + 16 + 8;
 const RECORD_V1: u8 = 1;
 const RECORD_V2_LEN: usize = RECORD_V1_LEN + 1 + 32;
 const RECORD_V2: u8 = 2;
+/// Version 2 and the multipart ETag; written only for records that have one, so that records of
+/// single-part objects stay readable by versions before it.
+const RECORD_V3_LEN: usize = RECORD_V2_LEN + 16 + 4;
+const RECORD_V3: u8 = 3;
 const FLAG_SHA256: u8 = 1;
 const FLAG_STALE: u8 = 2;
 const FLAG_PROVISIONAL: u8 = 4;
@@ -46,7 +56,34 @@ impl Record {
             verified_at_ms: now_ms(),
             stale: false,
             provisional: false,
+            multipart_etag: None,
         }
+    }
+
+    /// With the multipart ETag the object had when verified (`"<hex>-<parts>"`, quotes allowed);
+    /// anything else (a single-part ETag, garbage) leaves the record as it is.
+    pub fn with_etag(mut self, etag: Option<&str>) -> Self {
+        if let Some(e) = etag.and_then(parse_multipart_etag) {
+            self.multipart_etag = Some(e);
+        }
+        self
+    }
+
+    /// Whether `etag` (as a HEAD or a listing shows it) is the multipart ETag this record
+    /// verified. The caller checks that the local file holds this record's bytes.
+    pub fn etag_is_verified(&self, etag: &str) -> bool {
+        self.multipart_etag.is_some() && parse_multipart_etag(etag) == self.multipart_etag
+    }
+
+    /// Whether an object of `object_size` showing `etag` holds the bytes of a file of `size` and
+    /// `md5`, by this record: the record verified an object with those bytes and that multipart
+    /// ETag (the MD5 of its parts' MD5s: other bytes give another one). Never by a provisional
+    /// record (its bytes were never the file's final content).
+    pub fn vouches_for(&self, size: u64, md5: &[u8; 16], object_size: u64, etag: &str) -> bool {
+        !self.provisional
+            && object_size == size
+            && self.same_bytes(size, md5)
+            && self.etag_is_verified(etag)
     }
 
     pub fn with_sha256(mut self, sha256: [u8; 32]) -> Self {
@@ -67,9 +104,14 @@ impl Record {
         self
     }
 
-    pub(super) fn encode(&self) -> [u8; RECORD_V2_LEN] {
-        let mut b = [0u8; RECORD_V2_LEN];
+    pub(super) fn encode(&self) -> Vec<u8> {
+        let mut b = vec![0u8; RECORD_V2_LEN];
         b[0] = RECORD_V2;
+        if let Some((digest, parts)) = self.multipart_etag {
+            b[0] = RECORD_V3;
+            b.extend(digest);
+            b.extend(parts.to_le_bytes());
+        }
         b[1..9].copy_from_slice(&self.size.to_le_bytes());
         b[9..17].copy_from_slice(&self.mtime_ns.to_le_bytes());
         b[17..33].copy_from_slice(&self.md5);
@@ -90,9 +132,10 @@ impl Record {
     }
 
     pub(super) fn decode(b: &[u8]) -> Option<Self> {
-        let v2 = match (b.first(), b.len()) {
-            (Some(&RECORD_V1), RECORD_V1_LEN) => false,
-            (Some(&RECORD_V2), RECORD_V2_LEN) => true,
+        let (v2, v3) = match (b.first(), b.len()) {
+            (Some(&RECORD_V1), RECORD_V1_LEN) => (false, false),
+            (Some(&RECORD_V2), RECORD_V2_LEN) => (true, false),
+            (Some(&RECORD_V3), RECORD_V3_LEN) => (true, true),
             _ => return None,
         };
         let flags = if v2 { b[41] } else { 0 };
@@ -108,6 +151,14 @@ impl Record {
             verified_at_ms: u64::from_le_bytes(b[33..41].try_into().ok()?),
             stale: flags & FLAG_STALE != 0,
             provisional: flags & FLAG_PROVISIONAL != 0,
+            multipart_etag: if v3 {
+                Some((
+                    b[RECORD_V2_LEN..RECORD_V2_LEN + 16].try_into().ok()?,
+                    u32::from_le_bytes(b[RECORD_V2_LEN + 16..].try_into().ok()?),
+                ))
+            } else {
+                None
+            },
         })
     }
 
@@ -121,6 +172,14 @@ impl Record {
     pub fn same_bytes(&self, size: u64, md5: &[u8; 16]) -> bool {
         self.size == size && &self.md5 == md5
     }
+}
+
+/// `"<32 hex>-<parts>"` (quotes allowed) as (digest, parts); `None` for any other ETag.
+fn parse_multipart_etag(etag: &str) -> Option<([u8; 16], u32)> {
+    let (digest, parts) = etag.trim_matches('"').split_once('-')?;
+    let digest: [u8; 16] = hex::decode(digest).ok()?.try_into().ok()?;
+    let parts: u32 = parts.parse().ok()?;
+    (parts > 0).then_some((digest, parts))
 }
 
 /// What is wrong between a local file and its object, for `status` and `audit`.
@@ -156,8 +215,34 @@ mod tests {
     #[test]
     fn records_keep_their_digests_and_flags_and_old_ones_still_read() {
         let r = Record::new(5, 6, [7; 16]).with_sha256([8; 32]);
-        for r in [r, r.stale(), r.provisional(), Record::new(1, 2, [3; 16])] {
+        let mp = r.with_etag(Some(&format!("\"{}-3\"", "ab".repeat(16))));
+        assert_eq!(mp.multipart_etag, Some(([0xab; 16], 3)));
+        for r in [
+            r,
+            r.stale(),
+            r.provisional(),
+            Record::new(1, 2, [3; 16]),
+            mp,
+            mp.stale(),
+        ] {
             assert_eq!(Record::decode(&r.encode()), Some(r));
+        }
+        assert_eq!(
+            r.encode().len(),
+            RECORD_V2_LEN,
+            "no multipart ETag: still version 2"
+        );
+        assert!(mp.etag_is_verified(&format!("{}-3", "AB".repeat(16))));
+        assert!(!mp.etag_is_verified(&format!("{}-4", "ab".repeat(16))));
+        assert!(!mp.etag_is_verified(&"ab".repeat(16)));
+        assert!(!r.etag_is_verified(&format!("{}-3", "ab".repeat(16))));
+        for single in [
+            Some("ab".repeat(16)),
+            Some("x-1".into()),
+            Some(format!("{}-0", "ab".repeat(16))),
+            None,
+        ] {
+            assert_eq!(r.with_etag(single.as_deref()), r);
         }
         assert!(r.matches(5, 6));
         assert!(!r.stale().matches(5, 6), "a stale record is no shortcut");

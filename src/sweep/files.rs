@@ -4,10 +4,12 @@ use std::path::Path;
 
 use super::Report;
 use super::Sweeper;
+use super::dense::Seen;
 use crate::layout::MediaPath;
 use crate::state::Record;
 use crate::synapse_db::AgedMedia;
 use crate::upload::digest::{self, ReadOutcome, Snapshot, Stat};
+use crate::upload::s3::ObjectInfo;
 
 /// Errors kept in a report, at most.
 const MAX_ERRORS: usize = 20;
@@ -22,6 +24,9 @@ pub struct MediaOutcome {
     /// Kept because the local file does not match Synapse's sha256 (a bad local copy: queued,
     /// so the upload heals it from the bucket).
     pub kept_bad_copy: u64,
+    /// HEAD requests made, and files confirmed from a listing instead.
+    pub heads: u64,
+    pub confirmed_by_listing: u64,
     pub errors: Vec<String>,
 }
 
@@ -40,6 +45,8 @@ impl MediaOutcome {
         r.kept_error += self.kept_error;
         r.kept_changed += self.kept_changed;
         r.kept_bad_copy += self.kept_bad_copy;
+        r.head_requests += self.heads;
+        r.confirmed_by_listing += self.confirmed_by_listing;
         let room = MAX_ERRORS.saturating_sub(r.errors.len());
         r.errors.extend(self.errors.into_iter().take(room));
     }
@@ -130,6 +137,7 @@ fn media_files(
         out.push(original);
     }
     let dir = thumbs.to_path(root);
+    let first_thumb = out.len();
     // symlink_metadata: a symlinked thumbnail directory is not followed.
     if real(&thumbs)? && std::fs::symlink_metadata(&dir).is_ok_and(|m| m.is_dir()) {
         let entries =
@@ -144,6 +152,8 @@ fn media_files(
                 }
             }
         }
+        // In key order: the dense sweep walks the listing forward (see `dense`).
+        out[first_thumb..].sort_by(|a, b| a.as_str().cmp(b.as_str()));
     }
     Ok(out)
 }
@@ -189,19 +199,69 @@ fn local(
     }
 }
 
-/// Asks the bucket whether it holds this file, now.
-pub async fn confirm(s: &Sweeper, path: &MediaPath, local: Local) -> Verdict {
-    let Local {
+/// A local file that does not match Synapse's hash of its media (never confirmed, whatever the
+/// bucket holds: the object would have to hold the same wrong bytes to confirm them).
+fn bad_copy(local: &Local) -> bool {
+    local.synapse.is_some() && local.sha256 != local.synapse
+}
+
+/// The verdict for a file the bucket was seen to hold (showing `etag`): with the record to write
+/// when it had none that matched, keeping a multipart ETag so the next look needs no HEAD.
+fn confirmed(local: &Local, etag: Option<&str>) -> Verdict {
+    let &Local {
         snapshot,
         md5,
         sha256,
         unrecorded,
-        synapse,
+        record,
         ..
     } = local;
-    // Synapse's hash is the arbiter: local bytes that do not match it are never confirmed (and
-    // the object, which would have to hold the same bytes to confirm them, neither).
-    if synapse.is_some() && sha256 != synapse {
+    Verdict::Confirmed {
+        snapshot,
+        record: unrecorded.then(|| {
+            let r = Record::new(snapshot.size, snapshot.mtime_ns, md5).with_etag(etag);
+            match sha256 {
+                Some(h) => r.with_sha256(h),
+                None => r,
+            }
+        }),
+    }
+    .keep_etag_of(record)
+}
+
+impl Verdict {
+    /// A new record of the same bytes keeps the multipart ETag the old one verified.
+    fn keep_etag_of(mut self, old: Option<Record>) -> Verdict {
+        if let (
+            Verdict::Confirmed {
+                record: Some(r), ..
+            },
+            Some(old),
+        ) = (&mut self, old)
+            && r.multipart_etag.is_none()
+            && old.same_bytes(r.size, &r.md5)
+        {
+            r.multipart_etag = old.multipart_etag;
+        }
+        self
+    }
+}
+
+/// The dense sweep's confirmation from a listing entry read during this sweep (see
+/// [`super::dense`]): `Some` when the entry (or Synapse's hash) decides, `None` for a HEAD
+/// ([`confirm`]) when it cannot: the listing is never taken for missing or different.
+pub fn confirm_listed(local: &Local, seen: Option<&Seen>) -> Option<Verdict> {
+    if bad_copy(local) {
+        return Some(Verdict::BadCopy);
+    }
+    let s = seen?;
+    s.confirms(local.snapshot.size, &local.md5, local.record.as_ref())
+        .then(|| confirmed(local, s.object.etag.as_deref()))
+}
+
+/// Asks the bucket whether it holds this file, now (one HEAD).
+pub async fn confirm(s: &Sweeper, path: &MediaPath, local: Local) -> Verdict {
+    if bad_copy(&local) {
         return Verdict::BadCopy;
     }
     // The request runs as a task of its own: the SDK's work per request (signing, endpoint
@@ -215,18 +275,23 @@ pub async fn confirm(s: &Sweeper, path: &MediaPath, local: Local) -> Verdict {
     match head {
         Err(e) => Verdict::Error(crate::Chain(&e).to_string()),
         Ok(None) => Verdict::Missing,
-        Ok(Some(info)) if info.confirms(snapshot.size, &md5) => Verdict::Confirmed {
-            snapshot,
-            record: unrecorded.then(|| {
-                let r = Record::new(snapshot.size, snapshot.mtime_ns, md5);
-                match sha256 {
-                    Some(h) => r.with_sha256(h),
-                    None => r,
-                }
-            }),
-        },
+        Ok(Some(info)) if head_confirms(&info, &local) => confirmed(&local, info.etag.as_deref()),
         Ok(Some(_)) => Verdict::Different,
     }
+}
+
+/// Whether a HEAD's answer confirms the local file: same size and our digest metadata or MD5
+/// ETag, or (an object another tool uploaded in parts, adopted by `upload`) the multipart ETag our
+/// record verified for these bytes.
+fn head_confirms(info: &ObjectInfo, local: &Local) -> bool {
+    let (size, md5) = (local.snapshot.size, &local.md5);
+    info.confirms(size, md5)
+        || (info.meta_md5.is_none()
+            && local
+                .record
+                .as_ref()
+                .zip(info.etag.as_deref())
+                .is_some_and(|(r, e)| r.vouches_for(size, md5, info.size, e)))
 }
 
 /// Deletes each file that is still exactly what was confirmed (same size and mtime), then the

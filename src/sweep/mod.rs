@@ -3,9 +3,11 @@
 //!
 //! Invariants (DESIGN.md 1, 2, 5, 7, 8):
 //! - A file is deleted only if, right before, the bucket holds an object at its key with the same
-//!   size and digest (HEAD; the digest from our record when the file still matches it, else from
-//!   reading the file), its media is aged out per PostgreSQL, and the file's size and mtime did not
-//!   change between that check and the unlink.
+//!   size and digest (HEAD, or in a dense sweep a listing page read during this sweep at most
+//!   [`dense::MAX_PAGE_AGE`] before: see [`dense`] for why that is as good and the window left;
+//!   the digest from our record when the file still matches it, else from reading the file), its
+//!   media is aged out per PostgreSQL, and the file's size and mtime did not change between that
+//!   check and the unlink.
 //! - Where Synapse's database holds the media's sha256, the original is deleted only if its bytes
 //!   match it (and so, by the MD5 above, the object's do): a bad local copy confirms nothing, and
 //!   neither does an object holding the same wrong bytes.
@@ -21,9 +23,11 @@
 //!   (never the folder itself, nor a remote origin's folder) are removed when they become empty.
 //! - One sweep at a time across instances: PostgreSQL advisory lock
 //!   [`crate::synapse_db::SWEEP_LOCK_KEY`], held on a connection that never returns to the pool
-//!   ([`SweepLock`]) and confirmed every second; a sweep that cannot confirm it (PostgreSQL
-//!   restarted) deletes nothing more and stops.
+//!   ([`SweepLock`]), or on SQLite a `flock` on `state_dir/sweep.lock`; confirmed every second;
+//!   a sweep that cannot confirm it (PostgreSQL restarted, lock file removed) deletes nothing
+//!   more and stops.
 
+pub mod dense;
 mod files;
 pub mod provider;
 pub mod report;
@@ -35,9 +39,10 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
+use self::dense::{Cursor as ListingCursor, Seen};
 use self::files::Verdict;
 pub use self::report::Report;
-use crate::config::Config;
+use crate::config::{Config, Listing};
 use crate::queue::Queue;
 use crate::state::{Committer, State, StateHandle, now_ms};
 use crate::synapse_db::{AgedMedia, Db, DbError, SweepLock};
@@ -67,15 +72,17 @@ async fn watch_lock(
 }
 
 /// Where the next page of aged media starts: after this local media id, or after this remote
-/// (origin, media id).
+/// (origin, media id); a dense sweep pages remote media by (origin, filesystem id) instead, the
+/// order of their files' keys (see [`dense`]).
 enum Cursor {
     Local(String),
     Remote(String, String),
+    RemoteByPath(String, String),
 }
 
 /// Where the page after `page` (fetched at `cursor`) starts; `None` after the last one. A short
-/// page ends its table: local media first, then remote.
-fn next_cursor(page: &[AgedMedia], cursor: &Cursor) -> Option<Cursor> {
+/// page ends its table: local media first, then remote (`by_path` in a dense sweep).
+fn next_cursor(page: &[AgedMedia], cursor: &Cursor, by_path: bool) -> Option<Cursor> {
     let full = page.len() as i64 == PAGE;
     match (page.last(), cursor) {
         (Some(AgedMedia::Local { media_id, .. }), _) if full => {
@@ -83,12 +90,23 @@ fn next_cursor(page: &[AgedMedia], cursor: &Cursor) -> Option<Cursor> {
         }
         (
             Some(AgedMedia::Remote {
+                origin,
+                filesystem_id,
+                ..
+            }),
+            Cursor::RemoteByPath(..),
+        ) if full => Some(Cursor::RemoteByPath(origin.clone(), filesystem_id.clone())),
+        (
+            Some(AgedMedia::Remote {
                 origin, media_id, ..
             }),
             _,
         ) if full => Some(Cursor::Remote(origin.clone(), media_id.clone())),
+        (_, Cursor::Local(_)) if by_path => {
+            Some(Cursor::RemoteByPath(String::new(), String::new()))
+        }
         (_, Cursor::Local(_)) => Some(Cursor::Remote(String::new(), String::new())),
-        (_, Cursor::Remote(..)) => None,
+        (_, Cursor::Remote(..) | Cursor::RemoteByPath(..)) => None,
     }
 }
 
@@ -96,12 +114,10 @@ fn next_cursor(page: &[AgedMedia], cursor: &Cursor) -> Option<Cursor> {
 pub enum SweepError {
     #[error("refusing to sweep: {0}")]
     Unsafe(String),
-    #[error("the sweep needs the database: section (Synapse's PostgreSQL)")]
-    NoDatabase,
     #[error(
-        "Synapse uses SQLite: the sweep needs PostgreSQL (Synapse's SQLite mode is for testing); upload and run still work"
+        "the sweep needs Synapse's database: set synapse_config (homeserver.yaml), or a database: section"
     )]
-    Sqlite,
+    NoDatabase,
     #[error(transparent)]
     Db(#[from] DbError),
     #[error(transparent)]
@@ -124,14 +140,7 @@ pub async fn run_standalone(
     dry_run: bool,
     cancel: &CancellationToken,
 ) -> Result<Report, SweepError> {
-    let db_config = config
-        .database
-        .as_ref()
-        .ok_or(if config.synapse_uses_sqlite {
-            SweepError::Sqlite
-        } else {
-            SweepError::NoDatabase
-        })?;
+    let db_config = config.database.as_ref().ok_or(SweepError::NoDatabase)?;
     if !dry_run {
         provider::check_provider(config)?;
     }
@@ -173,12 +182,13 @@ impl Sweeper {
             ..Report::default()
         };
         let Some(lock) = self.db.try_lock().await? else {
-            tracing::info!("Another sweep is running (advisory lock held); skipping.");
+            tracing::info!("Another sweep is running (sweep lock held); skipping.");
             report.skipped_locked = true;
             return Ok(report);
         };
         let cutoff =
             now_ms().saturating_sub(self.config.sweep.keep_local_for.as_millis() as u64) as i64;
+        report.dense = self.choose_dense(cutoff).await;
         let deletions = AtomicU64::new(0);
         // The sweep stops once the lock cannot be confirmed held (a PostgreSQL restart ends its
         // session and frees it for another instance): two sweeps must never run at once.
@@ -197,7 +207,7 @@ impl Sweeper {
             let why = format!(
                 "lost the sweep lock ({why}); stopped so that no two sweeps run at once (the next sweep takes it again)"
             );
-            tracing::warn!(reason = %why, "Sweep stopped: lost its PostgreSQL advisory lock. Nothing unconfirmed was deleted.");
+            tracing::warn!(reason = %why, "Sweep stopped: lost its sweep lock. Nothing unconfirmed was deleted.");
             report.stopped = Some(why);
         }
         if let Err(e) = result {
@@ -208,6 +218,36 @@ impl Sweeper {
         Ok(report)
     }
 
+    /// Whether this sweep confirms local media from listings ([`dense::choose`]). A failed count
+    /// keeps the HEADs (the sweep itself then reports the database error).
+    async fn choose_dense(&self, cutoff: i64) -> bool {
+        let mode = self.config.sweep.listing;
+        if mode != Listing::Auto {
+            return dense::choose(mode, 0, 0);
+        }
+        match self.db.aged_local_count(cutoff).await {
+            Ok((aged, all)) => {
+                let dense = dense::choose(mode, aged, all);
+                tracing::info!(
+                    aged_local_media = aged,
+                    local_media = all,
+                    dense,
+                    "Sweep: confirming from {}.",
+                    if dense {
+                        "bucket listings"
+                    } else {
+                        "one HEAD per file"
+                    }
+                );
+                dense
+            }
+            Err(e) => {
+                tracing::warn!(error = %crate::Chain(&e), "Cannot count the aged media; confirming with one HEAD per file.");
+                false
+            }
+        }
+    }
+
     async fn sweep_all(
         &self,
         cutoff: i64,
@@ -215,6 +255,45 @@ impl Sweeper {
         deletions: &AtomicU64,
         report: &mut Report,
         cancel: &CancellationToken,
+    ) -> Result<(), DbError> {
+        // The listing cursors of a dense sweep, one per folder of local media; dropped once a
+        // listing fails (each file then gets its HEAD, as in a sparse sweep).
+        let mut listing = report.dense.then(|| {
+            [
+                ListingCursor::new("local_content/"),
+                ListingCursor::new("local_thumbnails/"),
+                ListingCursor::new("remote_content/"),
+                ListingCursor::new("remote_thumbnail/"),
+            ]
+        });
+        let mut list_requests = 0;
+        // Boxed: the sweep's future nested in the command's and the daemon's overflowed the
+        // compiler's type-layout depth once the dense path was added.
+        let r = Box::pin(self.sweep_pages(
+            cutoff,
+            dry_run,
+            deletions,
+            report,
+            cancel,
+            &mut listing,
+            &mut list_requests,
+        ))
+        .await;
+        report.list_requests =
+            list_requests + listing.iter().flatten().map(|c| c.requests).sum::<u64>();
+        r
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn sweep_pages(
+        &self,
+        cutoff: i64,
+        dry_run: bool,
+        deletions: &AtomicU64,
+        report: &mut Report,
+        cancel: &CancellationToken,
+        listing: &mut Option<[ListingCursor; 4]>,
+        list_requests: &mut u64,
     ) -> Result<(), DbError> {
         // The next page is fetched while this page's media are swept. Querying only once a page
         // was done stalled the sweep at every page boundary: the query walks the media_id index
@@ -235,18 +314,51 @@ impl Sweeper {
                 Some(p) => p,
                 None => self.aged_page(&cursor, cutoff).await?,
             };
-            let next = next_cursor(&media, &cursor);
+            let next = next_cursor(&media, &cursor, listing.is_some());
             let fetch_next = async {
                 match &next {
                     Some(c) => Some(self.aged_page(c, cutoff).await),
                     None => None,
                 }
             };
-            let sweep_page = futures::stream::iter(media)
-                .map(|m| self.sweep_media(m, dry_run, deletions, cancel))
-                .buffer_unordered(self.config.sweep.concurrency)
-                .collect::<Vec<_>>();
-            let (outcomes, fetched) = tokio::join!(sweep_page, fetch_next);
+            // Remote media paged by media id (a sweep that started sparse, or whose listing
+            // failed) are not in key order: they keep their HEADs.
+            let cursors = listing
+                .as_mut()
+                .filter(|_| !matches!(cursor, Cursor::Remote(..)));
+            let sweep_page = async {
+                match cursors {
+                    Some(c) => {
+                        let (outcomes, failed) = self
+                            .sweep_page_dense(media, c, dry_run, deletions, cancel)
+                            .await;
+                        (outcomes, failed)
+                    }
+                    None => (
+                        futures::stream::iter(media)
+                            .map(|m| async {
+                                let examined = files::examine(self, &m).await;
+                                self.sweep_examined(
+                                    m,
+                                    examined,
+                                    Vec::new(),
+                                    dry_run,
+                                    deletions,
+                                    cancel,
+                                )
+                                .await
+                            })
+                            .buffer_unordered(self.config.sweep.concurrency)
+                            .collect::<Vec<_>>()
+                            .await,
+                        false,
+                    ),
+                }
+            };
+            let ((outcomes, listing_failed), fetched) = tokio::join!(sweep_page, fetch_next);
+            if listing_failed && let Some(c) = listing.take() {
+                *list_requests += c.iter().map(|c| c.requests).sum::<u64>();
+            }
             for (o, had_local_files) in outcomes {
                 // Aged media swept earlier are still aged: counting them as examined made "1 media
                 // examined, would delete 0 files" of a media with nothing left to delete.
@@ -265,11 +377,68 @@ impl Sweeper {
         }
     }
 
+    /// One page of aged media, dense: every media's files are examined (in parallel), then
+    /// looked up in the listing in key order (one forward walk per folder), then confirmed and
+    /// deleted (in parallel), each file the listing cannot confirm with its HEAD. Returns the
+    /// outcomes, and whether a listing failed (the rest of the sweep then uses HEADs only).
+    async fn sweep_page_dense(
+        &self,
+        media: Vec<AgedMedia>,
+        cursors: &mut [ListingCursor; 4],
+        dry_run: bool,
+        deletions: &AtomicU64,
+        cancel: &CancellationToken,
+    ) -> (Vec<(files::MediaOutcome, bool)>, bool) {
+        let examined: Vec<_> = futures::stream::iter(media)
+            .map(|m| async {
+                let e = files::examine(self, &m).await;
+                (m, e)
+            })
+            .buffered(self.config.sweep.concurrency)
+            .collect()
+            .await;
+        let mut failed = false;
+        let mut hints = Vec::with_capacity(examined.len());
+        for (_, e) in &examined {
+            let mut seen = Vec::new();
+            for (path, local) in e.iter().flatten() {
+                let mut hint = None;
+                if !failed
+                    && matches!(local, Ok(Some(_)))
+                    && let Some(c) = cursors
+                        .iter_mut()
+                        .find(|c| path.as_str().starts_with(c.within()))
+                {
+                    match c.lookup(&self.store, &path.key(self.store.prefix())).await {
+                        Ok(h) => hint = h,
+                        Err(e) => {
+                            tracing::warn!(error = %crate::Chain(&e), "Sweep: the bucket listing failed; confirming the rest with one HEAD per file.");
+                            failed = true;
+                        }
+                    }
+                }
+                seen.push(hint);
+            }
+            hints.push(seen);
+        }
+        let outcomes = futures::stream::iter(examined.into_iter().zip(hints))
+            .map(|((m, e), h)| self.sweep_examined(m, e, h, dry_run, deletions, cancel))
+            .buffer_unordered(self.config.sweep.concurrency)
+            .collect()
+            .await;
+        (outcomes, failed)
+    }
+
     /// Up to PAGE aged media from where `cursor` points.
     async fn aged_page(&self, cursor: &Cursor, cutoff: i64) -> Result<Vec<AgedMedia>, DbError> {
         match cursor {
             Cursor::Local(after) => self.db.aged_local(cutoff, after, PAGE).await,
             Cursor::Remote(origin, id) => self.db.aged_remote(cutoff, (origin, id), PAGE).await,
+            Cursor::RemoteByPath(origin, fid) => {
+                self.db
+                    .aged_remote_by_path(cutoff, (origin, fid), PAGE)
+                    .await
+            }
         }
     }
 
@@ -295,16 +464,19 @@ impl Sweeper {
         }
     }
 
-    /// Confirms and deletes the files of one media, and says whether it had any local file left.
-    /// Errors affect this media only.
-    async fn sweep_media(
+    /// Confirms and deletes the files of one media (as examined; `seen`: what a dense sweep's
+    /// listing showed of each, in the same order, or empty), and says whether it had any local
+    /// file left. Errors affect this media only.
+    async fn sweep_examined(
         &self,
         media: AgedMedia,
+        examined: Result<files::Examined, String>,
+        seen: Vec<Option<Seen>>,
         dry_run: bool,
         deletions: &AtomicU64,
         cancel: &CancellationToken,
     ) -> (files::MediaOutcome, bool) {
-        let examined = match files::examine(self, &media).await {
+        let examined = match examined {
             Ok(f) => f,
             Err(e) => {
                 let mut out = files::MediaOutcome::default();
@@ -314,16 +486,39 @@ impl Sweeper {
         };
         let had_local_files = examined.iter().any(|(_, l)| !matches!(l, Ok(None)));
         (
-            self.sweep_files(media, examined, dry_run, deletions, cancel)
+            self.sweep_files(media, examined, seen, dry_run, deletions, cancel)
                 .await,
             had_local_files,
         )
+    }
+
+    /// A file's verdict: from the dense sweep's listing entry when it confirms, else a HEAD.
+    async fn confirm(
+        &self,
+        path: &crate::layout::MediaPath,
+        local: files::Local,
+        seen: Option<&Seen>,
+        out: &mut files::MediaOutcome,
+    ) -> Verdict {
+        match files::confirm_listed(&local, seen) {
+            Some(v) => {
+                if matches!(v, Verdict::Confirmed { .. }) {
+                    out.confirmed_by_listing += 1;
+                }
+                v
+            }
+            None => {
+                out.heads += 1;
+                files::confirm(self, path, local).await
+            }
+        }
     }
 
     async fn sweep_files(
         &self,
         media: AgedMedia,
         examined: files::Examined,
+        seen: Vec<Option<Seen>>,
         dry_run: bool,
         deletions: &AtomicU64,
         cancel: &CancellationToken,
@@ -331,9 +526,14 @@ impl Sweeper {
         let mut out = files::MediaOutcome::default();
         // Confirm every file first: an error on any of them keeps the whole media.
         let mut verdicts = Vec::with_capacity(examined.len());
+        let mut seen = seen.into_iter();
         for (path, local) in examined {
+            let hint = seen.next().flatten();
             let (record, v) = match local {
-                Ok(Some(l)) => (l.record, files::confirm(self, &path, l).await),
+                Ok(Some(l)) => (
+                    l.record,
+                    self.confirm(&path, l, hint.as_ref(), &mut out).await,
+                ),
                 Ok(None) => (None, Verdict::Gone),
                 Err(e) => (None, Verdict::Error(e)),
             };
@@ -476,19 +676,34 @@ mod tests {
     fn pages_walk_local_then_remote() {
         let start = Cursor::Local(String::new());
         let full = local(PAGE as usize);
-        assert!(matches!(next_cursor(&full, &start), Some(Cursor::Local(m)) if m == "m00999"));
+        for dense in [false, true] {
+            assert!(
+                matches!(next_cursor(&full, &start, dense), Some(Cursor::Local(m)) if m == "m00999")
+            );
+        }
         for short in [local(0), local(3)] {
             assert!(matches!(
-                next_cursor(&short, &start),
+                next_cursor(&short, &start, false),
                 Some(Cursor::Remote(o, m)) if o.is_empty() && m.is_empty()
+            ));
+            assert!(matches!(
+                next_cursor(&short, &start, true),
+                Some(Cursor::RemoteByPath(o, f)) if o.is_empty() && f.is_empty()
             ));
         }
         let at_remote = Cursor::Remote(String::new(), String::new());
         assert!(matches!(
-            next_cursor(&remote(PAGE as usize), &at_remote),
+            next_cursor(&remote(PAGE as usize), &at_remote, false),
             Some(Cursor::Remote(o, m)) if o == "a.org" && m == "r00999"
         ));
-        assert!(next_cursor(&remote(999), &at_remote).is_none());
-        assert!(next_cursor(&[], &at_remote).is_none());
+        assert!(next_cursor(&remote(999), &at_remote, false).is_none());
+        assert!(next_cursor(&[], &at_remote, false).is_none());
+        // A dense sweep pages remote media by their files' names.
+        let by_path = Cursor::RemoteByPath(String::new(), String::new());
+        assert!(matches!(
+            next_cursor(&remote(PAGE as usize), &by_path, true),
+            Some(Cursor::RemoteByPath(o, f)) if o == "a.org" && f == "f00999"
+        ));
+        assert!(next_cursor(&remote(999), &by_path, true).is_none());
     }
 }

@@ -76,6 +76,16 @@ pub struct Report {
     pub limit_reached: bool,
     pub started_at_ms: u64,
     pub seconds: f64,
+    /// Confirmed from bucket listings (a dense sweep, see `sweep::dense`) rather than HEADs.
+    #[serde(default)]
+    pub dense: bool,
+    /// S3 requests by type, and the files a listing confirmed without a HEAD.
+    #[serde(default)]
+    pub head_requests: u64,
+    #[serde(default)]
+    pub list_requests: u64,
+    #[serde(default)]
+    pub confirmed_by_listing: u64,
 }
 
 impl std::fmt::Display for Report {
@@ -119,6 +129,18 @@ impl std::fmt::Display for Report {
                 f,
                 "; {} bad local copies (not matching Synapse's sha256) kept and queued for healing",
                 self.kept_bad_copy
+            )?;
+        }
+        write!(
+            f,
+            "; S3 requests: {} HEAD, {} LIST",
+            self.head_requests, self.list_requests
+        )?;
+        if self.dense {
+            write!(
+                f,
+                " (dense: {} files confirmed from the listing)",
+                self.confirmed_by_listing
             )?;
         }
         if let Some(s) = &self.stopped {

@@ -1,21 +1,30 @@
 //! Synapse's database, read-only, for every user of it (the sweep, `audit`, `check`, and the
 //! uploads' arbiter of which bytes are right): which media are aged out or exist, their sha256, and
-//! the lock that keeps sweeps of every instance sharing the database from running at once.
-//! PostgreSQL today; SQLite is to live here too.
+//! the lock that keeps sweeps from running at once. PostgreSQL (`postgres.rs`) or SQLite
+//! (`sqlite.rs`), chosen by the config's `database.name` (Synapse's own key).
+//!
+//! Adding a query: one method in `postgres.rs`, its twin in `sqlite.rs`, and one dispatching
+//! method on [`Db`] below (`on_backend!`); callers never see which backend answered.
 //!
 //! Rows are read page by page with keyset pagination (`… > last key ORDER BY key LIMIT n`): memory
-//! stays bounded at any table size, and no long transaction holds back Synapse's vacuum. Every
-//! query has a client-side timeout and a server-side `statement_timeout`.
+//! stays bounded at any table size, and no long transaction holds back Synapse's vacuum
+//! (PostgreSQL) or its WAL checkpoints (SQLite). Every call is bounded in time: PostgreSQL by a
+//! client-side timeout and the server's `statement_timeout`, SQLite by `busy_timeout` plus a
+//! progress handler that interrupts a query past its deadline.
 
+use std::collections::HashSet;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
-
-use crate::config::{DatabaseConfig, SslMode};
+use crate::config::DatabaseConfig;
 use crate::layout::MediaRef;
 
+mod postgres;
+mod sqlite;
 mod tls;
+
+pub use self::sqlite::{LOCK_FILE, MediaFileRow};
 
 /// The advisory lock key of the sweep (`pg_try_advisory_lock(7_135_921_405_338_915_661)`): the
 /// bytes of "cS3offld" read as a big-endian i64. Fixed forever: instances of different versions
@@ -38,10 +47,45 @@ pub enum DbError {
         #[source]
         source: tokio_postgres::Error,
     },
-    #[error("PostgreSQL query `{what}` timed out after {after:?}")]
+    #[error("database query `{what}` timed out after {after:?}")]
     Timeout { what: &'static str, after: Duration },
     #[error("cannot set up TLS for PostgreSQL: {0}")]
     Tls(String),
+    #[error(
+        "cannot open Synapse's SQLite database {path} read-only: {reason} (check database.database, or database.args.database in homeserver.yaml)"
+    )]
+    SqliteOpen { path: PathBuf, reason: String },
+    #[error(
+        "{path} is not a SQLite database or is corrupt ({detail}); check that database.database names Synapse's homeserver.db"
+    )]
+    SqliteCorrupt { path: PathBuf, detail: String },
+    #[error(
+        "Synapse's SQLite database {path} stayed locked by a writer for {after:?} (`{what}`): gave up, nothing was changed; the next run tries again (a longer database.statement_timeout waits longer)"
+    )]
+    SqliteBusy {
+        what: &'static str,
+        path: PathBuf,
+        after: Duration,
+    },
+    #[error("SQLite query `{what}` on {path} failed")]
+    Sqlite {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: Box<rusqlite::Error>,
+    },
+    #[error("the thread of the SQLite query `{what}` failed: {detail}")]
+    Thread { what: &'static str, detail: String },
+    #[error(
+        "cannot take the sweep's lock file {path} (it lives in state_dir, which must exist and be writable)"
+    )]
+    LockFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("`{0}` is not available on this kind of database (a bug: please report it)")]
+    Unsupported(&'static str),
 }
 
 /// One aged media, as the database names it. `sha256` is Synapse's hash of the original, where
@@ -84,188 +128,108 @@ impl AgedMedia {
 }
 
 pub struct Db {
-    pool: Pool,
-    target: String,
-    timeout: Duration,
-    /// Whether Synapse's media tables have the `sha256` column (schema delta 91/01, Synapse
-    /// 1.128); asked once.
-    sha256_column: tokio::sync::OnceCell<bool>,
+    backend: Backend,
 }
 
-/// Holds the sweep's advisory lock on a connection of its own that never goes back to the pool.
-///
-/// Why not a pooled connection: a session advisory lock belongs to its connection. If
-/// `pg_try_advisory_lock` succeeded on the server while our client-side timeout fired (a network
-/// stall), a pooled connection went back to the pool holding the lock (fast recycling resets
-/// nothing): every instance then saw "another sweep is running" until a restart, and a sweep that
-/// re-entered the lock on that connection (advisory locks count) left it held after unlocking.
-/// A connection of its own is closed whenever the lock is given up, on success, error or drop,
-/// and the server releases the lock with its session.
-pub struct SweepLock {
-    client: deadpool_postgres::ClientWrapper,
-    timeout: Duration,
+enum Backend {
+    Postgres(postgres::PgDb),
+    Sqlite(sqlite::SqliteDb),
 }
 
-/// Whether the lock's session is still the one holding the lock: the key as PostgreSQL splits a
-/// bigint key in `pg_locks` (high 32 bits in `classid`, low in `objid`, `objsubid` 1).
-const LOCK_HELD_SQL: &str = "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' \
-     AND pid = pg_backend_pid() AND granted AND objsubid = 1 \
-     AND ((classid::int8 << 32) | objid::int8) = $1)";
+/// The same call on whichever backend this is (each arm type-checks on its own backend).
+macro_rules! on_backend {
+    ($self:ident, $db:ident => $call:expr) => {
+        match &$self.backend {
+            Backend::Postgres($db) => $call,
+            Backend::Sqlite($db) => $call,
+        }
+    };
+}
+
+/// The sweep's lock: PostgreSQL's advisory lock on a connection of its own (instances on other
+/// hosts share the database), or for SQLite `flock` on [`LOCK_FILE`] in `state_dir` (SQLite has
+/// no advisory locks; its file is local, so are the instances that could share it).
+pub struct SweepLock(LockKind);
+
+enum LockKind {
+    Postgres(postgres::PgLock),
+    File(sqlite::FileLock),
+}
 
 impl SweepLock {
-    /// Unlocks, then closes the connection either way (closing alone would release it too; the
-    /// unlock only makes the release immediate).
+    /// Gives the lock up (PostgreSQL: unlocks, then closes its connection either way).
     pub async fn release(self) {
-        let unlock = self
-            .client
-            .execute("SELECT pg_advisory_unlock($1)", &[&SWEEP_LOCK_KEY]);
-        let _ = tokio::time::timeout(Duration::from_secs(10), unlock).await;
+        match self.0 {
+            LockKind::Postgres(l) => l.release().await,
+            LockKind::File(l) => l.release(),
+        }
     }
 
-    /// `Err` with the reason once the lock cannot be confirmed held: its connection closed (a
-    /// PostgreSQL restart or a network cut ends the session, and the lock with it), PostgreSQL
-    /// no longer lists it, or the check failed or timed out (then it may be lost: the sweep
-    /// must assume it is).
+    /// `Err` with the reason once the lock cannot be confirmed held: PostgreSQL: its connection
+    /// closed (a restart or a network cut ends the session, and the lock with it), PostgreSQL no
+    /// longer lists it, or the check failed or timed out (then it may be lost: the sweep must
+    /// assume it is). SQLite: the lock file was removed or replaced (another sweep could lock
+    /// the new one).
     pub async fn still_held(&self) -> Result<(), String> {
-        if self.client.is_closed() {
-            return Err(
-                "its connection to PostgreSQL closed (server restart or network cut)".into(),
-            );
-        }
-        let check = self.client.query_one(LOCK_HELD_SQL, &[&SWEEP_LOCK_KEY]);
-        match Db::timed_with(self.timeout, "check the sweep lock", check).await {
-            Ok(row) if row.get::<_, bool>(0) => Ok(()),
-            Ok(_) => Err("PostgreSQL no longer lists it as ours".into()),
-            Err(e) => Err(format!("cannot confirm it: {}", crate::Chain(&e))),
+        match &self.0 {
+            LockKind::Postgres(l) => l.still_held().await,
+            LockKind::File(l) => l.still_held(),
         }
     }
 }
 
 impl Db {
-    /// Builds the pool; connects lazily.
+    /// Builds the pool (PostgreSQL) or remembers the file (SQLite); connects lazily.
     pub fn new(cfg: &DatabaseConfig) -> Result<Db, DbError> {
-        let mut pg = tokio_postgres::Config::new();
-        if cfg.is_socket() {
-            pg.host_path(&cfg.host);
-        } else {
-            pg.host(&cfg.host);
+        let backend = match cfg {
+            DatabaseConfig::Postgres(p) => Backend::Postgres(postgres::PgDb::new(p)?),
+            DatabaseConfig::Sqlite(s) => Backend::Sqlite(sqlite::SqliteDb::new(s)),
+        };
+        Ok(Db { backend })
+    }
+
+    /// `PostgreSQL` or `SQLite`, for messages.
+    pub fn kind(&self) -> &'static str {
+        match self.backend {
+            Backend::Postgres(_) => "PostgreSQL",
+            Backend::Sqlite(_) => "SQLite",
         }
-        pg.port(cfg.port)
-            .user(&cfg.user)
-            .dbname(&cfg.dbname)
-            .application_name("synapse-s3-offload")
-            .connect_timeout(cfg.connect_timeout)
-            .options(format!(
-                "-c statement_timeout={}",
-                cfg.statement_timeout.as_millis()
-            ));
-        if let Some(p) = &cfg.password {
-            pg.password(p.expose());
-        }
-        let mgr_cfg = ManagerConfig {
-            recycling_method: RecyclingMethod::Fast,
-        };
-        let mgr = match cfg.sslmode {
-            SslMode::Disable => {
-                pg.ssl_mode(tokio_postgres::config::SslMode::Disable);
-                Manager::from_config(pg, tokio_postgres::NoTls, mgr_cfg)
-            }
-            mode => {
-                pg.ssl_mode(match mode {
-                    SslMode::Prefer => tokio_postgres::config::SslMode::Prefer,
-                    _ => tokio_postgres::config::SslMode::Require,
-                });
-                let tls =
-                    tls::client_config(mode, cfg.sslrootcert.as_deref()).map_err(DbError::Tls)?;
-                Manager::from_config(
-                    pg,
-                    tokio_postgres_rustls::MakeRustlsConnect::new(tls),
-                    mgr_cfg,
-                )
-            }
-        };
-        let pool = Pool::builder(mgr)
-            .max_size(4)
-            .runtime(deadpool_postgres::Runtime::Tokio1)
-            .create_timeout(Some(cfg.connect_timeout))
-            .wait_timeout(Some(cfg.connect_timeout))
-            .recycle_timeout(Some(cfg.connect_timeout))
-            .build()
-            .map_err(|e| DbError::Tls(e.to_string()))?;
-        let target = if cfg.is_socket() {
-            format!(
-                "{}/.s.PGSQL.{} (database {}, user {})",
-                cfg.host, cfg.port, cfg.dbname, cfg.user
-            )
-        } else {
-            format!(
-                "{}:{} (database {}, user {})",
-                cfg.host, cfg.port, cfg.dbname, cfg.user
-            )
-        };
-        Ok(Db {
-            pool,
-            target,
-            timeout: cfg.statement_timeout + Duration::from_secs(5),
-            sha256_column: tokio::sync::OnceCell::new(),
-        })
     }
 
-    async fn client(&self) -> Result<deadpool_postgres::Object, DbError> {
-        self.pool.get().await.map_err(|source| DbError::Connect {
-            target: self.target.clone(),
-            source,
-        })
+    pub fn is_sqlite(&self) -> bool {
+        matches!(self.backend, Backend::Sqlite(_))
     }
 
-    async fn timed<T>(
-        &self,
-        what: &'static str,
-        f: impl Future<Output = Result<T, tokio_postgres::Error>>,
-    ) -> Result<T, DbError> {
-        Db::timed_with(self.timeout, what, f).await
-    }
-
-    /// Runs one query future with a client-side timeout.
+    /// Runs one PostgreSQL query future with a client-side timeout.
     pub async fn timed_with<T>(
         after: Duration,
         what: &'static str,
         f: impl Future<Output = Result<T, tokio_postgres::Error>>,
     ) -> Result<T, DbError> {
-        match tokio::time::timeout(after, f).await {
-            Ok(r) => r.map_err(|source| DbError::Query { what, source }),
-            Err(_) => Err(DbError::Timeout { what, after }),
-        }
+        postgres::timed_with(after, what, f).await
     }
 
     /// The configured `statement_timeout`.
     pub fn statement_timeout(&self) -> Duration {
-        self.timeout - Duration::from_secs(5)
+        match &self.backend {
+            Backend::Postgres(p) => p.timeout - Duration::from_secs(5),
+            Backend::Sqlite(s) => s.timeout,
+        }
     }
 
-    /// A connection taken out of the pool for good (for a long transaction): it is closed when
-    /// dropped, so an unfinished transaction can never be handed to another caller.
+    /// PostgreSQL only: a connection taken out of the pool for good (for a long transaction):
+    /// it is closed when dropped, so an unfinished transaction can never be handed to another
+    /// caller.
     pub async fn dedicated_client(&self) -> Result<deadpool_postgres::ClientWrapper, DbError> {
-        Ok(deadpool_postgres::Object::take(self.client().await?))
+        match &self.backend {
+            Backend::Postgres(p) => p.dedicated_client().await,
+            Backend::Sqlite(_) => Err(DbError::Unsupported("dedicated_client")),
+        }
     }
 
     /// Of these local media ids, those that have a row (media or thumbnail) right now.
-    pub async fn local_media_present(
-        &self,
-        ids: &[String],
-    ) -> Result<std::collections::HashSet<String>, DbError> {
-        let c = self.client().await?;
-        let rows = self
-            .timed(
-                "media still present (local)",
-                c.query(
-                    "SELECT media_id FROM local_media_repository WHERE media_id = ANY($1) \
-                     UNION SELECT media_id FROM local_media_repository_thumbnails WHERE media_id = ANY($1)",
-                    &[&ids],
-                ),
-            )
-            .await?;
-        Ok(rows.iter().map(|r| r.get(0)).collect())
+    pub async fn local_media_present(&self, ids: &[String]) -> Result<HashSet<String>, DbError> {
+        on_backend!(self, db => db.local_media_present(ids).await)
     }
 
     /// Of these (origin, filesystem_id) pairs, those that have a row (media or thumbnail) now.
@@ -273,59 +237,40 @@ impl Db {
         &self,
         origins: &[String],
         fs_ids: &[String],
-    ) -> Result<std::collections::HashSet<(String, String)>, DbError> {
-        let c = self.client().await?;
-        let rows = self
-            .timed(
-                "media still present (remote)",
-                c.query(
-                    "SELECT media_origin, filesystem_id FROM remote_media_cache \
-                       WHERE (media_origin, filesystem_id) IN (SELECT * FROM unnest($1::text[], $2::text[])) \
-                     UNION SELECT media_origin, filesystem_id FROM remote_media_cache_thumbnails \
-                       WHERE (media_origin, filesystem_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))",
-                    &[&origins, &fs_ids],
-                ),
-            )
-            .await?;
-        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    ) -> Result<HashSet<(String, String)>, DbError> {
+        on_backend!(self, db => db.remote_media_present(origins, fs_ids).await)
+    }
+
+    /// Whether a cached remote media `mxc://origin/media_id` has a row (`forget` tells a remote
+    /// media from a local one by it).
+    pub async fn remote_media_exists(&self, origin: &str, media_id: &str) -> Result<bool, DbError> {
+        on_backend!(self, db => db.remote_media_exists(origin, media_id).await)
     }
 
     /// Checks that Synapse's media tables have the columns the sweep reads; counts the media.
     pub async fn media_counts(&self) -> Result<(i64, i64), DbError> {
-        let c = self.client().await?;
-        self.timed(
-            "media table columns",
-            c.batch_execute(
-                "SELECT media_id, created_ts, last_access_ts, url_cache FROM local_media_repository LIMIT 0; \
-                 SELECT media_origin, media_id, filesystem_id, created_ts, last_access_ts FROM remote_media_cache LIMIT 0",
-            ),
-        )
-        .await?;
-        let row = self
-            .timed(
-                "count media",
-                c.query_one("SELECT (SELECT count(*) FROM local_media_repository), (SELECT count(*) FROM remote_media_cache)", &[]),
-            )
-            .await?;
-        Ok((row.get(0), row.get(1)))
+        on_backend!(self, db => db.media_counts().await)
     }
 
-    /// Takes the sweep lock if no other instance holds it, on a connection taken out of the pool
-    /// for good (see [`SweepLock`]; no pooled connection ever holds the lock, so none can hand
-    /// it over re-entered). On any error the connection is closed, which releases a lock the
-    /// server may have granted after our timeout fired.
+    /// SQLite's journal mode (`wal` under Synapse); `None` on PostgreSQL.
+    pub async fn journal_mode(&self) -> Result<Option<String>, DbError> {
+        match &self.backend {
+            Backend::Postgres(_) => Ok(None),
+            Backend::Sqlite(s) => s.journal_mode().await.map(Some),
+        }
+    }
+
+    /// Takes the sweep lock if no other sweep holds it (see [`SweepLock`]). PostgreSQL: on a
+    /// connection taken out of the pool for good, so no pooled connection ever holds the lock
+    /// and none can hand it over re-entered.
     pub async fn try_lock(&self) -> Result<Option<SweepLock>, DbError> {
-        let client = self.dedicated_client().await?;
-        let row = self
-            .timed(
-                "pg_try_advisory_lock",
-                client.query_one("SELECT pg_try_advisory_lock($1)", &[&SWEEP_LOCK_KEY]),
-            )
-            .await?;
-        Ok(row.get::<_, bool>(0).then_some(SweepLock {
-            client,
-            timeout: self.timeout,
-        }))
+        Ok(match &self.backend {
+            Backend::Postgres(p) => p
+                .try_lock()
+                .await?
+                .map(|l| SweepLock(LockKind::Postgres(l))),
+            Backend::Sqlite(s) => s.try_lock().await?.map(|l| SweepLock(LockKind::File(l))),
+        })
     }
 
     /// Up to `limit` local media older than `cutoff_ms` (by last access, else creation), after
@@ -336,28 +281,13 @@ impl Db {
         after: &str,
         limit: i64,
     ) -> Result<Vec<AgedMedia>, DbError> {
-        let sha = self.sha256_expr().await?;
-        let c = self.client().await?;
-        let rows = self
-            .timed(
-                "aged local media",
-                c.query(
-                    &format!(
-                        "SELECT media_id, {sha} FROM local_media_repository \
-                         WHERE url_cache IS NULL AND COALESCE(last_access_ts, created_ts) < $1 AND media_id > $2 \
-                         ORDER BY media_id LIMIT $3"
-                    ),
-                    &[&cutoff_ms, &after, &limit],
-                ),
-            )
-            .await?;
-        Ok(rows
-            .iter()
-            .map(|r| AgedMedia::Local {
-                media_id: r.get(0),
-                sha256: hash_at(r, 1),
-            })
-            .collect())
+        on_backend!(self, db => db.aged_local(cutoff_ms, after, limit).await)
+    }
+
+    /// (aged, all) local media, URL previews excluded: what the sweep's choice between HEADs and
+    /// a listing (`sweep::dense::choose`) weighs. One count over the table, once per sweep.
+    pub async fn aged_local_count(&self, cutoff_ms: i64) -> Result<(i64, i64), DbError> {
+        on_backend!(self, db => db.aged_local_count(cutoff_ms).await)
     }
 
     /// Up to `limit` cached remote media older than `cutoff_ms`, after `(origin, media_id)`.
@@ -367,102 +297,47 @@ impl Db {
         after: (&str, &str),
         limit: i64,
     ) -> Result<Vec<AgedMedia>, DbError> {
-        let sha = self.sha256_expr().await?;
-        let c = self.client().await?;
-        let rows = self
-            .timed(
-                "aged remote media",
-                c.query(
-                    &format!(
-                        "SELECT media_origin, media_id, filesystem_id, {sha} FROM remote_media_cache \
-                         WHERE COALESCE(last_access_ts, created_ts) < $1 AND (media_origin, media_id) > ($2, $3) \
-                         ORDER BY media_origin, media_id LIMIT $4"
-                    ),
-                    &[&cutoff_ms, &after.0, &after.1, &limit],
-                ),
-            )
-            .await?;
-        Ok(rows
-            .iter()
-            .map(|r| AgedMedia::Remote {
-                origin: r.get(0),
-                media_id: r.get(1),
-                filesystem_id: r.get(2),
-                sha256: hash_at(r, 3),
-            })
-            .collect())
+        on_backend!(self, db => db.aged_remote(cutoff_ms, after, limit).await)
+    }
+
+    /// [`Db::aged_remote`] in the order of the files' keys: by (origin, filesystem id), after
+    /// `after`. The sweep's dense mode walks the bucket listing in step with it. Two media sharing a
+    /// filesystem id name the same files: one of them at a page boundary may be skipped, its files
+    /// were swept with the other.
+    pub async fn aged_remote_by_path(
+        &self,
+        cutoff_ms: i64,
+        after: (&str, &str),
+        limit: i64,
+    ) -> Result<Vec<AgedMedia>, DbError> {
+        on_backend!(self, db => db.aged_remote_by_path(cutoff_ms, after, limit).await)
     }
 
     /// Whether Synapse's media tables have the `sha256` column (asked once per process).
     pub async fn has_sha256(&self) -> Result<bool, DbError> {
-        self.sha256_column
-            .get_or_try_init(|| async {
-                let c = self.client().await?;
-                let row = self
-                    .timed(
-                        "sha256 columns",
-                        c.query_one(
-                            "SELECT count(DISTINCT table_name) FROM information_schema.columns \
-                             WHERE table_name IN ('local_media_repository', 'remote_media_cache') \
-                               AND column_name = 'sha256' AND table_schema = ANY(current_schemas(false))",
-                            &[],
-                        ),
-                    )
-                    .await?;
-                Ok(row.get::<_, i64>(0) == 2)
-            })
-            .await
-            .copied()
-    }
-
-    /// The select-list expression of the hash: the column, or NULL before Synapse 1.128.
-    async fn sha256_expr(&self) -> Result<&'static str, DbError> {
-        Ok(if self.has_sha256().await? {
-            "sha256"
-        } else {
-            "NULL::text"
-        })
+        on_backend!(self, db => db.has_sha256().await)
     }
 
     /// Synapse's SHA-256 of `media` (the arbiter of which bytes are right, DESIGN.md invariant 8),
     /// where the database has one: `None` for media without a row, rows without a hash (stored
     /// before Synapse 1.128) and databases without the column.
     pub async fn content_sha256(&self, media: &MediaRef) -> Result<Option<[u8; 32]>, DbError> {
-        if !self.has_sha256().await? {
-            return Ok(None);
-        }
-        let c = self.client().await?;
-        let row = match media {
-            MediaRef::Local(id) => {
-                self.timed(
-                    "media sha256 (local)",
-                    c.query_opt(
-                        "SELECT sha256 FROM local_media_repository WHERE media_id = $1",
-                        &[id],
-                    ),
-                )
-                .await?
-            }
-            MediaRef::Remote { origin, fs_id } => {
-                self.timed(
-                    "media sha256 (remote)",
-                    c.query_opt(
-                        "SELECT sha256 FROM remote_media_cache WHERE media_origin = $1 AND filesystem_id = $2",
-                        &[origin, fs_id],
-                    ),
-                )
-                .await?
-            }
-        };
-        Ok(row.and_then(|r| hash_at(&r, 0)))
+        on_backend!(self, db => db.content_sha256(media).await)
     }
-}
 
-/// A hex SHA-256 column; `None` when NULL or not a hash.
-fn hash_at(row: &tokio_postgres::Row, idx: usize) -> Option<[u8; 32]> {
-    row.get::<_, Option<String>>(idx)
-        .as_deref()
-        .and_then(crate::sha256::parse_hex)
+    /// SQLite only: up to `limit` of the files Synapse expects (audit's sorted stream), after
+    /// `after`, in byte order, each page its own short read transaction. PostgreSQL streams the
+    /// same rows through a cursor in `audit::sources` (one sort per snapshot).
+    pub async fn media_files_page(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<MediaFileRow>, DbError> {
+        match &self.backend {
+            Backend::Postgres(_) => Err(DbError::Unsupported("media_files_page")),
+            Backend::Sqlite(s) => s.media_files_page(after, limit).await,
+        }
+    }
 }
 
 /// Shared handle.

@@ -38,6 +38,7 @@ pub mod heal;
 pub mod limiter;
 pub mod pool;
 pub mod s3;
+mod s3_compat;
 mod s3_error;
 pub mod verdict;
 
@@ -273,7 +274,7 @@ impl Uploader {
                 md5: hashed.md5,
                 sha256: hashed.sha256,
             };
-            let new_record =
+            let mut new_record =
                 Record::new(size, hashed.snapshot.mtime_ns, hashed.md5).with_sha256(hashed.sha256);
 
             let object = if self.assume_absent && record.is_none() && ours.is_none() {
@@ -293,7 +294,14 @@ impl Uploader {
                 .await?;
             match decision {
                 Decision::Put => {}
-                Decision::Adopt => return Ok(Outcome::Adopted { record: new_record }),
+                // The object's ETag is kept when it is a multipart one (not the MD5): the sweep
+                // then recognises this object by HEAD or listing without reading the file again.
+                Decision::Adopt => {
+                    let etag = object.as_ref().and_then(|o| o.etag.as_deref());
+                    return Ok(Outcome::Adopted {
+                        record: new_record.with_etag(etag),
+                    });
+                }
                 Decision::Conflict(why) => {
                     metrics::counter!(m::CONFLICTS).increment(1);
                     let detail = describe(&why, &local, object.as_ref());
@@ -324,7 +332,9 @@ impl Uploader {
                     // A multipart object's ETag is not its MD5 and Complete does not check the whole:
                     // confirm size and our digest metadata before trusting it.
                     match self.store.head(&key).await? {
-                        Some(info) if info.confirms(size, &hashed.md5) => {}
+                        Some(info) if info.confirms(size, &hashed.md5) => {
+                            new_record = new_record.with_etag(info.etag.as_deref());
+                        }
                         other => {
                             return Err(UploadError::Unverified {
                                 path: path.clone(),

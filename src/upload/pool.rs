@@ -240,6 +240,14 @@ async fn process(s: Arc<Pool>, path: MediaPath, settle: bool, permit: Permit) {
             metrics::counter!(m::UPLOADED, "outcome" => "uploaded").increment(1);
             metrics::counter!(m::UPLOADED_BYTES).increment(record.size);
             tracing::debug!(path = %path, bytes = record.size, ms = started.elapsed().as_millis() as u64, "Uploaded.");
+            if s.queue.take_dirty(&path) {
+                let abs = path.to_path(&s.media_store_path);
+                let now = tokio::task::spawn_blocking(move || digest::stat(&abs)).await;
+                let unchanged = matches!(now, Ok(Ok(Stat::File(snap))) if snap.size == record.size && snap.mtime_ns == record.mtime_ns);
+                if !unchanged {
+                    s.queue.mark_dirty(&path);
+                }
+            }
             s.queue.finish_written(&path, record).await
         }
         Ok(Outcome::Adopted { record }) => {

@@ -35,6 +35,7 @@ use futures::{StreamExt, TryStreamExt};
 use crate::config::{ChecksumMode, S3Config};
 
 use super::limiter::{Limiter, ThrottleInterceptor};
+use super::s3_compat::{CollapseRepeatedSseHeaders, etag_contradicts};
 pub use super::s3_error::{ErrorKind, S3Error};
 use super::s3_error::{classify, read_error};
 
@@ -147,6 +148,8 @@ pub struct ObjectStore {
     sse: Option<SseC>,
     part_size: u64,
     limiter: Arc<Limiter>,
+    /// `request_checksum_calculation: when_supported` (aws-chunked bodies with trailers).
+    checksum_trailers: bool,
 }
 
 impl ObjectStore {
@@ -188,6 +191,7 @@ impl ObjectStore {
             } else {
                 ResponseChecksumValidation::WhenRequired
             })
+            .interceptor(CollapseRepeatedSseHeaders)
             .retry_config(RetryConfig::standard().with_max_attempts(cfg.max_attempts))
             .interceptor(ThrottleInterceptor(limiter.clone()))
             .timeout_config(
@@ -214,6 +218,7 @@ impl ObjectStore {
             sse,
             part_size,
             limiter,
+            checksum_trailers: checksum(cfg.request_checksum_calculation),
         }
     }
 
@@ -332,6 +337,76 @@ impl ObjectStore {
         Ok((objects, next))
     }
 
+    /// Every object whose key starts with `prefix + sub` (one media's original, or its thumbnail
+    /// folder with a trailing `/`), following continuation tokens: `forget` and the prune job
+    /// look up one media's objects this way, with their size and age.
+    pub async fn list_under(&self, sub: &str) -> Result<Vec<Listed>, S3Error> {
+        let prefix = format!("{}{sub}", self.prefix);
+        let mut token = None;
+        let mut all = Vec::new();
+        loop {
+            let out = self
+                .client
+                .list_objects_v2()
+                .bucket(&self.bucket)
+                .prefix(&prefix)
+                .set_continuation_token(token)
+                .send()
+                .await
+                .map_err(|e| self.err("LIST", &prefix, e))?;
+            all.extend(out.contents().iter().filter_map(|o| {
+                Some(Listed {
+                    key: o.key()?.to_owned(),
+                    size: o.size().unwrap_or(0).max(0) as u64,
+                    etag: o.e_tag().map(|e| e.trim_matches('"').to_owned()),
+                    last_modified_ms: o.last_modified().map(|t| t.secs().saturating_mul(1000)),
+                })
+            }));
+            token = match out.is_truncated() {
+                Some(true) => out.next_continuation_token().map(str::to_owned),
+                _ => None,
+            };
+            if token.is_none() {
+                return Ok(all);
+            }
+        }
+    }
+
+    /// One page of ListObjectsV2 under `prefix + within` (a top-level media folder), starting
+    /// after the key `start_after` (which must lie under it); returns the objects and whether
+    /// the listing went on past them. The sweep's dense mode reads the bucket this way.
+    pub async fn list_after(
+        &self,
+        within: &str,
+        start_after: &str,
+        max_keys: i32,
+    ) -> Result<(Vec<Listed>, bool), S3Error> {
+        let prefix = format!("{}{within}", self.prefix);
+        let out = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix(&prefix)
+            .start_after(start_after)
+            .max_keys(max_keys)
+            .send()
+            .await
+            .map_err(|e| self.err("LIST", &prefix, e))?;
+        let objects = out
+            .contents()
+            .iter()
+            .filter_map(|o| {
+                Some(Listed {
+                    key: o.key()?.to_owned(),
+                    size: o.size().unwrap_or(0).max(0) as u64,
+                    etag: o.e_tag().map(|e| e.trim_matches('"').to_owned()),
+                    last_modified_ms: o.last_modified().map(|t| t.secs().saturating_mul(1000)),
+                })
+            })
+            .collect();
+        Ok((objects, out.is_truncated() == Some(true)))
+    }
+
     /// DELETE of an orphaned media object (`audit --delete-orphans`, the only deletion of media
     /// objects). The key is derived from a validated path, so it is always under our prefix.
     pub async fn delete_media(&self, path: &crate::layout::MediaPath) -> Result<(), S3Error> {
@@ -420,12 +495,46 @@ impl ObjectStore {
         // every in-memory body a second time was the largest CPU cost per file in the profile.
         // Bodies streamed from disk are never payload-signed by the SDK anyway.
         self.limiter.pace().await;
-        req.customize()
+        let out = req
+            .customize()
             .disable_payload_signing()
             .send()
             .await
             .map_err(|e| self.err("PUT", key, e))?;
-        Ok(())
+        self.check_etag("PUT", key, out.e_tag(), md5, out.server_side_encryption())
+    }
+
+    /// Refuses a success answer whose ETag proves other bytes were stored (see
+    /// [`etag_contradicts`]): the file is not recorded, and the error names the likely cause.
+    fn check_etag(
+        &self,
+        op: &'static str,
+        key: &str,
+        etag: Option<&str>,
+        md5: &[u8; 16],
+        sse: Option<&aws_sdk_s3::types::ServerSideEncryption>,
+    ) -> Result<(), S3Error> {
+        if !etag_contradicts(etag, md5, sse, self.sse.is_some()) {
+            return Ok(());
+        }
+        Err(S3Error {
+            op,
+            target: key.to_owned(),
+            kind: ErrorKind::Permanent,
+            status: None,
+            code: None,
+            detail: format!(
+                "the provider answered with ETag {} for a body whose MD5 is {}: it stored other bytes than were sent (and did not check Content-MD5)",
+                etag.unwrap_or_default(),
+                hex::encode(md5)
+            ),
+            hint: if self.checksum_trailers {
+                " — the provider stores aws-chunked bodies as they came (checksum trailers): set s3.request_checksum_calculation: when_required".into()
+            } else {
+                " — the upload is tried again; if it keeps happening, the provider corrupts uploads"
+                    .into()
+            },
+        })
     }
 
     /// Multipart upload of `file`, streamed part by part from disk with each part's
@@ -554,6 +663,8 @@ impl ObjectStore {
                         .send()
                         .await
                         .map_err(|e| self.err("UploadPart", key, e))?;
+                    let sse = out.server_side_encryption();
+                    self.check_etag("UploadPart", key, out.e_tag(), &part_md5, sse)?;
                     Ok::<_, S3Error>(
                         CompletedPart::builder()
                             .part_number(number)

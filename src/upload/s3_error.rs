@@ -111,7 +111,12 @@ where
                 (Some(404), None) => ErrorKind::NotFound,
                 _ => ErrorKind::Permanent,
             };
-            let msg = err.message().unwrap_or("");
+            let mut msg = err.message().unwrap_or("").to_owned();
+            if msg.is_empty() && status.is_some_and(|s| (200..300).contains(&s)) {
+                // A success answer the SDK could not read (e.g. SeaweedFS repeating a
+                // single-value header) has no code or message: "HTTP 200" alone said nothing.
+                msg = format!("the answer could not be read: {}", source_chain(&err));
+            }
             let detail = format!(
                 "HTTP {} {}{}{}",
                 status.map_or("?".into(), |s| s.to_string()),

@@ -1,3 +1,5 @@
+//! Unit tests of `s3.rs` (the part plan, what a HEAD confirms).
+
 use super::*;
 
 #[test]

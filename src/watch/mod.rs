@@ -7,7 +7,8 @@
 //! - a `Rescan` event (kernel queue overflow), our own bridge channel being full, or a watch error
 //!   → a full scan;
 //! - `MaxFilesWatch` → degraded mode: logged once with the sysctl to raise, full scans every
-//!   `scan_interval_when_degraded`.
+//!   `scan_interval_when_degraded`;
+//! - a kernel queue overflow, the root replaced, remounted or gone: see [`stage`] (a new watch).
 //!
 //! A file is ready on `Access(Close(Write))` or when moved in (`Modify(Name(To|Both))`). `Create`,
 //! `Modify(Data)` and `Access(Open)` are ignored: they come before the file is complete, and every
@@ -74,20 +75,21 @@ pub struct Watch {
 }
 
 /// Starts watching `root` recursively; events go to `tx`. When `tx` is full the event is dropped
-/// and `overflowed` is called instead: the daemon then rescans (never blocks notify's thread, never
+/// and `overflowed(kernel_overflow)` is called instead (`true` when the event dropped was the
+/// kernel's own queue overflow): the daemon then rescans (never blocks notify's thread, never
 /// loses a file silently). Blocking: adding the watches walks the whole tree.
 pub fn start(
     root: &Path,
     tx: tokio::sync::mpsc::Sender<Msg>,
-    overflowed: impl Fn() + Send + 'static,
+    overflowed: impl Fn(bool) + Send + 'static,
 ) -> Result<Watch, notify::Error> {
     let handler = move |res: notify::Result<Event>| {
         let msg = match res {
             Ok(ev) => Msg::Event(ev),
             Err(e) => Msg::Error(e),
         };
-        if let Err(tokio::sync::mpsc::error::TrySendError::Full(_)) = tx.try_send(msg) {
-            overflowed();
+        if let Err(tokio::sync::mpsc::error::TrySendError::Full(msg)) = tx.try_send(msg) {
+            overflowed(matches!(&msg, Msg::Event(ev) if ev.need_rescan()));
         }
     };
     // notify follows symlinked directories by default: their events would then name files outside
@@ -96,6 +98,15 @@ pub fn start(
     let mut watcher = notify::RecommendedWatcher::new(handler, config)?;
     watcher.watch(root, RecursiveMode::Recursive)?;
     Ok(Watch { _watcher: watcher })
+}
+
+/// The event is about the root itself being deleted or moved away (its watch then sees
+/// nothing more): the watch stage checks the root at once rather than at its next check.
+pub fn touches_root(event: &Event, root: &Path) -> bool {
+    matches!(
+        event.kind,
+        EventKind::Remove(_) | EventKind::Modify(ModifyKind::Name(RenameMode::From))
+    ) && event.paths.iter().any(|p| p == root)
 }
 
 pub fn is_watch_limit(e: &notify::Error) -> bool {
@@ -195,7 +206,7 @@ mod tests {
         let link = root.join("local_content/li");
         std::os::unix::fs::symlink(outside.path(), &link).unwrap();
         let (tx, mut rx) = tokio::sync::mpsc::channel(1024);
-        let _watch = start(&root, tx, || {}).unwrap();
+        let _watch = start(&root, tx, |_| {}).unwrap();
         std::fs::write(outside.path().join("behind"), b"x").unwrap();
         std::fs::write(root.join("local_content/sentinel"), b"x").unwrap();
         // One inotify descriptor delivers in order: an event for the file behind the symlink

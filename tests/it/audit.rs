@@ -460,7 +460,11 @@ async fn s3_or_database_errors_abort_the_audit_and_delete_nothing() {
     assert!(msg.contains("LIST") && msg.contains("bucket"), "{msg}");
 
     let mut bad_db = f.config.clone();
-    bad_db.database.as_mut().unwrap().dbname = "no_such_database_for_audit".into();
+    let Some(synapse_s3_offload::config::DatabaseConfig::Postgres(p)) = bad_db.database.as_mut()
+    else {
+        panic!("PostgreSQL expected")
+    };
+    p.dbname = "no_such_database_for_audit".into();
     let e = audit::run_standalone(&bad_db, &prune, &CancellationToken::new())
         .await
         .unwrap_err();

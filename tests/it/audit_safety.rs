@@ -29,7 +29,11 @@ async fn pruning_refuses_a_wrong_database_and_too_many_orphans_unless_overridden
 
     let empty = TestDb::create().await;
     let mut on_empty = f.config.clone();
-    on_empty.database.as_mut().unwrap().dbname = empty.name.clone();
+    let Some(synapse_s3_offload::config::DatabaseConfig::Postgres(p)) = on_empty.database.as_mut()
+    else {
+        panic!("PostgreSQL expected")
+    };
+    p.dbname = empty.name.clone();
     run(&on_empty, &prune()).await; // first sightings of everything
     let r = run(&on_empty, &prune()).await;
     let why = r.prune_refused.as_deref().unwrap_or_default();

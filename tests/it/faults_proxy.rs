@@ -93,6 +93,8 @@ struct Plan {
     deny: Option<S3Fault>,
     /// PUT requests (objects and parts) only.
     deny_puts: Option<S3Fault>,
+    /// PUT requests carrying SSE-C headers only (AWS S3 buckets that block SSE-C).
+    deny_sse_c_puts: Option<S3Fault>,
     head: Option<HeadAnswer>,
     /// Seeded: the same sequence of requests meets the same failures in every run.
     rng: rand::rngs::StdRng,
@@ -113,6 +115,14 @@ impl Plan {
         }
         if req.method == "PUT"
             && let Some(f) = self.deny_puts
+        {
+            return Action::Answer(f);
+        }
+        if req.method == "PUT"
+            && req
+                .header("x-amz-server-side-encryption-customer-algorithm")
+                .is_some()
+            && let Some(f) = self.deny_sse_c_puts
         {
             return Action::Answer(f);
         }
@@ -212,6 +222,7 @@ impl FaultProxy {
                 stall: None,
                 deny: None,
                 deny_puts: None,
+                deny_sse_c_puts: None,
                 head: None,
                 rng: rand::rngs::StdRng::seed_from_u64(seed),
             }),
@@ -271,6 +282,7 @@ impl FaultProxy {
         p.stall = None;
         p.deny = None;
         p.deny_puts = None;
+        p.deny_sse_c_puts = None;
         p.head = None;
     }
 
@@ -313,6 +325,12 @@ impl FaultProxy {
     /// Answers every PUT with `fault` (the bucket and HEADs still answer).
     pub fn deny_puts(&self, fault: Option<S3Fault>) {
         self.plan().deny_puts = fault;
+    }
+
+    /// Answers PUTs that carry SSE-C headers with `fault`, as an AWS bucket blocking SSE-C does.
+    #[allow(dead_code)]
+    pub fn deny_sse_c_puts(&self, fault: Option<S3Fault>) {
+        self.plan().deny_sse_c_puts = fault;
     }
 
     /// HEAD requests on objects get `answer` instead of the server's.

@@ -38,6 +38,11 @@ struct Shared {
     budget: Mutex<Option<usize>>,
     /// Flip one byte of every PUT body on its way (data damaged in transit).
     corrupt_puts: std::sync::atomic::AtomicBool,
+    /// ListObjectsV2 requests seen, and how many pass before the next ones wait for
+    /// [`Proxy::release_lists`] (`None`: all pass).
+    lists: std::sync::atomic::AtomicUsize,
+    lists_pass: Mutex<Option<usize>>,
+    lists_released: tokio::sync::Notify,
 }
 
 pub struct Proxy {
@@ -102,6 +107,24 @@ impl Proxy {
         self.shared
             .corrupt_puts
             .store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Lets `n` more ListObjectsV2 requests through, then holds the next ones (before they reach
+    /// the server) until [`Proxy::release_lists`]: the bucket can be changed while a listing is
+    /// under way.
+    pub fn hold_lists_after(&self, n: usize) {
+        let seen = self.lists_seen();
+        *self.shared.lists_pass.lock().unwrap() = Some(seen + n);
+    }
+
+    pub fn release_lists(&self) {
+        *self.shared.lists_pass.lock().unwrap() = None;
+        self.shared.lists_released.notify_waiters();
+    }
+
+    /// ListObjectsV2 requests received so far (held ones included).
+    pub fn lists_seen(&self) -> usize {
+        self.shared.lists.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Holds every PUT this long before forwarding it.
@@ -171,7 +194,26 @@ async fn relay(client: TcpStream, server: TcpStream, shared: Arc<Shared>) -> std
             && shared
                 .corrupt_puts
                 .load(std::sync::atomic::Ordering::SeqCst);
+        let is_list = req.method == "GET" && req.path.contains("list-type=2");
         shared.log.lock().unwrap().push(req);
+        if is_list {
+            let n = shared
+                .lists
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+                + 1;
+            loop {
+                let released = shared.lists_released.notified();
+                if shared
+                    .lists_pass
+                    .lock()
+                    .unwrap()
+                    .is_none_or(|pass| n <= pass)
+                {
+                    break;
+                }
+                released.await;
+            }
+        }
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
         }

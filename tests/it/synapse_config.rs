@@ -1,11 +1,19 @@
 //! Adopting Synapse's own config: `synapse_config` (+ conf.d) fills media path, database and S3.
 
-use synapse_s3_offload::config::{self, SslMode};
+use synapse_s3_offload::config::{self, DatabaseConfig, PostgresConfig, SslMode};
 
 use crate::support::*;
 
 fn fixture_dir() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/synapse")
+}
+
+/// The PostgreSQL database of a config, or a panic naming what it was.
+fn pg(db: Option<DatabaseConfig>) -> PostgresConfig {
+    match db {
+        Some(DatabaseConfig::Postgres(p)) => p,
+        other => panic!("expected PostgreSQL, got {other:?}"),
+    }
 }
 
 /// Writes our config with `extra` and loads it; the media path is replaced by a real directory.
@@ -65,7 +73,7 @@ fn homeserver_yaml_and_conf_d_fill_everything() {
         "provider-secret-key"
     );
     assert_eq!(c.s3.storage_class.as_deref(), Some("STANDARD_IA"));
-    let db = c.database.expect("psycopg2 from conf.d overrides sqlite3");
+    let db = pg(c.database); // psycopg2 from conf.d overrides sqlite3
     assert_eq!(
         (
             db.host.as_str(),
@@ -78,7 +86,6 @@ fn homeserver_yaml_and_conf_d_fill_everything() {
     assert!(db.is_socket());
     assert_eq!(db.password.unwrap().expose(), "db-secret-password");
     assert_eq!(db.sslmode, SslMode::Prefer);
-    assert!(!c.synapse_uses_sqlite);
     // store_local + store_synchronous: true fights the daemon.
     assert!(
         c.warnings.iter().any(|w| w.contains("store_synchronous")),
@@ -98,7 +105,7 @@ fn our_keys_win() {
         Some("https://s3.eu-central-1.wasabisys.com"),
         "unset keys still come from Synapse"
     );
-    let db = c.database.unwrap();
+    let db = pg(c.database);
     assert_eq!(
         (db.host.as_str(), db.dbname.as_str()),
         ("127.0.0.1", "other")
@@ -106,12 +113,18 @@ fn our_keys_win() {
 }
 
 #[test]
-fn sqlite_and_a_missing_provider_are_explained() {
+fn sqlite_is_adopted_and_a_missing_provider_is_explained() {
     // homeserver.yaml alone: SQLite and no provider.
     let err = load("", false).unwrap_err().to_string();
     assert!(err.contains("s3.bucket"), "no bucket anywhere: {err}");
     let c = load("s3:\n  bucket: b-ucket\n", false).unwrap();
-    assert!(c.synapse_uses_sqlite && c.database.is_none());
+    match &c.database {
+        Some(DatabaseConfig::Sqlite(s)) => assert_eq!(
+            s.path,
+            std::path::Path::new("/var/lib/matrix-synapse/homeserver.db")
+        ),
+        other => panic!("Synapse's sqlite3 block: {other:?}"),
+    }
     assert!(
         c.warnings
             .iter()
@@ -119,8 +132,17 @@ fn sqlite_and_a_missing_provider_are_explained() {
         "{:?}",
         c.warnings
     );
-    let err = synapse_s3_offload::sweep::SweepError::Sqlite.to_string();
-    assert!(err.contains("PostgreSQL") && err.contains("upload and run still work"));
+    // A PostgreSQL key of ours beside Synapse's SQLite names the clash.
+    let err = load(
+        "s3:\n  bucket: b-ucket\ndatabase:\n  host: 127.0.0.1\n",
+        false,
+    )
+    .unwrap_err();
+    let err = synapse_s3_offload::Chain(&err).to_string();
+    assert!(
+        err.contains("database.host") && err.contains("sqlite3"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -150,7 +172,7 @@ fn a_config_with_secrets_readable_by_others_is_warned_about() {
 fn a_partial_database_section_or_env_override_merges_key_by_key_with_synapses() {
     // Only a password of ours: host, port, user and database name stay Synapse's.
     let c = load("database:\n  password: our-password\n", true).unwrap();
-    let db = c.database.unwrap();
+    let db = pg(c.database);
     assert_eq!(
         (
             db.host.as_str(),
@@ -162,23 +184,19 @@ fn a_partial_database_section_or_env_override_merges_key_by_key_with_synapses() 
     );
     assert_eq!(db.password.unwrap().expose(), "our-password");
     // Our `dbname` replaces Synapse's `database` (the same key under psycopg2's other name).
-    let db = load("database:\n  dbname: other\n", true)
-        .unwrap()
-        .database
-        .unwrap();
+    let db = pg(load("database:\n  dbname: other\n", true).unwrap().database);
     assert_eq!(
         (db.dbname.as_str(), db.user.as_str()),
         ("other", "synapse_user")
     );
     // An environment override alone merges too.
-    let db = load_env(
+    let db = pg(load_env(
         "",
         true,
         &[("SYNAPSE_S3_OFFLOAD__DATABASE__PASSWORD", "00123")],
     )
     .unwrap()
-    .database
-    .unwrap();
+    .database);
     assert_eq!(db.password.unwrap().expose(), "00123");
     assert_eq!(db.dbname, "synapse");
 }
@@ -229,7 +247,7 @@ fn duplicate_keys_in_homeserver_yaml_are_read_as_synapse_does_and_never_printed(
     write_yaml(&cfg, &format!("synapse_config: {}\n", hs_path.display()));
     let c = config::load_with_env(&cfg, &[]).unwrap();
     assert_eq!(
-        c.database.unwrap().password.unwrap().expose(),
+        pg(c.database).password.unwrap().expose(),
         "second-db-secret"
     );
     assert_eq!(c.s3.secret_access_key.unwrap().expose(), "s3-second-secret");

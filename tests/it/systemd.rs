@@ -29,7 +29,7 @@ fn the_unit_files_verify() {
         std::fs::write(
             dir.path().join(name),
             unit(name).replace(
-                "/usr/local/bin/synapse-s3-offload",
+                "/usr/bin/synapse-s3-offload",
                 env!("CARGO_BIN_EXE_synapse-s3-offload"),
             ),
         )

@@ -2,9 +2,12 @@
 //! unique buckets, Synapse-like media stores and configs, and the daemon under test ([`daemon`]).
 
 mod daemon;
+mod provider;
 
 #[allow(unused_imports)]
 pub use daemon::*;
+#[allow(unused_imports)]
+pub use provider::*;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -225,7 +228,6 @@ pub fn raw_config(env: &S3Env, endpoint: &str, bucket: &str, store: &Store) -> R
         synapse_config: None,
         synapse_config_dir: None,
         metrics: Default::default(),
-        synapse_uses_sqlite: None,
     }
 }
 

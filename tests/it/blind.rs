@@ -1,0 +1,208 @@
+//! Never quietly blind (issue 22, items 1–3): the daemon's watch must recover from an inotify
+//! queue overflow, a replaced or remounted media store, and a part of the store that was
+//! unreadable for a while, and say it is degraded only while it is.
+
+use std::time::Duration;
+
+use crate::daemon::daemon_files;
+use crate::support::*;
+
+/// Files written into `dirs` (absolute), returned as (relative path, content).
+fn write_into(store: &Store, dirs: &[String], seed: u64) -> Vec<(String, Vec<u8>)> {
+    dirs.iter()
+        .enumerate()
+        .map(|(i, d)| {
+            let rel = format!("{d}/after{seed}");
+            let data = bytes(seed * 100 + i as u64, 2_000 + i * 10);
+            store.write(&rel, &data);
+            (rel, data)
+        })
+        .collect()
+}
+
+/// The kernel drops events when its inotify queue overflows, the "directory created" ones too:
+/// notify then never adds watches for those directories. Files written there later were found
+/// only by the 6-hourly scan (0 of 5 within 20 s); now the watch is set up again after the
+/// overflow's scan.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_an_inotify_overflow_new_directories_are_watched_again() {
+    let env = s3_env();
+    let bucket = create_bucket(&env, "ovfl").await;
+    let store = Store::new();
+    // Outside Synapse's folders: watched (the whole root is), never uploaded.
+    std::fs::create_dir(store.root.join("noise")).unwrap();
+    let (cfg, log) = daemon_files(&store, &env, &env.endpoint, &bucket, "");
+    let child = ChildDaemon::spawn(&cfg, &log, &[]);
+    child.ready().await;
+    // Stopped, the daemon reads no events: the kernel queue (fs.inotify.max_queued_events,
+    // 16384 by default) fills with opens and closes after writing (alternating, so the kernel
+    // cannot merge them), then drops everything after it.
+    signal(child.id(), libc::SIGSTOP);
+    let queued: usize = std::fs::read_to_string("/proc/sys/fs/inotify/max_queued_events")
+        .map(|s| s.trim().parse().unwrap())
+        .unwrap_or(16_384);
+    let noise = store.root.join("noise/noise");
+    tokio::task::block_in_place(|| {
+        for _ in 0..queued / 2 + 1_000 {
+            drop(std::fs::File::create(&noise).unwrap());
+        }
+    });
+    let dirs: Vec<String> = (0..5).map(|i| format!("local_content/nw/d{i}")).collect();
+    for d in &dirs {
+        std::fs::create_dir_all(store.root.join(d)).unwrap();
+    }
+    let scans = child.log().matches("Scan finished").count();
+    signal(child.id(), libc::SIGCONT);
+    eventually("the overflow noticed", Duration::from_secs(30), || async {
+        let log = child.log();
+        if log.contains("inotify queue overflowed") {
+            Ok(())
+        } else {
+            Err(log)
+        }
+    })
+    .await;
+    // The overflow's own full scan has run (it found the new directories empty): what is
+    // written there now can only arrive by events, or by the scan under a new watch.
+    wait_until("the overflow's scan", Duration::from_secs(30), || {
+        child.log().matches("Scan finished").count() > scans
+    })
+    .await;
+    let files = write_into(&store, &dirs, 1);
+    eventually(
+        "files in the new directories, by their events",
+        Duration::from_secs(20),
+        || listed(&env, &bucket, &files),
+    )
+    .await;
+    child.stop();
+}
+
+/// `mv media media.old; mkdir media` left the watch on the old directory: nothing written into
+/// the new one was uploaded, without a word.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replaced_media_store_is_watched_again() {
+    let env = s3_env();
+    let bucket = create_bucket(&env, "replaced").await;
+    let store = Store::new();
+    let (cfg, log) = daemon_files(&store, &env, &env.endpoint, &bucket, "");
+    let child = ChildDaemon::spawn(&cfg, &log, &[]);
+    child.ready().await;
+    std::fs::rename(&store.root, store.dir.path().join("media.old")).unwrap();
+    std::fs::create_dir(&store.root).unwrap();
+    let dirs: Vec<String> = (0..3).map(|i| format!("local_content/rp/d{i}")).collect();
+    let files = write_into(&store, &dirs, 2);
+    eventually("files in the new store", Duration::from_secs(20), || {
+        listed(&env, &bucket, &files)
+    })
+    .await;
+    assert!(
+        child
+            .log()
+            .contains("replaced or a file system mounted over it"),
+        "said why: {}",
+        child.log()
+    );
+    child.stop();
+}
+
+/// Unmounts its bind mount when dropped (the test may fail before it does).
+struct Mounted(std::path::PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// A file system mounted over the media store after startup (the admin's late NFS mount): the
+/// old watch sees nothing of it. Then it is unmounted again: back to the directory beneath.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_mounted_over_and_unmounted_is_watched_again() {
+    let env = s3_env();
+    let bucket = create_bucket(&env, "mounted").await;
+    let store = Store::new();
+    let (cfg, log) = daemon_files(&store, &env, &env.endpoint, &bucket, "");
+    let child = ChildDaemon::spawn(&cfg, &log, &[]);
+    child.ready().await;
+    let other = store.dir.path().join("nfs");
+    std::fs::create_dir(&other).unwrap();
+    let status = std::process::Command::new("mount")
+        .arg("--bind")
+        .arg(&other)
+        .arg(&store.root)
+        .status()
+        .unwrap();
+    assert!(status.success(), "this test needs `mount --bind` (root)");
+    let mounted = Mounted(store.root.clone());
+    let files = write_into(&store, &["local_content/mo/un".to_owned()], 3);
+    eventually("a file on the mount", Duration::from_secs(20), || {
+        listed(&env, &bucket, &files)
+    })
+    .await;
+    drop(mounted);
+    let below = write_into(&store, &["local_content/mo/un".to_owned()], 4);
+    eventually("a file beneath the mount", Duration::from_secs(20), || {
+        listed(&env, &bucket, &below)
+    })
+    .await;
+    child.stop();
+}
+
+/// Degraded mode was permanent after any unreadable directory, even once it was readable again
+/// (a transient EMFILE or ESTALE did the same). Run in a user namespace of its own without a
+/// mapping, where root's files are subject to their permission bits (chmod 000 denies).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn degraded_mode_ends_once_the_store_is_readable_again() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = s3_env();
+    let bucket = create_bucket(&env, "unread").await;
+    let store = Store::new();
+    let old = vec![("local_content/ro/xx/old".to_owned(), bytes(41, 3_000))];
+    store.write(&old[0].0, &old[0].1);
+    let locked = store.root.join("local_content/ro");
+    std::fs::set_permissions(&locked, std::fs::Permissions::from_mode(0o000)).unwrap();
+    let (cfg, log) = daemon_files(&store, &env, &env.endpoint, &bucket, "");
+    let child = ChildDaemon::spawn(&cfg, &log, &["unshare", "--user"]);
+    answering(&store.state).await;
+    eventually("degraded mode", Duration::from_secs(30), || async {
+        let s = status(&store.state).await;
+        if s.degraded.is_empty() {
+            Err(format!("{s:?}"))
+        } else {
+            Ok(())
+        }
+    })
+    .await;
+    std::fs::set_permissions(&locked, std::fs::Permissions::from_mode(0o755)).unwrap();
+    eventually("degraded mode left", Duration::from_secs(30), || async {
+        let s = status(&store.state).await;
+        if s.degraded.is_empty() && s.unreadable.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("{s:?}"))
+        }
+    })
+    .await;
+    eventually(
+        "the file that was unreadable",
+        Duration::from_secs(20),
+        || listed(&env, &bucket, &old),
+    )
+    .await;
+    // Out of degraded mode the scans are hours apart: a file written there now arrives by its
+    // events, so that directory is watched.
+    let new = write_into(&store, &["local_content/ro/xx".to_owned()], 5);
+    eventually(
+        "a new file in that directory",
+        Duration::from_secs(20),
+        || listed(&env, &bucket, &new),
+    )
+    .await;
+    assert!(
+        child.log().contains("readable again"),
+        "said: {}",
+        child.log()
+    );
+    child.stop();
+}

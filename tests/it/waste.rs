@@ -1,0 +1,69 @@
+//! Stuck or wasteful (issue 22, items 5–8): no duplicate uploads or look-ups.
+
+use std::time::Duration;
+
+use crate::proxy::Proxy;
+use crate::support::*;
+
+/// A file in a new directory is re-enqueued while its upload is in flight (the 0.2/1/5 s rescans
+/// of a new directory find it): that marked it dirty, its record provisional, and it was uploaded
+/// a second time (9 files → 15 PUTs; since the verified-copy rule, a second HEAD and full read to
+/// adopt). An unchanged file is handled once; one written again while in flight still is
+/// uploaded again (the record of the first bytes is provisional).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_found_again_while_its_upload_is_in_flight_is_put_once() {
+    let env = s3_env();
+    let proxy = Proxy::start(env.addr).await;
+    // Long enough for the 0.2 s and 1 s rescans of its new directory to find the file in flight.
+    proxy.set_put_delay(Duration::from_millis(1_500));
+    let bucket = create_bucket(&env, "dirty").await;
+    let store = Store::new();
+    let mut raw = raw_config(&env, &proxy.endpoint(), &bucket, &store);
+    crate::daemon::fast(&mut raw);
+    let mut d = Daemon::start(validated(raw));
+    d.ready().await;
+    let files: Vec<_> = (0..4)
+        .map(|i| {
+            let rel = format!("local_content/du/p{i}/file");
+            (rel.clone(), store.write_bytes(&rel, bytes(70 + i, 50_000)))
+        })
+        .collect();
+    eventually("the files in the bucket", Duration::from_secs(60), || {
+        listed(&env, &bucket, &files)
+    })
+    .await;
+    // A rescheduled duplicate keeps the item queued until its second PUT is done.
+    d.drained().await;
+    all_uploaded(&env, &bucket, &files).await.unwrap();
+    // One look-up and one PUT each. A second round after a spurious dirty mark costs a HEAD and
+    // a full read of the file to adopt its own object (a second PUT before issue 13's rule).
+    for method in ["HEAD", "PUT"] {
+        let requests = proxy.object_requests(method);
+        for (rel, _) in &files {
+            let key = format!("/{rel}");
+            let n = requests
+                .iter()
+                .filter(|r| r.path.split('?').next() == Some(&*format!("/{bucket}{key}")))
+                .count();
+            assert_eq!(n, 1, "{rel}: {method} {n} times");
+        }
+    }
+
+    // Written again (new bytes, a later mtime) while its PUT is in flight: uploaded again.
+    proxy.clear();
+    let rel = "local_content/du/re/file".to_owned();
+    store.write(&rel, &bytes(80, 50_000));
+    wait_until("its PUT in flight", Duration::from_secs(20), || {
+        !proxy.object_requests("PUT").is_empty()
+    })
+    .await;
+    let second = store.write_bytes(&rel, bytes(81, 50_000));
+    let want = [(rel.clone(), second)];
+    eventually(
+        "the second content in the bucket",
+        Duration::from_secs(60),
+        || all_uploaded(&env, &bucket, &want),
+    )
+    .await;
+    d.stop_drained().await;
+}
