@@ -208,22 +208,36 @@ pub async fn run(
         });
     };
     let grace = a.config.prune.grace;
-    let result = match path {
-        PrunePath::Incremental => super::incremental::run(a, grace, dry_run, 10, cancel).await,
-        PrunePath::Full => {
-            let opts = Options {
-                delete_orphans: true,
-                older_than: Some(grace),
-                dry_run,
-                examples: 10,
-                ..Options::default()
-            };
-            a.run(&opts, cancel)
-                .await
-                .map(|rep| PruneReport::from_audit(&rep, dry_run))
-        }
+    // Deletions stop as soon as the lock cannot be confirmed (PostgreSQL restarted, the lock
+    // file replaced): another sweep or prune may have it by then.
+    let stop = cancel.child_token();
+    let done = CancellationToken::new();
+    let work = async {
+        let r = match path {
+            PrunePath::Incremental => super::incremental::run(a, grace, dry_run, 10, &stop).await,
+            PrunePath::Full => {
+                let opts = Options {
+                    delete_orphans: true,
+                    older_than: Some(grace),
+                    dry_run,
+                    examples: 10,
+                    ..Options::default()
+                };
+                a.run(&opts, &stop)
+                    .await
+                    .map(|rep| PruneReport::from_audit(&rep, dry_run))
+            }
+        };
+        done.cancel();
+        r
     };
+    let (result, lost) = tokio::join!(work, lock.watch(&stop, &done));
     lock.release().await;
+    if let Some(why) = lost
+        && !cancel.is_cancelled()
+    {
+        return Err(AuditError::LostLock(why));
+    }
     let mut r = result?;
     r.seconds = started.elapsed().as_secs_f64();
     Ok(r)

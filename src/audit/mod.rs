@@ -69,6 +69,10 @@ pub enum AuditError {
     },
     #[error("interrupted (nothing was deleted)")]
     Cancelled,
+    #[error(
+        "lost the sweep lock ({0}); stopped so that no two sweeps or prunes run at once (what was deleted before is in the log; the next run takes the lock again)"
+    )]
+    LostLock(String),
 }
 
 /// What to do besides reporting.

@@ -148,6 +148,10 @@ fn bad_values_name_their_key() {
             "upload.max_requests_per_second",
         ),
         (
+            |r| r.upload.multipart_threshold = Some(SizeValue::Text("6GiB".into())),
+            "upload.multipart_threshold",
+        ),
+        (
             |r| r.upload.multipart_part_size = Some(SizeValue::Text("1MiB".into())),
             "upload.multipart_part_size",
         ),

@@ -35,6 +35,14 @@ pub(super) fn validate_upload(raw: RawUpload) -> Result<UploadConfig, ConfigErro
             "must be at least 5MiB (S3's minimum part size)",
         ));
     }
+    // Above 5 GiB a file under the threshold would go as one PUT, which S3 refuses for ever
+    // (EntityTooLarge): every such file would fail on each retry.
+    if multipart_threshold > MAX_PART_SIZE {
+        return Err(invalid(
+            "upload.multipart_threshold",
+            "must be at most 5GiB (S3's largest single PUT); larger files go up in parts",
+        ));
+    }
     if !(MIN_PART_SIZE..=MAX_PART_SIZE).contains(&multipart_part_size) {
         return Err(invalid(
             "upload.multipart_part_size",

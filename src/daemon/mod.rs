@@ -121,6 +121,10 @@ pub async fn run_with(
     // The recorder goes in before any task runs, so nothing counted at startup is lost.
     let metrics_listener = match config.metrics.listen {
         Some(addr) => {
+            if !addr.ip().is_loopback() {
+                // /metrics names media counts and the bucket's health: not for the internet.
+                tracing::warn!(%addr, "metrics.listen is not a loopback address: /metrics and /health are reachable from the network. Bind 127.0.0.1 (or a private interface behind a firewall) unless a scraper elsewhere needs it.");
+            }
             crate::metrics::install();
             let listener = crate::metrics::bind(addr).await;
             Some(listener.map_err(|source| DaemonError::Metrics { addr, source })?)

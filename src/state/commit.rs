@@ -57,29 +57,49 @@ impl Committer {
         let handle = std::thread::Builder::new()
             .name("state-commit".into())
             .spawn(move || {
-                while let Some(first) = rx.blocking_recv() {
-                    if !linger.is_zero() {
-                        std::thread::sleep(linger);
-                    }
-                    let mut batch = vec![first];
-                    while batch.len() < MAX_BATCH {
-                        match rx.try_recv() {
-                            Ok(item) => batch.push(item),
-                            Err(_) => break,
+                // A panic here (redb panics on some corruptions) would end the thread silently:
+                // every later submit fails, nothing is recorded, and the daemon would run on. It
+                // becomes the process's commit failure instead, which stops the daemon.
+                let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    while let Some(first) = rx.blocking_recv() {
+                        if !linger.is_zero() {
+                            std::thread::sleep(linger);
+                        }
+                        let mut batch = vec![first];
+                        while batch.len() < MAX_BATCH {
+                            match rx.try_recv() {
+                                Ok(item) => batch.push(item),
+                                Err(_) => break,
+                            }
+                        }
+                        let ops: Vec<Op> = batch
+                            .iter()
+                            .flat_map(|(ops, _)| ops.iter().cloned())
+                            .collect();
+                        #[cfg(test)]
+                        if tests::PANIC_NEXT.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                            panic!("injected by a test");
+                        }
+                        // The whole chain: the cause (e.g. "No space left on device") is at its end.
+                        let result = state.apply(&ops).map_err(|e| crate::Chain(&e).to_string());
+                        if let Err(e) = &result {
+                            failed.send_if_modified(|f| {
+                                f.is_none() && f.replace(e.clone()).is_none()
+                            });
+                        }
+                        for (_, done) in batch {
+                            let _ = done.send(result.clone());
                         }
                     }
-                    let ops: Vec<Op> = batch
-                        .iter()
-                        .flat_map(|(ops, _)| ops.iter().cloned())
-                        .collect();
-                    // The whole chain: the cause (e.g. "No space left on device") is at its end.
-                    let result = state.apply(&ops).map_err(|e| crate::Chain(&e).to_string());
-                    if let Err(e) = &result {
-                        failed.send_if_modified(|f| f.is_none() && f.replace(e.clone()).is_none());
-                    }
-                    for (_, done) in batch {
-                        let _ = done.send(result.clone());
-                    }
+                }));
+                if let Err(panic) = run {
+                    let what = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_default();
+                    let e = format!("the state commit thread panicked: {what}");
+                    failed.send_if_modified(|f| f.is_none() && f.replace(e).is_none());
                 }
             })
             .expect("spawning the state commit thread");
@@ -111,5 +131,29 @@ impl Committer {
     /// Applies `ops` durably; returns once they are committed.
     pub async fn apply(&self, ops: Vec<Op>) -> Result<(), StateError> {
         self.submit(ops).wait().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicBool;
+
+    pub(super) static PANIC_NEXT: AtomicBool = AtomicBool::new(false);
+
+    /// A panic in the commit thread used to end it without a word: `failure()` never resolved,
+    /// so the daemon ran on recording nothing.
+    #[tokio::test]
+    async fn a_panic_in_the_commit_thread_is_a_failure() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = State::open(dir.path()).unwrap();
+        let (committer, _thread) = Committer::start_lingering(state, std::time::Duration::ZERO);
+        PANIC_NEXT.store(true, std::sync::atomic::Ordering::SeqCst);
+        let pending = committer.submit(Vec::new());
+        assert!(pending.wait().await.is_err(), "the batch is not durable");
+        let e = tokio::time::timeout(std::time::Duration::from_secs(10), committer.failure())
+            .await
+            .expect("the failure is reported");
+        assert!(e.contains("panicked"), "{e}");
     }
 }

@@ -137,6 +137,22 @@ pub struct State {
     path: PathBuf,
 }
 
+/// Creates `path` empty with mode 0600 if it does not exist, and removes group and other
+/// permissions from an existing one. Best effort: a failure here shows up when redb opens it.
+fn owner_only(path: &Path) {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let _ = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path);
+    if let Ok(m) = std::fs::metadata(path)
+        && m.permissions().mode() & 0o077 != 0
+    {
+        let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+    }
+}
+
 impl State {
     /// Opens (or creates) `state_dir/state.redb`.
     pub fn open(state_dir: &Path) -> Result<Self, StateError> {
@@ -151,6 +167,9 @@ impl State {
                 source,
             })?;
         let path = state_dir.join(STATE_FILE);
+        // Owner-only too (redb would create it 0644): created empty here first (redb initializes
+        // an empty file), and an older file readable by others is narrowed.
+        owner_only(&path);
         // A bounded cache: the records are small and the working set is the recent uploads.
         // redb panics (rather than erroring) on some kinds of page corruption; turn that into the
         // same clear refusal instead of a crash loop. Nothing is lost: the files are still local.
@@ -450,6 +469,15 @@ mod tests {
         let _s = State::open(&state_dir).unwrap();
         let mode = std::fs::metadata(&state_dir).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o700);
+        // The file too: it lists every media path (it was created 0644).
+        let file = state_dir.join(STATE_FILE);
+        let mode = std::fs::metadata(&file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        drop(_s);
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let _s = State::open(&state_dir).unwrap();
+        let mode = std::fs::metadata(&file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "an older, wider file is narrowed");
     }
 
     #[test]

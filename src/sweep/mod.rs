@@ -34,7 +34,7 @@ pub mod report;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
@@ -45,32 +45,10 @@ pub use self::report::Report;
 use crate::config::{Config, Listing};
 use crate::queue::Queue;
 use crate::state::{Committer, State, StateHandle, now_ms};
-use crate::synapse_db::{AgedMedia, Db, DbError, SweepLock};
+use crate::synapse_db::{AgedMedia, Db, DbError};
 use crate::upload::s3::ObjectStore;
 
 const PAGE: i64 = 1000;
-/// How often a running sweep confirms that it still holds its lock.
-const LOCK_CHECK_EVERY: Duration = Duration::from_secs(1);
-
-/// Checks the lock every [`LOCK_CHECK_EVERY`] until `done`; once it cannot be confirmed, cancels
-/// `stop` and returns why.
-async fn watch_lock(
-    lock: &SweepLock,
-    stop: &CancellationToken,
-    done: &CancellationToken,
-) -> Option<String> {
-    loop {
-        tokio::select! {
-            _ = done.cancelled() => return None,
-            _ = tokio::time::sleep(LOCK_CHECK_EVERY) => {}
-        }
-        if let Err(why) = lock.still_held().await {
-            stop.cancel();
-            return Some(why);
-        }
-    }
-}
-
 /// Where the next page of aged media starts: after this local media id, or after this remote
 /// (origin, media id); a dense sweep pages remote media by (origin, filesystem id) instead, the
 /// order of their files' keys (see [`dense`]).
@@ -201,7 +179,7 @@ impl Sweeper {
             done.cancel();
             r
         };
-        let (result, lost) = tokio::join!(sweep, watch_lock(&lock, &stop, &done));
+        let (result, lost) = tokio::join!(sweep, lock.watch(&stop, &done));
         lock.release().await;
         if let Some(why) = lost {
             let why = format!(

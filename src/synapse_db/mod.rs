@@ -151,6 +151,9 @@ macro_rules! on_backend {
 /// no advisory locks; its file is local, so are the instances that could share it).
 pub struct SweepLock(LockKind);
 
+/// How often a run holding the [`SweepLock`] confirms that it still does.
+pub const LOCK_CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
 enum LockKind {
     Postgres(postgres::PgLock),
     File(sqlite::FileLock),
@@ -174,6 +177,26 @@ impl SweepLock {
         match &self.0 {
             LockKind::Postgres(l) => l.still_held().await,
             LockKind::File(l) => l.still_held(),
+        }
+    }
+
+    /// Checks the lock every [`LOCK_CHECK_EVERY`] until `done`; once it cannot be confirmed,
+    /// cancels `stop` (the run then deletes nothing more) and returns why. Every run that deletes
+    /// under this lock (the sweep, the prune job) runs beside it.
+    pub async fn watch(
+        &self,
+        stop: &tokio_util::sync::CancellationToken,
+        done: &tokio_util::sync::CancellationToken,
+    ) -> Option<String> {
+        loop {
+            tokio::select! {
+                _ = done.cancelled() => return None,
+                _ = tokio::time::sleep(LOCK_CHECK_EVERY) => {}
+            }
+            if let Err(why) = self.still_held().await {
+                stop.cancel();
+                return Some(why);
+            }
         }
     }
 }
