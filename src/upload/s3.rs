@@ -244,7 +244,18 @@ impl ObjectStore {
     where
         E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
     {
-        classify(op, target, &self.endpoint, e)
+        let mut err = classify(op, target, &self.endpoint, e);
+        // A provider that does not take aws-chunked bodies with a checksum trailer answers 400
+        // with its own words (Garage: "Invalid payload signature"; B2: "Unsupported header
+        // x-amz-sdk-checksum-algorithm"): name the setting that sends them.
+        if self.checksum_trailers
+            && err.status == Some(400)
+            && matches!(op, "PUT" | "UploadPart")
+            && !err.hint.contains("request_checksum_calculation")
+        {
+            err.hint = " — request_checksum_calculation: when_supported sends aws-chunked bodies with checksum trailers, which this provider may not accept: set s3.request_checksum_calculation: when_required (the default)".into();
+        }
+        err
     }
 
     /// HEAD bucket: fails fast on a wrong bucket, bad credentials or an unreachable endpoint.

@@ -65,6 +65,9 @@ impl Provider {
                 Some("s3rver accepts SSE-C headers but serves the object without the key")
             }
             (S3rver, Signatures) => Some("s3rver does not verify signatures"),
+            (Garage, ChecksumTrailers) => Some(
+                "Garage 2.5 refuses aws-chunked bodies with an unsigned checksum trailer (400 Invalid payload signature)",
+            ),
             (S3rver, ChecksumTrailers) => Some(
                 "s3rver stores an aws-chunked body with its chunk framing, unchecked: with trailers every streamed object is damaged",
             ),
