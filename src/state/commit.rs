@@ -77,7 +77,7 @@ impl Committer {
                             .flat_map(|(ops, _)| ops.iter().cloned())
                             .collect();
                         #[cfg(test)]
-                        if tests::PANIC_NEXT.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                        if ops.iter().any(tests::injects_panic) {
                             panic!("injected by a test");
                         }
                         // The whole chain: the cause (e.g. "No space left on device") is at its end.
@@ -137,9 +137,14 @@ impl Committer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::AtomicBool;
 
-    pub(super) static PANIC_NEXT: AtomicBool = AtomicBool::new(false);
+    /// The path whose commit panics (only in this test: other tests' commit threads run in
+    /// the same process and must not be hit).
+    const PANIC_PATH: &str = "local_content/pa/ni/cinjectedbyatest";
+
+    pub(super) fn injects_panic(op: &Op) -> bool {
+        matches!(op, Op::Forget(p) if p.to_string() == PANIC_PATH)
+    }
 
     /// A panic in the commit thread used to end it without a word: `failure()` never resolved,
     /// so the daemon ran on recording nothing.
@@ -148,8 +153,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let state = State::open(dir.path()).unwrap();
         let (committer, _thread) = Committer::start_lingering(state, std::time::Duration::ZERO);
-        PANIC_NEXT.store(true, std::sync::atomic::Ordering::SeqCst);
-        let pending = committer.submit(Vec::new());
+        let path = crate::layout::MediaPath::parse(PANIC_PATH).unwrap();
+        let pending = committer.submit(vec![Op::Forget(path)]);
         assert!(pending.wait().await.is_err(), "the batch is not durable");
         let e = tokio::time::timeout(std::time::Duration::from_secs(10), committer.failure())
             .await
