@@ -186,7 +186,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             n => anyhow::bail!("{n} checks failed (✗ above)"),
         };
     }
-    let config = config::load(&cli.config)?;
+    let config = match config::load(&cli.config) {
+        Ok(c) => c,
+        // `status` is what an admin runs when the media store has vanished (unmounted, moved):
+        // a running daemon can still say so ("watch: degraded (media store gone)").
+        Err(e) => match cli.command {
+            Command::Status { json } => return status_without_store(&cli.config, json, e),
+            _ => return Err(e.into()),
+        },
+    };
     if !matches!(cli.command, Command::Status { .. })
         && let Some(problem) = synapse_s3_offload::owner::problem(
             synapse_s3_offload::owner::euid(),
@@ -417,6 +425,40 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 
 /// Asks the running daemon (`Ok`); without one, runs `local` (`Err`). `local` returns `None` when
 /// the state is locked: a daemon is starting (or a sweep runs); both are retried for 10 s.
+/// `status` when the config is invalid only because `media_store_path` does not exist: asks a
+/// running daemon (its `state_dir` is known); without one, the config error stands.
+fn status_without_store(
+    path: &std::path::Path,
+    json: bool,
+    error: config::ConfigError,
+) -> anyhow::Result<ExitCode> {
+    let Ok(layers) = config::load_layers(path) else {
+        return Err(error.into());
+    };
+    let parts = config::validate_parts(layers.raw, &layers.origins);
+    // Only media_store_path is wrong: everything else (state_dir in particular) validated.
+    let only_the_store = parts.errors().len() == 1 && parts.media_store_path.is_err();
+    let (true, Ok(state_dir)) = (only_the_store, &parts.state_dir) else {
+        return Err(error.into());
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    match rt.block_on(control::request(state_dir, &Request::Status)) {
+        Ok(Some(Response::Status(status))) => {
+            eprintln!("{error}");
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print!("{status}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        _ => Err(error.into()),
+    }
+}
+
 async fn daemon_or_local<T>(
     state_dir: &std::path::Path,
     req: Request,

@@ -89,6 +89,30 @@ async fn a_replaced_media_store_is_watched_again() {
     let child = ChildDaemon::spawn(&cfg, &log, &[]);
     child.ready().await;
     std::fs::rename(&store.root, store.dir.path().join("media.old")).unwrap();
+    wait_until(
+        "the store's absence noticed",
+        Duration::from_secs(30),
+        || child.log().contains("The media store is gone"),
+    )
+    .await;
+    // What the admin runs then: the config's media_store_path does not exist, yet the daemon
+    // answers, and says it is blind.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_synapse-s3-offload"))
+        .arg("--config")
+        .arg(&cfg)
+        .arg("status")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("watch:        degraded (media store gone)"),
+        "{text}"
+    );
     std::fs::create_dir(&store.root).unwrap();
     let dirs: Vec<String> = (0..3).map(|i| format!("local_content/rp/d{i}")).collect();
     let files = write_into(&store, &dirs, 2);
@@ -96,13 +120,17 @@ async fn a_replaced_media_store_is_watched_again() {
         listed(&env, &bucket, &files)
     })
     .await;
-    assert!(
-        child
-            .log()
-            .contains("replaced or a file system mounted over it"),
-        "said why: {}",
-        child.log()
-    );
+    // Found by the scans of degraded mode, perhaps; then watched again, and degraded mode left:
+    // a file written now arrives by its events (the next full scan is hours away).
+    wait_until("the new store watched", Duration::from_secs(30), || {
+        child.log().contains("Watching the media store again")
+    })
+    .await;
+    let later = write_into(&store, &dirs, 6);
+    eventually("a file written after", Duration::from_secs(20), || {
+        listed(&env, &bucket, &later)
+    })
+    .await;
     child.stop();
 }
 
@@ -146,6 +174,13 @@ async fn a_store_mounted_over_and_unmounted_is_watched_again() {
         listed(&env, &bucket, &below)
     })
     .await;
+    assert!(
+        child
+            .log()
+            .contains("replaced or a file system mounted over it"),
+        "said why: {}",
+        child.log()
+    );
     child.stop();
 }
 
