@@ -201,30 +201,8 @@ impl PgDb {
         after: (&str, &str),
         limit: i64,
     ) -> Result<Vec<AgedMedia>, DbError> {
-        let sha = self.sha256_expr().await?;
-        let c = self.client().await?;
-        let rows = self
-            .timed(
-                "aged remote media by path",
-                c.query(
-                    &format!(
-                        "SELECT media_origin, media_id, filesystem_id, {sha} FROM remote_media_cache \
-                         WHERE COALESCE(last_access_ts, created_ts) < $1 AND (media_origin, filesystem_id) > ($2, $3) \
-                         ORDER BY media_origin, filesystem_id LIMIT $4"
-                    ),
-                    &[&cutoff_ms, &after.0, &after.1, &limit],
-                ),
-            )
-            .await?;
-        Ok(rows
-            .iter()
-            .map(|r| AgedMedia::Remote {
-                origin: r.get(0),
-                media_id: r.get(1),
-                filesystem_id: r.get(2),
-                sha256: hash_at(r, 3),
-            })
-            .collect())
+        self.aged_remote_after("filesystem_id", cutoff_ms, after, limit)
+            .await
     }
 
     pub async fn local_media_present(&self, ids: &[String]) -> Result<HashSet<String>, DbError> {
@@ -334,6 +312,19 @@ impl PgDb {
         after: (&str, &str),
         limit: i64,
     ) -> Result<Vec<AgedMedia>, DbError> {
+        self.aged_remote_after("media_id", cutoff_ms, after, limit)
+            .await
+    }
+
+    /// Aged remote media ordered by (origin, `key`) after `after`: `media_id` (the sweep), or
+    /// `filesystem_id`, the order of their files' keys (the dense sweep).
+    async fn aged_remote_after(
+        &self,
+        key: &'static str,
+        cutoff_ms: i64,
+        after: (&str, &str),
+        limit: i64,
+    ) -> Result<Vec<AgedMedia>, DbError> {
         let sha = self.sha256_expr().await?;
         let c = self.client().await?;
         let rows = self
@@ -342,8 +333,8 @@ impl PgDb {
                 c.query(
                     &format!(
                         "SELECT media_origin, media_id, filesystem_id, {sha} FROM remote_media_cache \
-                         WHERE COALESCE(last_access_ts, created_ts) < $1 AND (media_origin, media_id) > ($2, $3) \
-                         ORDER BY media_origin, media_id LIMIT $4"
+                         WHERE COALESCE(last_access_ts, created_ts) < $1 AND (media_origin, {key}) > ($2, $3) \
+                         ORDER BY media_origin, {key} LIMIT $4"
                     ),
                     &[&cutoff_ms, &after.0, &after.1, &limit],
                 ),

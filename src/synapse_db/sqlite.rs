@@ -347,13 +347,26 @@ impl SqliteDb {
         after: (&str, &str),
         limit: i64,
     ) -> Result<Vec<AgedMedia>, DbError> {
+        self.aged_remote_after("media_id", cutoff_ms, after, limit)
+            .await
+    }
+
+    /// Aged remote media ordered by (origin, `key`) after `after`: `media_id` (the sweep), or
+    /// `filesystem_id`, the order of their files' keys (the dense sweep).
+    async fn aged_remote_after(
+        &self,
+        key: &'static str,
+        cutoff_ms: i64,
+        after: (&str, &str),
+        limit: i64,
+    ) -> Result<Vec<AgedMedia>, DbError> {
         let sha = self.sha256_expr().await?;
         let (origin, id) = (after.0.to_owned(), after.1.to_owned());
         self.call("aged remote media", move |c| {
             let mut st = c.prepare_cached(&format!(
                 "SELECT media_origin, media_id, filesystem_id, {sha} FROM remote_media_cache \
-                 WHERE COALESCE(last_access_ts, created_ts) < ?1 AND (media_origin, media_id) > (?2, ?3) \
-                 ORDER BY media_origin, media_id LIMIT ?4"
+                 WHERE COALESCE(last_access_ts, created_ts) < ?1 AND (media_origin, {key}) > (?2, ?3) \
+                 ORDER BY media_origin, {key} LIMIT ?4"
             ))?;
             st.query_map(params![cutoff_ms, origin, id, limit], |r| {
                 Ok(AgedMedia::Remote {
@@ -385,25 +398,8 @@ impl SqliteDb {
         after: (&str, &str),
         limit: i64,
     ) -> Result<Vec<AgedMedia>, DbError> {
-        let sha = self.sha256_expr().await?;
-        let (origin, fs_id) = (after.0.to_owned(), after.1.to_owned());
-        self.call("aged remote media by path", move |c| {
-            let mut st = c.prepare_cached(&format!(
-                "SELECT media_origin, media_id, filesystem_id, {sha} FROM remote_media_cache \
-                 WHERE COALESCE(last_access_ts, created_ts) < ?1 AND (media_origin, filesystem_id) > (?2, ?3) \
-                 ORDER BY media_origin, filesystem_id LIMIT ?4"
-            ))?;
-            st.query_map(params![cutoff_ms, origin, fs_id, limit], |r| {
-                Ok(AgedMedia::Remote {
-                    origin: r.get(0)?,
-                    media_id: r.get(1)?,
-                    filesystem_id: r.get(2)?,
-                    sha256: hash_at(r, 3)?,
-                })
-            })?
-            .collect()
-        })
-        .await
+        self.aged_remote_after("filesystem_id", cutoff_ms, after, limit)
+            .await
     }
 
     pub async fn has_sha256(&self) -> Result<bool, DbError> {
