@@ -232,6 +232,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 for path in &report.deleted {
                     println!("{verb} {path}");
                 }
+                let unlisted = report.files_deleted.saturating_sub(report.deleted.len() as u64);
+                if unlisted > 0 {
+                    println!("… and {unlisted} more files (not listed; RUST_LOG=synapse_s3_offload=debug logs each one)");
+                }
                 println!("{report}");
                 for e in &report.errors {
                     eprintln!("kept: {e}");

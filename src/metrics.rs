@@ -25,6 +25,7 @@ pub const QUEUE_FAILED: &str = "synapse_s3_offload_queue_failed";
 pub const ENQUEUED: &str = "synapse_s3_offload_enqueued_total";
 pub const UPLOADED: &str = "synapse_s3_offload_uploaded_total";
 pub const UPLOADED_BYTES: &str = "synapse_s3_offload_uploaded_bytes_total";
+pub const WITHDRAWN: &str = "synapse_s3_offload_withdrawn_total";
 pub const UPLOAD_FAILURES: &str = "synapse_s3_offload_upload_failures_total";
 pub const UPLOAD_LIMIT: &str = "synapse_s3_offload_upload_concurrency_limit";
 pub const S3_BREAKER_OPEN: &str = "synapse_s3_offload_s3_unreachable";
@@ -65,6 +66,10 @@ fn describe() {
         "Files verified in the bucket, by outcome (uploaded, adopted)."
     );
     describe_counter!(UPLOADED_BYTES, Unit::Bytes, "Bytes uploaded.");
+    describe_counter!(
+        WITHDRAWN,
+        "Objects deleted right after their upload: Synapse removed the file meanwhile and has no database row for its media (its spam checker rejected it)."
+    );
     describe_counter!(
         UPLOAD_FAILURES,
         "Failed upload attempts, by kind (transient = retried with backoff, permanent, unavailable = S3 down: put back without an attempt)."

@@ -172,6 +172,7 @@ overlay_options!(RawUpload {
     include_url_cache,
     max_backoff,
     settle,
+    hold_after_close,
     failed_retry_interval,
     heal_bad_local_copies,
     max_requests_per_second,

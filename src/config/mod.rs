@@ -230,6 +230,7 @@ pub struct RawUpload {
     pub include_url_cache: Option<bool>,
     pub max_backoff: Option<String>,
     pub settle: Option<String>,
+    pub hold_after_close: Option<String>,
     pub failed_retry_interval: Option<String>,
     pub heal_bad_local_copies: Option<bool>,
     pub max_requests_per_second: Option<f64>,
@@ -347,6 +348,9 @@ pub struct UploadConfig {
     pub max_backoff: Duration,
     /// A file found by a scan is uploaded once it has not been modified for this long.
     pub settle: Duration,
+    /// No file is PUT sooner than this after it was closed (or, found by a scan, last modified):
+    /// Synapse runs its spam checker after closing a file and deletes a rejected one.
+    pub hold_after_close: Duration,
     /// Retry interval of files whose upload failed permanently (403, unreadable, …).
     pub failed_retry_interval: Duration,
     /// Replace a local file that differs from its verified object with the object's bytes

@@ -58,6 +58,18 @@ pub(super) fn validate_upload(raw: RawUpload) -> Result<UploadConfig, ConfigErro
         }
         r => r,
     };
+    // 0 turns the hold off (every other duration of ours must be positive).
+    let off = |v: &str| v == "0" || humantime::parse_duration(v).is_ok_and(|d| d.is_zero());
+    let hold_after_close = match raw.hold_after_close {
+        Some(v) if off(v.trim()) => std::time::Duration::ZERO,
+        v => duration("upload.hold_after_close", v, "1s")?,
+    };
+    if hold_after_close > std::time::Duration::from_secs(60) {
+        return Err(invalid(
+            "upload.hold_after_close",
+            "must be at most 60s: every new file waits this long before its upload (1s covers spam checkers that answer at once; a slower one's rejections are deleted from the bucket right after their upload)",
+        ));
+    }
     Ok(UploadConfig {
         max_requests_per_second,
         concurrency,
@@ -66,6 +78,7 @@ pub(super) fn validate_upload(raw: RawUpload) -> Result<UploadConfig, ConfigErro
         include_url_cache: raw.include_url_cache.unwrap_or(false),
         max_backoff: duration("upload.max_backoff", raw.max_backoff, "5m")?,
         settle: duration("upload.settle", raw.settle, "2s")?,
+        hold_after_close,
         failed_retry_interval: duration(
             "upload.failed_retry_interval",
             raw.failed_retry_interval,

@@ -179,6 +179,7 @@ pub async fn run_with(
         state: state.clone(),
         signals: signals.clone(),
         unreadable: unreadable.clone(),
+        hold: config.upload.hold_after_close,
     };
     let watcher = Watcher {
         intake: feed.clone(),

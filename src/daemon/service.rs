@@ -33,19 +33,78 @@ pub(super) struct Services {
     pub(super) signals: Signals,
 }
 
-/// Runs the sweep every `sweep.interval` (first one an interval after startup).
+/// Runs the sweep every `sweep.interval`, counted from the last sweep (remembered in the state),
+/// not from this start: a daemon restarted more often than the interval (a crash loop, a disk
+/// full enough to fail its commits) would otherwise never sweep. When the media store's disk is
+/// nearly full ([`nearly_full`]), the next sweep is due at once (at most every
+/// [`FULL_DISK_SWEEP_GAP`]): freeing space is what the sweep is for.
 pub(super) async fn sweeps(s: Arc<Services>, intake: CancellationToken) {
     if s.sweeper.is_none() || !s.config.sweep.enabled {
         return;
     }
     crate::metrics::sweep_metrics_at_zero();
+    let interval = s.config.sweep.interval;
+    let last = crate::sweep::report::Last::load(&s.state)
+        .ok()
+        .and_then(|l| l.sweep)
+        .map(|r| r.started_at_ms);
+    let mut wait = first_wait(last, crate::state::now_ms(), interval);
+    let mut started = tokio::time::Instant::now();
     loop {
+        let full = nearly_full(&s.config.media_store_path);
+        if let Some((free, total)) = full {
+            let earliest = started + FULL_DISK_SWEEP_GAP.min(interval);
+            if tokio::time::Instant::now() + wait > earliest {
+                tracing::warn!(
+                    free_mb = free / 1_000_000,
+                    total_mb = total / 1_000_000,
+                    "The media store's disk is nearly full: sweeping now rather than at the next sweep.interval."
+                );
+                wait = earliest.saturating_duration_since(tokio::time::Instant::now());
+            }
+        }
         tokio::select! {
             _ = intake.cancelled() => return,
-            _ = tokio::time::sleep(s.config.sweep.interval) => {}
+            _ = tokio::time::sleep(wait) => {}
         }
+        started = tokio::time::Instant::now();
         let _ = sweep(&s, s.config.sweep.dry_run, &intake).await;
+        wait = interval;
     }
+}
+
+/// Shortest time between two sweeps started because the disk is nearly full.
+const FULL_DISK_SWEEP_GAP: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// How long after this start the first sweep is due: an interval after the last sweep began
+/// (`last_ms`, none: an interval from now), at once if that is past. A last sweep "in the future"
+/// (the clock stepped back) counts as just now.
+fn first_wait(
+    last_ms: Option<u64>,
+    now_ms: u64,
+    interval: std::time::Duration,
+) -> std::time::Duration {
+    match last_ms {
+        None => interval,
+        Some(t) => {
+            interval.saturating_sub(std::time::Duration::from_millis(now_ms.saturating_sub(t)))
+        }
+    }
+}
+
+/// The file system holding `path` has less than 5 % or less than 1 GiB free (for us: what an
+/// unprivileged writer such as Synapse can use): `Some((free, total))` in bytes.
+fn nearly_full(path: &std::path::Path) -> Option<(u64, u64)> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a valid C string and `st` a valid out-pointer for the call's duration.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    let unit = st.f_frsize as u64;
+    let (free, total) = (st.f_bavail as u64 * unit, st.f_blocks as u64 * unit);
+    (total > 0 && (free < total / 20 || free < 1 << 30)).then_some((free, total))
 }
 
 /// One sweep, serialized with any other in this process; its report is remembered for `status`.
@@ -384,4 +443,23 @@ pub(super) async fn metrics(
         }
     }
     let _ = server.await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn the_first_sweep_is_an_interval_after_the_last_one_not_after_this_start() {
+        let h = Duration::from_secs(3600);
+        let now = 10_000_000_000;
+        assert_eq!(first_wait(None, now, h), h);
+        assert_eq!(
+            first_wait(Some(now - 600_000), now, h),
+            Duration::from_secs(3000)
+        );
+        assert_eq!(first_wait(Some(now - 7_200_000), now, h), Duration::ZERO);
+        assert_eq!(first_wait(Some(now + 60_000), now, h), h);
+    }
 }

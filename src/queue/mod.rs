@@ -135,9 +135,73 @@ struct Inner {
     /// The wall clock as last seen by `claim`/`next_due`: a later reading below it is a backward
     /// step (see [`Queue::observe_clock`]).
     last_now: u64,
+    /// Kept as the items change, so that `depth()` and `failures()` (every metrics scrape, every
+    /// `status`) do not walk every item under the lock: with 200k items queued after an outage
+    /// that walk held the lock the workers need for milliseconds per scrape. Every change of an
+    /// entry's `in_flight`, `attempts` or `failed` goes through [`Inner::edit`], an insertion
+    /// through [`Inner::insert`], a removal through [`Inner::remove`].
+    in_flight: usize,
+    retrying: usize,
+    failed: BTreeSet<MediaPath>,
+}
+
+/// What an entry counts for in [`Depth`]: in flight, failed, retrying.
+fn tally(e: &Entry) -> (bool, bool, bool) {
+    (
+        e.in_flight,
+        e.item.failed,
+        e.item.attempts > 0 && !e.item.failed,
+    )
 }
 
 impl Inner {
+    fn count(&mut self, path: &MediaPath, t: (bool, bool, bool), sign: bool) {
+        let add = |n: &mut usize, on: bool| {
+            if on {
+                *n = if sign { *n + 1 } else { *n - 1 };
+            }
+        };
+        add(&mut self.in_flight, t.0);
+        add(&mut self.retrying, t.2);
+        if t.1 {
+            if sign {
+                self.failed.insert(path.clone());
+            } else {
+                self.failed.remove(path);
+            }
+        }
+    }
+
+    /// Changes the entry of `path` (if queued), keeping the counts true.
+    fn edit<R>(&mut self, path: &MediaPath, f: impl FnOnce(&mut Entry) -> R) -> Option<R> {
+        let e = self.items.get_mut(path)?;
+        let before = tally(e);
+        let r = f(e);
+        let after = tally(e);
+        if before != after {
+            self.count(path, before, false);
+            self.count(path, after, true);
+        }
+        Some(r)
+    }
+
+    fn insert(&mut self, path: MediaPath, e: Entry) {
+        let t = tally(&e);
+        if let Some(old) = self.items.insert(path.clone(), e) {
+            self.count(&path, tally(&old), false);
+        }
+        self.count(&path, t, true);
+    }
+
+    fn remove(&mut self, path: &MediaPath) -> Option<Entry> {
+        let e = self.items.remove(path)?;
+        self.count(path, tally(&e), false);
+        if let Some((d, s)) = e.slot {
+            self.ready.remove(&(d, s, path.clone()));
+        }
+        Some(e)
+    }
+
     fn schedule(&mut self, path: &MediaPath, due_ms: u64) {
         self.seq += 1;
         let seq = self.seq;
@@ -192,7 +256,7 @@ impl Queue {
                     .min(latest_due(&item, now, max_backoff, failed_retry));
             let due = item.next_attempt_ms;
             // After a restart we cannot tell how an item was found: let young files settle.
-            inner.items.insert(path.clone(), Entry::new(item, true));
+            inner.insert(path.clone(), Entry::new(item, true));
             inner.schedule(&path, due);
         }
         inner.last_now = now;
@@ -265,11 +329,22 @@ impl Queue {
                 match inner.items.get_mut(&path) {
                     Some(e) if e.in_flight => e.dirty = true,
                     Some(e) => {
-                        // A close event means the file is complete: no need to wait for it.
+                        // A close event means the file is complete: no need to wait for it. A
+                        // file the settle check put back (its slot later than its item's due
+                        // time) is due again at the close event's time, not at the end of the
+                        // deferral (which can be `upload.settle` away).
+                        let settling = e.settle && !settle;
                         e.settle &= settle;
+                        let deferred = e.slot.is_some_and(|(d, _)| d > due);
                         // A fresh event for a never-failed item moves it earlier, never later.
-                        if e.item.attempts == 0 && due < e.item.next_attempt_ms {
-                            e.item.next_attempt_ms = due;
+                        // A scan's find never moves a close event's item earlier: its due time
+                        // holds the file for `upload.hold_after_close` (Synapse's spam check).
+                        let scan_after_close = settle && !e.settle;
+                        if e.item.attempts == 0
+                            && !scan_after_close
+                            && (due < e.item.next_attempt_ms || settling && deferred)
+                        {
+                            e.item.next_attempt_ms = e.item.next_attempt_ms.min(due);
                             fresh.push((path, due));
                         }
                     }
@@ -277,7 +352,7 @@ impl Queue {
                         let item = Item::new(due);
                         ops.push(Op::QueuePut(path.clone(), item.encode()));
                         // Visible to claim only once durable (below): slot stays empty until then.
-                        inner.items.insert(path.clone(), Entry::new(item, settle));
+                        inner.insert(path.clone(), Entry::new(item, settle));
                         fresh.push((path, due));
                     }
                 }
@@ -318,24 +393,28 @@ impl Queue {
             return None;
         }
         inner.ready.remove(&first);
-        let e = inner
-            .items
-            .get_mut(&first.2)
+        let settle = inner
+            .edit(&first.2, |e| {
+                e.slot = None;
+                e.in_flight = true;
+                e.dirty = false;
+                e.settle
+            })
             .expect("ready items are queued");
-        e.slot = None;
-        e.in_flight = true;
-        e.dirty = false;
-        Some((first.2, e.settle))
+        Some((first.2, settle))
     }
 
     /// Puts a claimed item back until `due_ms` (a file that has not settled yet); it is checked
     /// again then, unless a close event arrived meanwhile (which clears the settle check).
     pub fn defer(&self, path: &MediaPath, due_ms: u64) {
         let mut inner = self.inner.lock().expect("queue lock");
-        if let Some(e) = inner.items.get_mut(path) {
+        let due = inner.edit(path, |e| {
             e.in_flight = false;
             let due = if e.dirty { now_ms() } else { due_ms };
             e.dirty = false;
+            due
+        });
+        if let Some(due) = due {
             inner.schedule(path, due);
         }
         drop(inner);
@@ -409,14 +488,15 @@ impl Queue {
                 ops.push(Op::ProblemClear(path.clone()));
             }
             if dirty {
-                let e = inner.items.get_mut(path).expect("checked");
-                e.in_flight = false;
-                e.dirty = false;
-                e.item.attempts = 0;
-                e.item.failed = false;
+                inner.edit(path, |e| {
+                    e.in_flight = false;
+                    e.dirty = false;
+                    e.item.attempts = 0;
+                    e.item.failed = false;
+                });
                 inner.schedule(path, now_ms());
             } else {
-                inner.items.remove(path);
+                inner.remove(path);
                 ops.push(Op::QueueRemove(path.clone()));
             }
             self.committer.submit(ops)
@@ -458,21 +538,23 @@ impl Queue {
     ) -> Result<Duration, StateError> {
         let (pending, delay) = {
             let mut inner = self.inner.lock().expect("queue lock");
-            let Some(e) = inner.items.get_mut(path) else {
+            let (failed_retry, max_backoff) = (self.failed_retry, self.max_backoff);
+            let Some((delay, op, due)) = inner.edit(path, |e| {
+                let delay = match kind {
+                    Failure::Permanent => failed_retry,
+                    _ => backoff(e.item.attempts, max_backoff, rand::random::<f64>()),
+                };
+                e.in_flight = false;
+                e.dirty = false;
+                e.item.attempts = e.item.attempts.saturating_add(1);
+                e.item.failed = kind == Failure::Permanent;
+                e.item.last_error = error;
+                e.item.next_attempt_ms = now_ms() + delay.as_millis() as u64;
+                let op = Op::QueuePut(path.clone(), e.item.encode());
+                (delay, op, e.item.next_attempt_ms)
+            }) else {
                 return Ok(Duration::ZERO);
             };
-            let delay = match kind {
-                Failure::Permanent => self.failed_retry,
-                _ => backoff(e.item.attempts, self.max_backoff, rand::random::<f64>()),
-            };
-            e.in_flight = false;
-            e.dirty = false;
-            e.item.attempts = e.item.attempts.saturating_add(1);
-            e.item.failed = kind == Failure::Permanent;
-            e.item.last_error = error;
-            e.item.next_attempt_ms = now_ms() + delay.as_millis() as u64;
-            let op = Op::QueuePut(path.clone(), e.item.encode());
-            let due = e.item.next_attempt_ms;
             inner.schedule(path, due);
             (self.committer.submit(vec![op]), delay)
         };
@@ -481,6 +563,18 @@ impl Queue {
     }
 
     pub fn depth(&self) -> Depth {
+        let inner = self.inner.lock().expect("queue lock");
+        Depth {
+            queued: inner.items.len(),
+            in_flight: inner.in_flight,
+            failed: inner.failed.len(),
+            retrying: inner.retrying,
+        }
+    }
+
+    /// [`Queue::depth`] counted the slow way, item by item (tests check the kept counts with it).
+    #[cfg(test)]
+    fn depth_walked(&self) -> Depth {
         let inner = self.inner.lock().expect("queue lock");
         let mut d = Depth {
             queued: inner.items.len(),
@@ -497,15 +591,12 @@ impl Queue {
     /// Items whose last attempt failed permanently, with their error (for status and logs).
     pub fn failures(&self, limit: usize) -> Vec<(MediaPath, Item)> {
         let inner = self.inner.lock().expect("queue lock");
-        let mut v: Vec<_> = inner
-            .items
+        inner
+            .failed
             .iter()
-            .filter(|(_, e)| e.item.failed)
-            .map(|(p, e)| (p.clone(), e.item.clone()))
-            .collect();
-        v.sort_by(|a, b| a.0.cmp(&b.0));
-        v.truncate(limit);
-        v
+            .take(limit)
+            .filter_map(|p| Some((p.clone(), inner.items.get(p)?.item.clone())))
+            .collect()
     }
 
     /// How `path` stands in the queue, in words (`audit`): `None` when it is not queued.

@@ -32,6 +32,8 @@ pub struct Intake {
     /// A failed enqueue or an unreadable part of the store asks the scan stage for more.
     pub signals: Signals,
     pub unreadable: Unreadable,
+    /// `upload.hold_after_close`: a closed file is due this long after its close event.
+    pub hold: std::time::Duration,
 }
 
 impl Intake {
@@ -40,6 +42,12 @@ impl Intake {
         MediaPath::from_absolute(&self.root, p)
             .ok()
             .filter(|m| m.is_uploadable(self.include_url_cache))
+    }
+
+    /// The entry of a file reported complete by a close (or moved-in) event: no settle check,
+    /// due `hold` from now (Synapse's spam checker runs after the close and may delete it).
+    pub fn closed(&self, path: MediaPath) -> Entry {
+        (path, now_ms() + self.hold.as_millis() as u64, false)
     }
 
     pub async fn enqueue(&self, files: Vec<Entry>) {

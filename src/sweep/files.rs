@@ -39,7 +39,9 @@ impl MediaOutcome {
     pub fn add_to(self, r: &mut Report) {
         r.files_deleted += self.deleted.len() as u64;
         r.bytes_freed += self.deleted.iter().map(|d| d.1).sum::<u64>();
-        r.deleted.extend(self.deleted.into_iter().map(|d| d.0));
+        let room = super::report::DELETED_LISTED.saturating_sub(r.deleted.len());
+        r.deleted
+            .extend(self.deleted.into_iter().take(room).map(|d| d.0));
         r.kept_not_in_bucket += self.kept_not_in_bucket;
         r.kept_different += self.kept_different;
         r.kept_error += self.kept_error;

@@ -9,6 +9,8 @@ use crate::state::{Op, State, StateError};
 pub const LAST_SWEEP: &str = "last_sweep";
 /// The same for the last dry run: it deleted nothing, so it must not pass for the last sweep.
 pub const LAST_DRY_RUN: &str = "last_dry_run";
+/// How many deleted paths a report lists (see [`Report::deleted`]).
+pub const DELETED_LISTED: usize = 1000;
 
 /// The op that remembers `report` as the last sweep (or the last dry run).
 pub fn remember(report: &Report) -> Op {
@@ -64,7 +66,10 @@ pub struct Report {
     /// healing from the bucket).
     #[serde(default)]
     pub kept_bad_copy: u64,
-    /// Relative paths deleted (or that would be, with `dry_run`). Not kept with the last sweep's
+    /// The first [`DELETED_LISTED`] relative paths deleted (or that would be, with `dry_run`);
+    /// `files_deleted` counts them all, and the log has every one at level debug. Capped: a first
+    /// sweep of a large store deletes millions of files, and this list is held for the whole run
+    /// and sent to the CLI as one JSON line (≈ 1 GB for 10M files). Not kept with the last sweep's
     /// report (so not in `status --json`): the counts are.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub deleted: Vec<String>,
@@ -150,5 +155,30 @@ impl std::fmt::Display for Report {
             write!(f, "; sweep.max_deletions_per_run reached")?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sweep::files::MediaOutcome;
+
+    #[test]
+    fn the_report_lists_the_first_deletions_and_counts_them_all() {
+        let mut r = Report::default();
+        for m in 0..600 {
+            let outcome = MediaOutcome {
+                deleted: vec![
+                    (format!("local_content/aa/bb/{m}"), 2),
+                    (format!("t/{m}"), 3),
+                ],
+                ..MediaOutcome::default()
+            };
+            outcome.add_to(&mut r);
+        }
+        assert_eq!(r.files_deleted, 1200);
+        assert_eq!(r.bytes_freed, 3000);
+        assert_eq!(r.deleted.len(), DELETED_LISTED);
+        assert_eq!(r.deleted[0], "local_content/aa/bb/0");
     }
 }

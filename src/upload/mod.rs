@@ -41,6 +41,7 @@ pub mod s3;
 mod s3_compat;
 mod s3_error;
 pub mod verdict;
+mod withdraw;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -357,9 +358,13 @@ impl Uploader {
                 Stat::File(s) if s == hashed.snapshot => {
                     return Ok(Outcome::Uploaded { record: new_record });
                 }
-                // Deleted right after its upload: the object is harmless, and there is nothing
-                // left to record against.
-                Stat::Vanished | Stat::NotRegular => return Ok(Outcome::Vanished),
+                // Deleted right after its upload: nothing left to record against. Synapse's
+                // spam checker may have rejected it: then its object goes too (`withdraw`).
+                Stat::Vanished => {
+                    self.withdraw_vanished(path).await;
+                    return Ok(Outcome::Vanished);
+                }
+                Stat::NotRegular => return Ok(Outcome::Vanished),
                 Stat::File(_) => {
                     tracing::debug!(path = %path, "File changed during upload; uploading again.");
                     continue;

@@ -44,6 +44,8 @@ pub struct Pool {
     pub concurrency: usize,
     pub max_requests_per_second: Option<f64>,
     pub settle: Duration,
+    /// `upload.hold_after_close`, for files found by a scan (see [`settle_decision`]).
+    pub hold: Duration,
     pub shutdown_grace: Duration,
     pub stats: Arc<Stats>,
     /// Last time (ms) the dispatcher loop ran: the systemd watchdog's liveness signal.
@@ -67,6 +69,7 @@ impl Pool {
             concurrency: config.upload.concurrency,
             max_requests_per_second: config.upload.max_requests_per_second,
             settle: config.upload.settle,
+            hold: config.upload.hold_after_close,
             shutdown_grace: config.shutdown_grace,
             stats: Arc::default(),
             heartbeat: Arc::new(AtomicU64::new(now_ms())),
@@ -156,32 +159,38 @@ enum Settle {
 }
 
 /// The settle check of a file modified at `mtime_ms`, `now` being the wall clock; `writing` is
-/// the read-lease answer for a young file (`None`: leases unavailable, e.g. on NFS).
+/// the read-lease answer for a young file (`None`: leases unavailable, e.g. on NFS). A complete
+/// file still waits until it is `hold_ms` old (`upload.hold_after_close`: Synapse's spam checker
+/// runs after the close and deletes a rejected file; a scan that finds a file right after its
+/// close, such as the rescans of a new directory, must not upload it sooner than its close event
+/// would have).
 ///
 /// A file whose mtime is in the future (the clock stepped back since it was written) has no age
 /// to go by: waiting until the clock reaches `mtime + settle` would strand it for as long as the
-/// step. It waits `settle` from now once (or 250 ms while open for writing), then goes.
-fn settle_decision(mtime_ms: u64, now: u64, settle_ms: u64, writing: Option<bool>) -> Settle {
+/// step. It waits `settle` (or the hold) from now once (or 250 ms while open for writing), then goes.
+fn settle_decision(
+    mtime_ms: u64,
+    now: u64,
+    settle_ms: u64,
+    hold_ms: u64,
+    writing: Option<bool>,
+) -> Settle {
     let settled_at = mtime_ms.saturating_add(settle_ms);
-    if settled_at <= now {
+    let held_at = mtime_ms.saturating_add(hold_ms);
+    let held = hold_ms == 0 || held_at <= now;
+    if settled_at <= now && held {
         return Settle::Old;
     }
     let future = mtime_ms > now;
+    let wait = |until, once| Settle::Wait { until, once };
     match writing {
-        Some(false) => Settle::Complete,
+        Some(false) if held => Settle::Complete,
+        Some(false) if future => wait(now + hold_ms, true),
+        Some(false) => wait(held_at, false),
         // Still open for writing: look again shortly (its close event may also come first).
-        Some(true) => Settle::Wait {
-            until: settled_at.min(now + 250),
-            once: false,
-        },
-        None if future => Settle::Wait {
-            until: now + settle_ms,
-            once: true,
-        },
-        None => Settle::Wait {
-            until: settled_at,
-            once: false,
-        },
+        Some(true) => wait(settled_at.min(now + 250), false),
+        None if future => wait(now + settle_ms.max(hold_ms), true),
+        None => wait(settled_at.max(held_at), false),
     }
 }
 
@@ -192,15 +201,17 @@ async fn process(s: Arc<Pool>, path: MediaPath, settle: bool, permit: Permit) {
         // (Synapse closes a file once written; some complete files never get an event at all).
         let abs = path.to_path(&s.media_store_path);
         let settle_ms = s.settle.as_millis() as u64;
+        let hold_ms = s.hold.as_millis() as u64;
         let check = tokio::task::spawn_blocking(move || match digest::stat(&abs) {
             Ok(Stat::File(snap)) => {
                 let mtime_ms = (snap.mtime_ns / 1_000_000).max(0) as u64;
                 let now = now_ms();
-                let young = mtime_ms.saturating_add(settle_ms) > now;
+                let young = mtime_ms.saturating_add(settle_ms.max(hold_ms)) > now;
                 Some(settle_decision(
                     mtime_ms,
                     now,
                     settle_ms,
+                    hold_ms,
                     young.then(|| digest::open_for_writing(&abs)).flatten(),
                 ))
             }
@@ -388,9 +399,45 @@ mod tests {
             (now + 10_800_000, Some(false), Settle::Complete),
         ] {
             assert_eq!(
-                settle_decision(mtime, now, settle, writing),
+                settle_decision(mtime, now, settle, 0, writing),
                 expected,
                 "mtime {mtime}, writing {writing:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_complete_file_found_by_a_scan_still_waits_for_the_hold() {
+        let (now, settle, hold) = (1_000_000_000, 2_000, 1_000);
+        let wait = |until, once| Settle::Wait { until, once };
+        for (mtime, settle, hold, writing, expected) in [
+            // Closed 300 ms ago, nobody writing: held until 1 s after its mtime.
+            (now - 300, settle, hold, Some(false), wait(now + 700, false)),
+            (now - 1_000, settle, hold, Some(false), Settle::Complete),
+            (now - 300, settle, hold, None, wait(now + 1_700, false)),
+            // A hold longer than the settle time.
+            (now - 3_000, settle, 5_000, None, wait(now + 2_000, false)),
+            (now - 5_000, settle, 5_000, Some(false), Settle::Old),
+            // Future mtime: once, from now.
+            (
+                now + 10_800_000,
+                settle,
+                hold,
+                Some(false),
+                wait(now + 1_000, true),
+            ),
+            (
+                now + 10_800_000,
+                settle,
+                5_000,
+                None,
+                wait(now + 5_000, true),
+            ),
+        ] {
+            assert_eq!(
+                settle_decision(mtime, now, settle, hold, writing),
+                expected,
+                "mtime {mtime}, hold {hold}, writing {writing:?}"
             );
         }
     }

@@ -26,7 +26,6 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Action, Msg};
 use crate::scan::{Blind, Intake, Signals};
-use crate::state::now_ms;
 
 /// When a new directory is scanned again after its immediate scan.
 const NEW_DIR_RESCANS: [Duration; 3] = [
@@ -41,14 +40,32 @@ pub const ROOT_CHECK: Duration = Duration::from_secs(5);
 /// The shortest time between two watch setups.
 pub const REWATCH_MIN_GAP: Duration = Duration::from_secs(5);
 
-/// The root directory's identity: a new directory, or a file system mounted over it, has another.
-type Identity = (u64, u64);
+/// The root directory's identity: a new directory, or a file system mounted over it, has another
+/// device or inode. The mount id tells a file system unmounted and mounted again between two
+/// checks (same device, same root inode; the kernel removed every watch with the unmount, and
+/// notify reports neither `IN_UNMOUNT` nor `IN_IGNORED`). It is the unique mount id of Linux ≥ 6.8
+/// (`STATX_MNT_ID_UNIQUE`): the older one is reused at once by the next mount (seen: unmount and
+/// mount again got the same id). Before 6.8 the old id (a remount in one check can go unseen
+/// when it gets the same); 0 where `statx` has none (before 5.8).
+type Identity = (u64, u64, u64);
 
 fn identity(root: &Path) -> Option<Identity> {
-    std::fs::metadata(root)
-        .ok()
-        .filter(|m| m.is_dir())
-        .map(|m| (m.dev(), m.ino()))
+    let m = std::fs::metadata(root).ok().filter(|m| m.is_dir())?;
+    Some((m.dev(), m.ino(), mount_id(root).unwrap_or(0)))
+}
+
+fn mount_id(path: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    for mask in [libc::STATX_MNT_ID_UNIQUE, libc::STATX_MNT_ID] {
+        let mut st: libc::statx = unsafe { std::mem::zeroed() };
+        // SAFETY: `c` is a valid C string and `st` a valid out-pointer for the call's duration.
+        let r = unsafe { libc::statx(libc::AT_FDCWD, c.as_ptr(), 0, mask, &mut st) };
+        if r == 0 && st.stx_mask & mask != 0 {
+            return Some(st.stx_mnt_id);
+        }
+    }
+    None
 }
 
 /// Why the event loop ended.
@@ -245,7 +262,7 @@ impl Watcher {
                                     if std::fs::symlink_metadata(&p).is_ok_and(|m| m.is_dir()) {
                                         new_dirs.push(p);
                                     } else if let Some(mp) = self.intake.media_path(&p) {
-                                        files.push((mp, now_ms(), false));
+                                        files.push(self.intake.closed(mp));
                                     }
                                 }
                             }
@@ -284,9 +301,9 @@ impl Watcher {
             (Some(a), Some(b)) => {
                 tracing::warn!(
                     root = %root.display(),
-                    was = %format!("{}:{}", a.0, a.1),
-                    now = %format!("{}:{}", b.0, b.1),
-                    "The media store was replaced or a file system mounted over it (device:inode changed); watching and scanning the new one."
+                    was = %format!("{}:{} mount {}", a.0, a.1, a.2),
+                    now = %format!("{}:{} mount {}", b.0, b.1, b.2),
+                    "The media store was replaced, remounted or a file system mounted over it (device:inode or mount changed); watching and scanning the new one."
                 );
                 Some(End::Rewatch("store_replaced"))
             }

@@ -67,3 +67,96 @@ async fn a_file_found_again_while_its_upload_is_in_flight_is_put_once() {
     .await;
     d.stop_drained().await;
 }
+
+/// The PUTs the proxy saw of `rel` in `bucket`.
+fn puts_of(proxy: &Proxy, bucket: &str, rel: &str) -> usize {
+    let want = format!("/{bucket}/{rel}");
+    proxy
+        .object_requests("PUT")
+        .iter()
+        .filter(|r| r.path.split('?').next() == Some(&*want))
+        .count()
+}
+
+/// Synapse closes a new file, then runs its spam checker, then deletes the file if the checker
+/// rejects it (`MediaStorage.store_into_file`). We uploaded on the close event (and the new
+/// directory's rescans found it at once too): the rejected media reached the bucket. Now no file
+/// is PUT before `upload.hold_after_close` (1 s by default) has passed since its close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_synapse_deletes_right_after_closing_it_never_reaches_the_bucket() {
+    let env = s3_env();
+    let proxy = Proxy::start(env.addr).await;
+    let bucket = create_bucket(&env, "spam").await;
+    let store = Store::new();
+    let mut raw = raw_config(&env, &proxy.endpoint(), &bucket, &store);
+    crate::daemon::fast(&mut raw);
+    let mut d = Daemon::start(validated(raw));
+    d.ready().await;
+    let rejected = "local_content/sp/am/rejectedmedia";
+    store.write(rejected, &bytes(90, 30_000));
+    // The spam checker answers after 300 ms: "spam".
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    std::fs::remove_file(store.root.join(rejected)).unwrap();
+    let kept = vec![(
+        "local_content/sp/am/acceptedmedia".to_owned(),
+        store.write_bytes("local_content/sp/am/acceptedmedia", bytes(91, 30_000)),
+    )];
+    eventually(
+        "the accepted file in the bucket",
+        Duration::from_secs(30),
+        || listed(&env, &bucket, &kept),
+    )
+    .await;
+    d.drained().await;
+    assert_eq!(
+        puts_of(&proxy, &bucket, rejected),
+        0,
+        "the rejected file was PUT"
+    );
+    assert!(!objects(&env, &bucket).await.contains_key(rejected));
+    d.stop_drained().await;
+}
+
+/// A spam checker slower than the hold: the file is deleted while its PUT is in flight. Synapse
+/// never inserts a row for a rejected media, so once the PUT is done and the file is gone, the
+/// object is deleted (nothing of Synapse's can read it). A file that vanishes the same way but
+/// whose media has a row (an asynchronous upload's row comes first) keeps its object.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_removed_during_its_upload_is_withdrawn_only_without_a_database_row() {
+    let env = s3_env();
+    let proxy = Proxy::start(env.addr).await;
+    proxy.set_put_delay(Duration::from_millis(1_500));
+    let bucket = create_bucket(&env, "withdraw").await;
+    let db = TestDb::create().await;
+    let store = Store::new();
+    let mut raw = raw_config(&env, &proxy.endpoint(), &bucket, &store);
+    crate::daemon::fast(&mut raw);
+    raw.upload.hold_after_close = Some("0s".into());
+    raw.database = Some(db.raw());
+    let mut d = Daemon::start(validated(raw));
+    d.ready().await;
+    let (rejected, rowed) = (
+        "local_content/wi/th/rejectedmedia",
+        "local_content/wi/th/rowedmediaid0",
+    );
+    db.local("withrowedmediaid0", 0, None, None).await;
+    store.write(rejected, &bytes(92, 30_000));
+    store.write(rowed, &bytes(93, 30_000));
+    wait_until("both PUTs in flight", Duration::from_secs(20), || {
+        puts_of(&proxy, &bucket, rejected) > 0 && puts_of(&proxy, &bucket, rowed) > 0
+    })
+    .await;
+    std::fs::remove_file(store.root.join(rejected)).unwrap();
+    std::fs::remove_file(store.root.join(rowed)).unwrap();
+    d.drained().await;
+    let now = objects(&env, &bucket).await;
+    assert!(
+        !now.contains_key(rejected),
+        "the rejected media's object stayed"
+    );
+    assert!(
+        now.contains_key(rowed),
+        "an object whose media has a row was deleted"
+    );
+    d.stop_drained().await;
+}
