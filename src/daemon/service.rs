@@ -49,25 +49,27 @@ pub(super) async fn sweeps(s: Arc<Services>, intake: CancellationToken) {
         .and_then(|l| l.sweep)
         .map(|r| r.started_at_ms);
     let mut wait = first_wait(last, crate::state::now_ms(), interval);
-    let mut started = tokio::time::Instant::now();
+    // When this process last started a sweep (none yet: a nearly full disk sweeps at once).
+    let mut started: Option<tokio::time::Instant> = None;
     loop {
         let full = nearly_full(&s.config.media_store_path);
         if let Some((free, total)) = full {
-            let earliest = started + FULL_DISK_SWEEP_GAP.min(interval);
-            if tokio::time::Instant::now() + wait > earliest {
+            let now = tokio::time::Instant::now();
+            let earliest = started.map_or(now, |t| t + FULL_DISK_SWEEP_GAP.min(interval));
+            if now + wait > earliest {
                 tracing::warn!(
                     free_mb = free / 1_000_000,
                     total_mb = total / 1_000_000,
                     "The media store's disk is nearly full: sweeping now rather than at the next sweep.interval."
                 );
-                wait = earliest.saturating_duration_since(tokio::time::Instant::now());
+                wait = earliest.saturating_duration_since(now);
             }
         }
         tokio::select! {
             _ = intake.cancelled() => return,
             _ = tokio::time::sleep(wait) => {}
         }
-        started = tokio::time::Instant::now();
+        started = Some(tokio::time::Instant::now());
         let _ = sweep(&s, s.config.sweep.dry_run, &intake).await;
         wait = interval;
     }

@@ -566,3 +566,51 @@ async fn a_lock_whose_reply_times_out_is_not_left_held() {
         .await;
     }
 }
+
+/// Unmounts a tmpfs when dropped.
+struct Tmpfs(std::path::PathBuf);
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// A full disk shared with the store: the daemon that restarts (its commits fail) before its first
+/// sweep, an interval after each start, never frees anything. With the store's file system nearly
+/// full (here a 16 MiB tmpfs: less than 1 GiB free) the first sweep starts at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_on_a_nearly_full_disk_sweeps_at_startup() {
+    let env = s3_env();
+    let store = Store::new();
+    let status = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=16m", "tmpfs"])
+        .arg(&store.root)
+        .status()
+        .unwrap();
+    assert!(status.success(), "this test needs `mount -t tmpfs` (root)");
+    let _mounted = Tmpfs(store.root.clone());
+    let db = TestDb::create().await;
+    let bucket = create_bucket(&env, "fullsweep").await;
+    db.local("ffULLdiskaged01", days_ago(400), Some(days_ago(60)), None)
+        .await;
+    let aged = "local_content/ff/UL/Ldiskaged01";
+    store.write(aged, &bytes(7, 20_000));
+    let mut raw = raw_config(&env, &env.endpoint, &bucket, &store);
+    raw.database = Some(db.raw());
+    raw.sweep.keep_local_for = Some("30d".into());
+    raw.sweep.confirm_synapse_reads_from_bucket = Some(true);
+    raw.sweep.interval = Some("1h".into());
+    let config = validated(raw);
+    let s = backfill::run(&config, Progress::Log, CancellationToken::new())
+        .await
+        .unwrap();
+    assert_eq!(s.failed, 0);
+    let mut d = Daemon::start(config);
+    d.ready().await;
+    wait_until("the startup sweep", Duration::from_secs(30), || {
+        !exists(&store.root, aged)
+    })
+    .await;
+    d.stop().await;
+}
