@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Soak test (not in CI, not in scripts/test.sh): N minutes of Synapse-like writes, reads and
 # deletions while the daemon runs with a sweep every 15 s and keep_local_for 20 s, with S3
-# (s3s-fs) and PostgreSQL (a private cluster) stopped and restarted several times. Then the queue
-# is drained and everything is audited against the bucket (s3s-fs keeps objects as plain files).
+# (s3s-fs) and PostgreSQL (a private cluster) stopped and restarted several times, one inotify
+# queue overflow (the daemon stopped with SIGSTOP while 20,000 files are written into new
+# directories) and, as root, one remount of the media store (its own ext4 file system on a loop
+# device, unmounted and mounted again). Then the queue is drained and everything is audited
+# against the bucket (s3s-fs keeps objects as plain files).
 #
 #   scripts/soak.sh [--minutes N (30)] [--rate FILES_PER_S (5)] [--keep]
 #
@@ -31,7 +34,12 @@ ensure_s3s
 work=$(mktemp -d /var/tmp/sso-soak.XXXXXX)
 chmod 755 "$work"
 mkdir -p "$work/media" "$work/s3/soak"
-daemon_pid="" s3pid="" bg_pids=()
+daemon_pid="" s3pid="" bg_pids=() loopdev=""
+# The store on a file system of its own, so that it can be remounted (root and loop devices).
+if ((EUID == 0)) && command -v losetup >/dev/null && command -v mkfs.ext4 >/dev/null; then
+  truncate -s 16G "$work/media.img" && mkfs.ext4 -q -F "$work/media.img" &&
+    loopdev=$(losetup -f --show "$work/media.img") && mount "$loopdev" "$work/media" || loopdev=""
+fi
 pgbin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n1)
 [[ -x "$pgbin/initdb" ]] || { echo "PostgreSQL server binaries not found under /usr/lib/postgresql" >&2; exit 1; }
 as_pg() { if ((EUID == 0)); then runuser -u postgres -- "$@"; else "$@"; fi; }
@@ -48,6 +56,7 @@ cleanup() {
   for p in "${bg_pids[@]}" $daemon_pid; do kill "$p" 2>/dev/null || true; done
   s3_stop
   [[ -d "$work/pg/data" ]] && pg_stop
+  if [[ -n "$loopdev" ]]; then umount "$work/media" 2>/dev/null; losetup -d "$loopdev" 2>/dev/null; fi
   if ((keep)); then log "kept $work"; else rm -rf "$work"; fi
 }
 trap cleanup EXIT
@@ -115,10 +124,39 @@ python3 scripts/soak/workload.py write --root "$work/media" --bucket-dir "$work/
 writer=$!
 bg_pids+=($writer)
 
-# Outages of 10 s, S3 and PostgreSQL in turn, spread over the run (at least 2 of each).
+# An inotify queue overflow: the daemon cannot read events while stopped; 20,000 new files in new
+# directories overflow the kernel queue (fs.inotify.max_queued_events, 16,384 by default).
+overflow() {
+  log "Overflow: daemon stopped (SIGSTOP) while 20,000 files are written into new directories"
+  kill -STOP "$daemon_pid"
+  python3 scripts/soak/workload.py burst --root "$work/media" --manifest "$work/burst.jsonl" \
+    --pg-port "$pgport" --count 20000 >/dev/null
+  kill -CONT "$daemon_pid"
+  overflows=$((overflows + 1))
+}
+# A remount of the store's file system: every inotify watch goes with the unmount (the kernel
+# says IN_UNMOUNT, which notify does not report). The writer is paused around it; the unmount is
+# retried while a file is open (the writer's or the daemon's).
+remount() {
+  [[ -n "$loopdev" ]] || { log "Remount skipped (needs root, losetup and mkfs.ext4)"; return; }
+  log "Remount: unmounting and mounting the store's file system again"
+  local tries=0
+  kill -STOP "$writer"
+  until umount "$work/media" 2>/dev/null; do
+    tries=$((tries + 1))
+    if ((tries > 100)); then log "could not unmount the store (busy)"; kill -CONT "$writer"; return; fi
+    kill -CONT "$writer"; sleep 0.1; kill -STOP "$writer"
+  done
+  mount "$loopdev" "$work/media"
+  kill -CONT "$writer"
+  remounts=$((remounts + 1))
+}
+
+# Outages of 10 s, S3 and PostgreSQL in turn, spread over the run (at least 2 of each); after the
+# second an overflow, after the third a remount.
 outages=$((minutes / 5 > 4 ? minutes / 5 : 4))
 gap=$((seconds / (outages + 1)))
-s3_restarts=0 pg_restarts=0
+s3_restarts=0 pg_restarts=0 overflows=0 remounts=0
 for i in $(seq 1 "$outages"); do
   sleep "$gap"
   kill -0 "$writer" 2>/dev/null || break
@@ -127,6 +165,8 @@ for i in $(seq 1 "$outages"); do
   else
     log "Stopping PostgreSQL for 10 s"; pg_stop; sleep 10; pg_start; pg_restarts=$((pg_restarts + 1))
   fi
+  ((i == 2)) && overflow
+  ((i == 3)) && remount
 done
 wait "$writer"
 written_at=$SECONDS
@@ -144,12 +184,15 @@ kill -TERM "$daemon_pid"
 wait "$daemon_pid" && daemon_exit=0 || daemon_exit=$?
 daemon_pid=""
 
+manifests=(--manifest "$work/manifest.jsonl")
+[[ -f "$work/burst.jsonl" ]] && manifests+=(--manifest "$work/burst.jsonl")
 python3 scripts/soak/workload.py audit --root "$work/media" --bucket-dir "$work/s3/soak" \
-  --manifest "$work/manifest.jsonl" >"$work/audit.json"
+  "${manifests[@]}" >"$work/audit.json"
 
-python3 - "$work" "$written_at" "$s3_restarts" "$pg_restarts" "$daemon_exit" <<'EOF'
+python3 - "$work" "$written_at" "$s3_restarts" "$pg_restarts" "$daemon_exit" "$overflows" "$remounts" <<'EOF'
 import json, sys
 work, written_at, s3r, pgr, daemon_exit = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5])
+overflows, remounts = int(sys.argv[6]), int(sys.argv[7])
 w = json.load(open(f"{work}/writer.json"))
 a = json.load(open(f"{work}/audit.json"))
 rss = [tuple(map(int, l.split())) for l in open(f"{work}/rss.txt") if l.strip()]
@@ -158,7 +201,11 @@ during = [kb for t, kb in rss if t <= written_at] or [kb for _, kb in rss]
 base = during[len(during) // 5] if during else 0
 mib = lambda kb: kb / 1024
 sweeps = sum("Sweep finished." in l for l in open(f"{work}/daemon.log"))
-errors = [l.strip() for l in open(f"{work}/daemon.log") if " ERROR " in l]
+lines = open(f"{work}/daemon.log").read().splitlines()
+errors = [l.strip() for l in lines if " ERROR " in l]
+warns = sum(" WARN " in l for l in lines)
+seen_overflow = sum("inotify queue overflowed" in l for l in lines)
+seen_remount = sum("remounted or a file system mounted over it" in l for l in lines)
 print(f"media written:     {w['written']} ({w['files']} files, {w['bytes'] / 1e9:.2f} GB); deleted by 'Synapse': {w['deleted_media']} media")
 print(f"reads:             {w['reads']} ({w['reads_from_bucket']} from the bucket after the sweep), failed {w['read_errors']}")
 print(f"write-backs:       {w['write_backs']} complete, {w['write_backs_cut']} cut short (truncated local copies to heal)")
@@ -170,11 +217,14 @@ print(f"wrongly deleted:   {a['wrongly_deleted']} (must be 0)")
 if a["examples"]:
     print(f"  e.g. {a['examples']}")
 print(f"outages:           s3s-fs {s3r}, PostgreSQL {pgr}; sweeps finished: {sweeps}")
+print(f"blinding:          {overflows} overflow(s) injected, {seen_overflow} noticed; {remounts} remount(s), {seen_remount} noticed")
+print(f"log lines:         {len(lines)} in all, {warns} WARN, {len(errors)} ERROR")
 print(f"daemon RSS:        peak {mib(max(during, default=0)):.1f} MiB, growth {mib(during[-1] - base) if during else 0:+.1f} MiB (from {mib(base):.1f} MiB)")
 print(f"daemon:            exit {daemon_exit}, {len(errors)} ERROR log lines (expected: each healed bad copy, and PostgreSQL down during a sweep)")
 for l in errors[:3]:
     print(f"  {l[:200]}")
-ok = a["lost"] == 0 and a["wrongly_deleted"] == 0 and w["read_errors"] == 0 and a["local_changed"] == 0 and daemon_exit == 0
+ok = (a["lost"] == 0 and a["wrongly_deleted"] == 0 and w["read_errors"] == 0 and a["local_changed"] == 0
+      and daemon_exit == 0 and seen_overflow >= min(overflows, 1) and seen_remount >= min(remounts, 1))
 print("RESULT:", "ok" if ok else "FAILED")
 sys.exit(0 if ok else 1)
 EOF

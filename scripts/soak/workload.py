@@ -171,6 +171,36 @@ def write(args):
     print()
 
 
+def burst(args):
+    """Writes COUNT small local media in new directories as fast as it can (an inotify queue
+    overflow while the daemon is stopped: the kernel drops events, "directory created" ones too),
+    then their rows. Manifest lines as `write` makes them."""
+    rng = random.Random(args.seed)
+    db = Db(args.pg_host, args.pg_port)
+    now_ms = int(time.time() * 1000)
+    with open(args.manifest, "a") as manifest:
+        for _ in range(args.count):
+            i = media_id(rng)
+            rel = f"local_content/{split(i)}"
+            path = os.path.join(args.root, rel)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            data = os.urandom(rng.randint(500, 2_000))
+            with open(path, "wb") as f:
+                f.write(data)
+            manifest.write(json.dumps({"rel": rel, "md5": hashlib.md5(data).hexdigest(),
+                                       "size": len(data)}) + "\n")
+            db.add(f"INSERT INTO local_media_repository (media_id, media_type, media_length, "
+                   f"created_ts, upload_name, user_id) VALUES ({q(i)}, 'image/png', 1, "
+                   f"{now_ms}, 'burst', '@soak:example.com');")
+    for _ in range(120):
+        db.flush()
+        if not db.pending:
+            break
+        time.sleep(1)
+    json.dump(dict(files=args.count), sys.stdout)
+    print()
+
+
 def md5_of(path):
     h = hashlib.md5()
     with open(path, "rb") as f:
@@ -181,13 +211,14 @@ def md5_of(path):
 
 def audit(args):
     files = {}
-    with open(args.manifest) as m:
-        for line in m:
-            e = json.loads(line)
-            if "deleted" in e:
-                files.pop(e["deleted"], None)
-            else:
-                files[e["rel"]] = e["md5"]
+    for manifest in args.manifest:
+        with open(manifest) as m:
+            for line in m:
+                e = json.loads(line)
+                if "deleted" in e:
+                    files.pop(e["deleted"], None)
+                else:
+                    files[e["rel"]] = e["md5"]
     # lost: not in the bucket byte-identical after the drain (every file must end up there);
     # wrongly deleted: the local copy is gone too (the sweep removed the only copy).
     out = dict(files=len(files), in_bucket=0, swept=0, lost=0, wrongly_deleted=0,
@@ -223,12 +254,19 @@ def main():
     w.add_argument("--seconds", type=float, required=True)
     w.add_argument("--rate", type=float, default=5)
     w.add_argument("--seed", type=int, default=1)
+    b = sub.add_parser("burst")
+    b.add_argument("--root", required=True)
+    b.add_argument("--manifest", required=True)
+    b.add_argument("--pg-host", default="127.0.0.1")
+    b.add_argument("--pg-port", type=int, required=True)
+    b.add_argument("--count", type=int, default=20_000)
+    b.add_argument("--seed", type=int, default=2)
     a = sub.add_parser("audit")
     a.add_argument("--root", required=True)
     a.add_argument("--bucket-dir", required=True)
-    a.add_argument("--manifest", required=True)
+    a.add_argument("--manifest", required=True, action="append")
     args = p.parse_args()
-    {"write": write, "audit": audit}[args.cmd](args)
+    {"write": write, "burst": burst, "audit": audit}[args.cmd](args)
 
 
 if __name__ == "__main__":
