@@ -207,6 +207,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     for w in &config.warnings {
         tracing::warn!("{w}");
     }
+    let mut config = config;
+    fit_concurrency_to_open_files(&mut config.upload.concurrency, open_file_limit());
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -502,6 +504,41 @@ fn raise_open_file_limit() {
             lim.rlim_cur = lim.rlim_max;
             libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
         }
+    }
+}
+
+/// The soft open-file limit (after [`raise_open_file_limit`]); `None` when unlimited or unknown.
+fn open_file_limit() -> Option<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit with a valid pointer to a plain struct.
+    let ok = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0;
+    (ok && lim.rlim_cur != libc::RLIM_INFINITY).then_some(lim.rlim_cur)
+}
+
+/// Descriptors one upload may hold: its file, and a reader and a connection per part in flight.
+const FDS_PER_UPLOAD: u64 = 1 + 2 * synapse_s3_offload::upload::s3::PART_CONCURRENCY as u64;
+/// Descriptors kept for everything else: inotify, the state, PostgreSQL's pool, the control and
+/// metrics connections (capped), the log, HEADs and listings of the sweep and the audit.
+const FDS_RESERVED: u64 = 256;
+
+/// Lowers `concurrency` (the `upload.concurrency` cap) to what the open-file limit holds, with a
+/// warning that says how to raise the limit: running out of descriptors fails accepts, reads
+/// (EMFILE is retried, but nothing moves) and connections all at once.
+fn fit_concurrency_to_open_files(concurrency: &mut usize, limit: Option<u64>) {
+    let Some(limit) = limit else { return };
+    let fits = (limit.saturating_sub(FDS_RESERVED) / FDS_PER_UPLOAD).max(1) as usize;
+    if fits < *concurrency {
+        tracing::warn!(
+            open_file_limit = limit,
+            from = *concurrency,
+            to = fits,
+            "The open-file limit holds only {fits} uploads at once ({FDS_PER_UPLOAD} descriptors each with their parts, {FDS_RESERVED} kept for the rest): upload.concurrency lowered. Raise LimitNOFILE= in the unit (or ulimit -n) to use {} .",
+            *concurrency
+        );
+        *concurrency = fits;
     }
 }
 

@@ -44,7 +44,7 @@ pub const META_MD5: &str = "md5";
 /// Marks the keys of `check`'s probe objects (never a Synapse media path).
 pub const PROBE_MARK: &str = "synapse-s3-offload-check-";
 /// Parts uploaded at once for one multipart upload.
-const PART_CONCURRENCY: usize = 4;
+pub const PART_CONCURRENCY: usize = 4;
 /// The limiter's ceiling until the runner of uploads sets `upload.concurrency`.
 const START_CAP: usize = 8;
 /// S3 accepts at most this many parts in one multipart upload.

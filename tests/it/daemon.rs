@@ -620,6 +620,33 @@ async fn the_open_file_limit_is_raised_to_the_hard_limit() {
     child.stop();
 }
 
+/// A hard limit too low for `upload.concurrency` uploads with their parts (9 descriptors each):
+/// the cap is lowered to what fits, with a warning naming `LimitNOFILE=`, and files still arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_low_open_file_limit_lowers_the_concurrency_cap_and_says_so() {
+    let env = s3_env();
+    let bucket = create_bucket(&env, "fewfds").await;
+    let store = Store::new();
+    let cfg = config_yaml(&store, &env, &env.endpoint, &bucket, "");
+    let log = store.dir.path().join("daemon.log");
+    // (400 - 256) / 9 = 16 of the default 64.
+    let child = ChildDaemon::spawn(&cfg, &log, &["prlimit", "--nofile=400:400", "--"]);
+    child.ready().await;
+    let files = write_burst(&store, 40, 31);
+    eventually("the files in the bucket", Duration::from_secs(60), || {
+        listed(&env, &bucket, &files)
+    })
+    .await;
+    let text = child.log();
+    assert!(
+        text.contains("upload.concurrency lowered")
+            && text.contains("LimitNOFILE")
+            && text.contains("to=16"),
+        "{text}"
+    );
+    child.stop();
+}
+
 /// A stop signal while a very large file is being hashed (a blocking task) ends the process
 /// within the grace period; it used to wait for the hash (12 s for 3 GB with a 1 s grace), holding
 /// the state lock, so a restart by the service manager failed meanwhile.
