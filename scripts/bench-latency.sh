@@ -6,16 +6,17 @@
 # bucket. Each rate gets a fresh daemon, store and bucket. Prints per rate: p50/p99/max, the
 # daemon's CPU seconds (and share of one core) and RSS (now and peak), then one table of all rates.
 #
-# usage: scripts/bench-latency.sh [--rates 10,100,500] [--seconds 60] [--size BYTES]
-#   (--rate N is the same as --rates N)
+# usage: scripts/bench-latency.sh [--rates 10,100,500] [--seconds 60] [--size BYTES] [--hold D]
+#   (--rate N is the same as --rates N; --hold sets upload.hold_after_close, default: ours, 1s)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-rates=10,100,500 seconds=60 size=100000
+rates=10,100,500 seconds=60 size=100000 hold=
 while (($#)); do
   case "$1" in
     --rates | --rate) rates=$2; shift 2 ;;
     --seconds) seconds=$2; shift 2 ;;
     --size) size=$2; shift 2 ;;
+    --hold) hold=$2; shift 2 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -46,6 +47,7 @@ s3:
   access_key_id: bench
   secret_access_key: benchsecret
 YAML
+  [[ -n "$hold" ]] && printf 'upload:\n  hold_after_close: %s\n' "$hold" >>"$run/config.yaml"
   "$bin" --config "$run/config.yaml" run 2>"$run/daemon.log" &
   dpid=$!
   # Files written before the watch is in place would be found by the startup scan instead.

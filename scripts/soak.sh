@@ -140,11 +140,15 @@ overflow() {
 remount() {
   [[ -n "$loopdev" ]] || { log "Remount skipped (needs root, losetup and mkfs.ext4)"; return; }
   log "Remount: unmounting and mounting the store's file system again"
-  local tries=0
+  # The daemon holds files open while it uploads (after the overflow: 20,000 of them): the
+  # unmount succeeds between two files once it is idle, so wait for its queue first.
+  local tries=0 until_s=$((SECONDS + 180))
+  while ((SECONDS < until_s)) && ! "$bin" --config "$work/config.yaml" status --json 2>/dev/null |
+    python3 -c 'import json,sys; sys.exit(0 if json.load(sys.stdin)["queued"] < 5 else 1)'; do sleep 1; done
   kill -STOP "$writer"
   until umount "$work/media" 2>/dev/null; do
     tries=$((tries + 1))
-    if ((tries > 100)); then log "could not unmount the store (busy)"; kill -CONT "$writer"; return; fi
+    if ((tries > 300)); then log "could not unmount the store (busy)"; kill -CONT "$writer"; return; fi
     kill -CONT "$writer"; sleep 0.1; kill -STOP "$writer"
   done
   mount "$loopdev" "$work/media"

@@ -356,7 +356,7 @@ fn tally(
         Ok(Outcome::Adopted { .. }) => summary.adopted += 1,
         Ok(Outcome::Healed { .. }) => summary.healed += 1,
         Ok(Outcome::Unchanged) => summary.unchanged += 1,
-        Ok(Outcome::Vanished) => summary.vanished += 1,
+        Ok(Outcome::Vanished | Outcome::Withdrawn) => summary.vanished += 1,
         Ok(Outcome::NotRegular) => summary.skipped += 1,
         Err(e) if e.is_fatal_for_run() => {
             summary.failed += 1;

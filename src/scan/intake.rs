@@ -50,6 +50,20 @@ impl Intake {
         (path, now_ms() + self.hold.as_millis() as u64, false)
     }
 
+    /// The entry of a deleted file, if it is one we uploaded that Synapse wrote within
+    /// [`crate::upload::FRESH_DELETION`]: its upload then looks at the database (a media whose
+    /// file Synapse deletes right after writing it was rejected by its spam checker, and its
+    /// object goes too; `upload::withdraw`). Any other deletion (the sweep, Synapse's media
+    /// retention of old media) is none of the upload's business.
+    pub fn removed(&self, p: &Path) -> Option<Entry> {
+        let path = self.media_path(p)?;
+        let rec = self.state.record(&path).ok()??;
+        let written_ms = (rec.mtime_ns / 1_000_000).max(0) as u64;
+        let fresh =
+            now_ms().saturating_sub(written_ms) < crate::upload::FRESH_DELETION.as_millis() as u64;
+        fresh.then(|| (path, now_ms(), false))
+    }
+
     pub async fn enqueue(&self, files: Vec<Entry>) {
         metrics::counter!(crate::metrics::ENQUEUED).increment(files.len() as u64);
         for (p, due, settle) in &files {

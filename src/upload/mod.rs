@@ -42,6 +42,7 @@ mod s3_compat;
 mod s3_error;
 pub mod verdict;
 mod withdraw;
+pub use withdraw::FRESH_DELETION;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -72,6 +73,9 @@ pub enum Outcome {
     Unchanged,
     /// The file disappeared (e.g. Synapse's spam checker deleted it): nothing to do.
     Vanished,
+    /// The file we uploaded a moment ago was deleted and its media has no database row: its
+    /// object was deleted, its record is to be forgotten (`withdraw`).
+    Withdrawn,
     /// Not a regular file (symlink, FIFO, …): never uploaded.
     NotRegular,
 }
@@ -266,6 +270,7 @@ impl Uploader {
             .await??;
             let (hashed, record) = match prepared {
                 Prepared::Hashed(h, r) => (h, r),
+                Prepared::Done(Outcome::Vanished) => return Ok(self.vanished(path).await),
                 Prepared::Done(outcome) => return Ok(outcome),
                 Prepared::Changed => continue,
             };

@@ -270,6 +270,17 @@ async fn process(s: Arc<Pool>, path: MediaPath, settle: bool, permit: Permit) {
             s.stats.healed.fetch_add(1, Ordering::Relaxed);
             s.queue.finish(&path, Some(record)).await
         }
+        Ok(Outcome::Withdrawn) => {
+            // Forget first: a crash before the queue change looks again and finds nothing.
+            match s
+                .committer
+                .apply(vec![crate::state::Op::Forget(path.clone())])
+                .await
+            {
+                Ok(()) => s.queue.finish(&path, None).await,
+                Err(e) => Err(e),
+            }
+        }
         Ok(Outcome::Unchanged | Outcome::Vanished | Outcome::NotRegular) => {
             s.queue.finish(&path, None).await
         }

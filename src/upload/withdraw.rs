@@ -17,9 +17,17 @@
 //! database, or when it does not answer, the object is kept and recorded as before; the prune job
 //! (`prune.enabled`) or `audit --delete-orphans` removes it later.
 
-use crate::layout::{MediaPath, MediaRef};
+use std::time::Duration;
 
-use super::Uploader;
+use crate::layout::{MediaPath, MediaRef};
+use crate::state::now_ms;
+
+use super::{Outcome, Uploader};
+
+/// A file we uploaded that is deleted within this time of its writing is looked at again (the
+/// watch enqueues its deletion): a spam checker slower than the hold and the PUT rejects it
+/// after its record. Later deletions (the sweep, Synapse's retention of old media) are not.
+pub const FRESH_DELETION: Duration = Duration::from_secs(600);
 
 /// What became of an object whose file vanished during its upload.
 #[derive(Debug, PartialEq, Eq)]
@@ -31,6 +39,26 @@ pub enum Vanished {
 }
 
 impl Uploader {
+    /// The file of `path` is gone when its upload starts. Written within [`FRESH_DELETION`] and
+    /// recorded (we uploaded it, then Synapse deleted it): its object is withdrawn when its media
+    /// has no row. Otherwise nothing to do.
+    pub(super) async fn vanished(&self, path: &MediaPath) -> Outcome {
+        let fresh = self
+            .state
+            .record_or_none(path)
+            .ok()
+            .flatten()
+            .is_some_and(|r| {
+                let written_ms = (r.mtime_ns / 1_000_000).max(0) as u64;
+                now_ms().saturating_sub(written_ms) < FRESH_DELETION.as_millis() as u64
+            });
+        if fresh && self.withdraw_vanished(path).await == Vanished::Withdrawn {
+            Outcome::Withdrawn
+        } else {
+            Outcome::Vanished
+        }
+    }
+
     /// The file of `path` vanished right after its PUT: delete the object if its media has no
     /// row in Synapse's database (see the module comment).
     pub async fn withdraw_vanished(&self, path: &MediaPath) -> Vanished {

@@ -22,7 +22,7 @@ pub use stage::Watcher;
 
 use std::path::{Path, PathBuf};
 
-use notify::event::{AccessKind, AccessMode, CreateKind, ModifyKind, RenameMode};
+use notify::event::{AccessKind, AccessMode, CreateKind, ModifyKind, RemoveKind, RenameMode};
 use notify::{Event, EventKind, RecursiveMode, Watcher as _};
 
 /// What an event asks of the daemon.
@@ -32,6 +32,9 @@ pub enum Action {
     File(PathBuf),
     /// A directory appeared (created or moved in): scan it, its files may have no events.
     Dir(PathBuf),
+    /// A file was deleted: if we uploaded it a moment ago, Synapse's spam checker may have
+    /// rejected it (see `upload::withdraw`).
+    Removed(PathBuf),
     /// Events were lost: scan everything.
     Rescan,
 }
@@ -47,6 +50,9 @@ pub fn classify(event: &Event) -> Vec<Action> {
         }
         EventKind::Create(CreateKind::Folder) => {
             event.paths.iter().cloned().map(Action::Dir).collect()
+        }
+        EventKind::Remove(RemoveKind::File) => {
+            event.paths.iter().cloned().map(Action::Removed).collect()
         }
         // Moved in: may be a file or a whole directory; the handler checks which.
         EventKind::Modify(ModifyKind::Name(RenameMode::To)) => {
@@ -83,8 +89,15 @@ pub fn start(
     tx: tokio::sync::mpsc::Sender<Msg>,
     overflowed: impl Fn(bool) + Send + 'static,
 ) -> Result<Watch, notify::Error> {
+    let own_root = root.to_path_buf();
     let handler = move |res: notify::Result<Event>| {
         let msg = match res {
+            // notify 8.2 watches opens and writes too (no way to leave them out): every read of
+            // a media (ours when uploading, a scan's opendir, Synapse serving it) is an event.
+            // Dropped here, they never fill the channel: a full channel means a full scan, and
+            // the scan's own opendirs of a large store filled it again (a soak saw 54 "overflows"
+            // in a row after one real one, each a full scan of 20,000 directories).
+            Ok(ev) if !matters(&ev, &own_root) => return,
             Ok(ev) => Msg::Event(ev),
             Err(e) => Msg::Error(e),
         };
@@ -98,6 +111,11 @@ pub fn start(
     let mut watcher = notify::RecommendedWatcher::new(handler, config)?;
     watcher.watch(root, RecursiveMode::Recursive)?;
     Ok(Watch { _watcher: watcher })
+}
+
+/// Whether the watch stage does anything with `event`: an action, or the root's own removal.
+pub fn matters(event: &Event, root: &Path) -> bool {
+    event.need_rescan() || !classify(event).is_empty() || touches_root(event, root)
 }
 
 /// The event is about the root itself being deleted or moved away (its watch then sees
@@ -120,6 +138,36 @@ pub const WATCH_LIMIT_ADVICE: &str = "inotify watch limit reached (fs.inotify.ma
 mod tests {
     use super::*;
     use notify::event::{DataChange, Flag, RemoveKind};
+
+    #[test]
+    fn reads_and_writes_do_not_reach_the_stage() {
+        let root = Path::new("/m");
+        let ev = |kind| Event::new(kind).add_path(PathBuf::from("/m/a/b"));
+        assert!(!matters(
+            &ev(EventKind::Access(AccessKind::Open(AccessMode::Any))),
+            root
+        ));
+        assert!(!matters(
+            &ev(EventKind::Modify(ModifyKind::Data(DataChange::Any))),
+            root
+        ));
+        assert!(!matters(
+            &ev(EventKind::Access(AccessKind::Close(AccessMode::Read))),
+            root
+        ));
+        assert!(matters(
+            &ev(EventKind::Access(AccessKind::Close(AccessMode::Write))),
+            root
+        ));
+        assert!(matters(&ev(EventKind::Remove(RemoveKind::File)), root));
+        let root_gone =
+            Event::new(EventKind::Remove(RemoveKind::Folder)).add_path(PathBuf::from("/m"));
+        assert!(matters(&root_gone, root));
+        assert!(matters(
+            &Event::new(EventKind::Other).set_flag(Flag::Rescan),
+            root
+        ));
+    }
 
     #[test]
     fn event_table() {
@@ -186,7 +234,11 @@ mod tests {
                 ),
                 vec![Action::File(p("/m/b"))],
             ),
-            (ev(EventKind::Remove(RemoveKind::File), &["/m/a"]), vec![]),
+            (
+                ev(EventKind::Remove(RemoveKind::File), &["/m/a"]),
+                vec![Action::Removed(p("/m/a"))],
+            ),
+            (ev(EventKind::Remove(RemoveKind::Folder), &["/m/a"]), vec![]),
             (
                 Event::new(EventKind::Other).set_flag(Flag::Rescan),
                 vec![Action::Rescan],

@@ -258,6 +258,11 @@ impl Watcher {
                                     }
                                     new_dirs.push(dir);
                                 }
+                                Action::Removed(p) => {
+                                    if let Some(e) = self.intake.removed(&p) {
+                                        files.push(e);
+                                    }
+                                }
                                 Action::File(p) => {
                                     if std::fs::symlink_metadata(&p).is_ok_and(|m| m.is_dir()) {
                                         new_dirs.push(p);

@@ -160,3 +160,58 @@ async fn a_file_removed_during_its_upload_is_withdrawn_only_without_a_database_r
     );
     d.stop_drained().await;
 }
+
+/// A spam checker slower than the hold and the PUT: the file is deleted after its record was
+/// committed. Its deletion event brings it back to the upload, which finds no database row for
+/// the media and deletes the object (and forgets its record). A fresh media that keeps its row
+/// (deleted locally by someone else) keeps its object.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_synapse_deletes_after_its_upload_is_withdrawn_without_a_database_row() {
+    let env = s3_env();
+    let bucket = create_bucket(&env, "late-spam").await;
+    let db = TestDb::create().await;
+    let store = Store::new();
+    let mut raw = raw_config(&env, &env.endpoint, &bucket, &store);
+    crate::daemon::fast(&mut raw);
+    raw.upload.hold_after_close = Some("200ms".into());
+    raw.database = Some(db.raw());
+    let mut d = Daemon::start(validated(raw));
+    d.ready().await;
+    let (rejected, rowed) = (
+        "local_content/la/te/rejectedmedia",
+        "local_content/la/te/rowedmediaid0",
+    );
+    db.local("laterowedmediaid0", 0, None, None).await;
+    let files = vec![
+        (
+            rejected.to_owned(),
+            store.write_bytes(rejected, bytes(94, 20_000)),
+        ),
+        (
+            rowed.to_owned(),
+            store.write_bytes(rowed, bytes(95, 20_000)),
+        ),
+    ];
+    eventually("both in the bucket", Duration::from_secs(30), || {
+        listed(&env, &bucket, &files)
+    })
+    .await;
+    d.drained().await;
+    // The checker answers now, seconds later: "spam" for one, the other is deleted locally.
+    std::fs::remove_file(store.root.join(rejected)).unwrap();
+    std::fs::remove_file(store.root.join(rowed)).unwrap();
+    eventually(
+        "the rejected media's object gone",
+        Duration::from_secs(30),
+        || async {
+            match list_sizes(&env, &bucket).await.contains_key(rejected) {
+                true => Err("still there".to_owned()),
+                false => Ok(()),
+            }
+        },
+    )
+    .await;
+    d.drained().await;
+    assert!(objects(&env, &bucket).await.contains_key(rowed));
+    d.stop_drained().await;
+}
