@@ -3,7 +3,10 @@
 //! each multipart part (large files, streamed from disk afterwards; `Content-MD5` on every part makes
 //! the server reject a part that changed between hashing and sending).
 //!
-//! Blocking: call from `spawn_blocking`.
+//! Blocking: call from `spawn_blocking`. The long reads (a file of several GB takes seconds to
+//! hash) look at a cancellation token between chunks of [`READ_BUF`] bytes and end with
+//! [`cancelled`] once it fires: a shutdown is not held up by a hash, and the file it was reading
+//! stays queued (see [`is_cancelled`]).
 
 use std::fs::File;
 use std::io::{self, Read};
@@ -13,10 +16,27 @@ use std::path::Path;
 use crate::md5::Md5;
 use crate::sha256::Sha256;
 use bytes::Bytes;
+use tokio_util::sync::CancellationToken;
 
 /// Files up to this size are read into memory and sent from there.
 pub const INLINE_MAX: u64 = 1 << 20;
 const READ_BUF: usize = 256 * 1024;
+
+/// The marker inside the error a cancelled read ends with.
+#[derive(Debug, thiserror::Error)]
+#[error("cancelled: shutting down")]
+struct Cancelled;
+
+/// The error a read stopped by its cancellation token returns (`ErrorKind::Interrupted`, with a
+/// marker no system call produces).
+pub fn cancelled() -> io::Error {
+    io::Error::new(io::ErrorKind::Interrupted, Cancelled)
+}
+
+/// Whether `e` is [`cancelled`]: not the file's fault and not a failure; the file stays queued.
+pub fn is_cancelled(e: &io::Error) -> bool {
+    e.get_ref().is_some_and(|inner| inner.is::<Cancelled>())
+}
 
 /// The identity of a file's content as far as the filesystem tells: size and mtime.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -156,8 +176,14 @@ impl std::fmt::Debug for Opened {
 
 impl Opened {
     /// Reads the file once and hashes it. With a `part_size` (multipart upload) the MD5 of every
-    /// part is computed too; otherwise files up to `inline_max` are kept in memory.
-    pub fn read_and_hash(self, inline_max: u64, part_size: Option<u64>) -> io::Result<ReadOutcome> {
+    /// part is computed too; otherwise files up to `inline_max` are kept in memory. Ends with
+    /// [`cancelled`] at the next chunk once `cancel` fires.
+    pub fn read_and_hash(
+        self,
+        inline_max: u64,
+        part_size: Option<u64>,
+        cancel: &CancellationToken,
+    ) -> io::Result<ReadOutcome> {
         let Opened { file, snapshot } = self;
         if part_size.is_none() && snapshot.size <= inline_max {
             let mut body = Vec::with_capacity(snapshot.size as usize + 1);
@@ -175,19 +201,19 @@ impl Opened {
                 content: Content::Inline(Bytes::from(body)),
             }));
         }
-        hash_parts(file, snapshot, part_size)
+        hash_parts(file, snapshot, part_size, cancel)
     }
 }
 
 /// Opens `path` without following a symlink, snapshots it, and hashes it in one pass (see
-/// [`open`] and [`Opened::read_and_hash`]).
+/// [`open`] and [`Opened::read_and_hash`]); not cancellable.
 pub fn read_and_hash(
     path: &Path,
     inline_max: u64,
     part_size: Option<u64>,
 ) -> io::Result<ReadOutcome> {
     match open(path)? {
-        Open::File(f) => f.read_and_hash(inline_max, part_size),
+        Open::File(f) => f.read_and_hash(inline_max, part_size, &CancellationToken::new()),
         Open::Vanished => Ok(ReadOutcome::Vanished),
         Open::NotRegular => Ok(ReadOutcome::NotRegular),
     }
@@ -197,6 +223,7 @@ fn hash_parts(
     mut file: File,
     snapshot: Snapshot,
     part_size: Option<u64>,
+    cancel: &CancellationToken,
 ) -> io::Result<ReadOutcome> {
     let multipart = part_size.is_some();
     let part_size = part_size.unwrap_or(u64::MAX);
@@ -208,6 +235,11 @@ fn hash_parts(
     let mut parts = Vec::with_capacity(snapshot.size.div_ceil(part_size) as usize);
     let mut buf = vec![0u8; READ_BUF];
     loop {
+        // An atomic load per 256 KiB: a 3 GB file being hashed when the shutdown's grace ends
+        // stops within one chunk instead of holding the process for its whole read.
+        if cancel.is_cancelled() {
+            return Err(cancelled());
+        }
         // Never read across a part boundary, so each chunk belongs to exactly one part.
         let want = (part_size - in_part).min(READ_BUF as u64) as usize;
         let n = match file.read(&mut buf[..want]) {
@@ -267,8 +299,14 @@ pub const COMMON_PART_SIZES: &[u64] = &[
 /// Whether `etag` is the multipart ETag (`md5(md5(part 1) ‖ … ‖ md5(part N))-N`) of the file at
 /// `path` cut into parts of one of [`COMMON_PART_SIZES`], the file still being `snapshot`: a
 /// multipart object of another tool holds the same bytes as the file. Reads the file once per
-/// candidate part size that gives N parts (usually one). Blocking.
-pub fn multipart_etag_matches(path: &Path, snapshot: Snapshot, etag: &str) -> io::Result<bool> {
+/// candidate part size that gives N parts (usually one). Blocking; ends with [`cancelled`] once
+/// `cancel` fires.
+pub fn multipart_etag_matches(
+    path: &Path,
+    snapshot: Snapshot,
+    etag: &str,
+    cancel: &CancellationToken,
+) -> io::Result<bool> {
     let Some((hex_digest, n)) = etag.trim_matches('"').split_once('-') else {
         return Ok(false);
     };
@@ -288,7 +326,7 @@ pub fn multipart_etag_matches(path: &Path, snapshot: Snapshot, etag: &str) -> io
         if opened.snapshot != snapshot {
             return Ok(false);
         }
-        let ReadOutcome::Hashed(h) = hash_parts(opened.file, snapshot, Some(part))? else {
+        let ReadOutcome::Hashed(h) = hash_parts(opened.file, snapshot, Some(part), cancel)? else {
             return Ok(false);
         };
         let Content::Parts(parts, _) = h.content else {
@@ -363,11 +401,35 @@ mod tests {
             whole.update(::md5::Md5::digest(chunk));
         }
         let etag = format!("\"{}-3\"", hex::encode(whole.finalize()));
-        assert!(multipart_etag_matches(&p, snap, &etag).unwrap());
-        assert!(!multipart_etag_matches(&p, snap, &etag.replace("-3", "-4")).unwrap());
-        assert!(!multipart_etag_matches(&p, snap, &hex::encode([0u8; 16])).unwrap());
+        let go = CancellationToken::new();
+        assert!(multipart_etag_matches(&p, snap, &etag, &go).unwrap());
+        assert!(!multipart_etag_matches(&p, snap, &etag.replace("-3", "-4"), &go).unwrap());
+        assert!(!multipart_etag_matches(&p, snap, &hex::encode([0u8; 16]), &go).unwrap());
         let other = format!("{}-3", hex::encode([7u8; 16]));
-        assert!(!multipart_etag_matches(&p, snap, &other).unwrap());
+        assert!(!multipart_etag_matches(&p, snap, &other, &go).unwrap());
+        go.cancel();
+        let e = multipart_etag_matches(&p, snap, &etag, &go).unwrap_err();
+        assert!(is_cancelled(&e), "{e}");
+    }
+
+    /// A cancelled read ends with the cancellation error (not a read error of the file), and an
+    /// ordinary EINTR is not taken for one.
+    #[test]
+    fn a_cancelled_hash_ends_with_the_cancellation_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(dir.path(), "f", &[3u8; 3 << 20]);
+        let cancel = CancellationToken::new();
+        cancel.cancel();
+        let Open::File(f) = open(&p).unwrap() else {
+            panic!()
+        };
+        let e = f.read_and_hash(0, Some(1 << 20), &cancel).unwrap_err();
+        assert!(
+            is_cancelled(&e) && e.kind() == io::ErrorKind::Interrupted,
+            "{e}"
+        );
+        assert!(!is_cancelled(&io::Error::from(io::ErrorKind::Interrupted)));
+        assert!(!is_cancelled(&io::Error::from_raw_os_error(libc::EINTR)));
     }
 
     #[test]
