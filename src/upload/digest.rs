@@ -206,14 +206,15 @@ impl Opened {
 }
 
 /// Opens `path` without following a symlink, snapshots it, and hashes it in one pass (see
-/// [`open`] and [`Opened::read_and_hash`]); not cancellable.
+/// [`open`] and [`Opened::read_and_hash`]).
 pub fn read_and_hash(
     path: &Path,
     inline_max: u64,
     part_size: Option<u64>,
+    cancel: &CancellationToken,
 ) -> io::Result<ReadOutcome> {
     match open(path)? {
-        Open::File(f) => f.read_and_hash(inline_max, part_size, &CancellationToken::new()),
+        Open::File(f) => f.read_and_hash(inline_max, part_size, cancel),
         Open::Vanished => Ok(ReadOutcome::Vanished),
         Open::NotRegular => Ok(ReadOutcome::NotRegular),
     }
@@ -360,10 +361,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let data: Vec<u8> = (0..(11u32 << 10)).map(|i| (i * 7 % 251) as u8).collect();
         let p = write(dir.path(), "f", &data);
-        let ReadOutcome::Hashed(inline) = read_and_hash(&p, u64::MAX, None).unwrap() else {
+        let ReadOutcome::Hashed(inline) =
+            read_and_hash(&p, u64::MAX, None, &CancellationToken::new()).unwrap()
+        else {
             panic!()
         };
-        let ReadOutcome::Hashed(parts) = read_and_hash(&p, 0, Some(4096)).unwrap() else {
+        let ReadOutcome::Hashed(parts) =
+            read_and_hash(&p, 0, Some(4096), &CancellationToken::new()).unwrap()
+        else {
             panic!()
         };
         assert_eq!(inline.md5, parts.md5);
@@ -375,7 +380,9 @@ mod tests {
         };
         assert_eq!(p.len(), 3);
         assert_eq!(p[2], <[u8; 16]>::from(::md5::Md5::digest(&data[8192..])));
-        let ReadOutcome::Hashed(streamed) = read_and_hash(&p_path(&dir), 0, None).unwrap() else {
+        let ReadOutcome::Hashed(streamed) =
+            read_and_hash(&p_path(&dir), 0, None, &CancellationToken::new()).unwrap()
+        else {
             panic!()
         };
         assert_eq!(streamed.md5, inline.md5);
@@ -436,7 +443,9 @@ mod tests {
     fn exact_multiple_of_part_size() {
         let dir = tempfile::tempdir().unwrap();
         let p = write(dir.path(), "f", &[1u8; 8192]);
-        let ReadOutcome::Hashed(h) = read_and_hash(&p, 0, Some(4096)).unwrap() else {
+        let ReadOutcome::Hashed(h) =
+            read_and_hash(&p, 0, Some(4096), &CancellationToken::new()).unwrap()
+        else {
             panic!()
         };
         let Content::Parts(parts, _) = h.content else {
@@ -463,7 +472,7 @@ mod tests {
         let link = dir.path().join("link");
         std::os::unix::fs::symlink(&target, &link).unwrap();
         assert!(matches!(
-            read_and_hash(&link, 1024, None).unwrap(),
+            read_and_hash(&link, 1024, None, &CancellationToken::new()).unwrap(),
             ReadOutcome::NotRegular
         ));
         assert_eq!(stat(&link).unwrap(), Stat::NotRegular);
@@ -471,12 +480,12 @@ mod tests {
         let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
         assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
         assert!(matches!(
-            read_and_hash(&fifo, 1024, None).unwrap(),
+            read_and_hash(&fifo, 1024, None, &CancellationToken::new()).unwrap(),
             ReadOutcome::NotRegular
         ));
         let gone = dir.path().join("gone");
         assert!(matches!(
-            read_and_hash(&gone, 1024, None).unwrap(),
+            read_and_hash(&gone, 1024, None, &CancellationToken::new()).unwrap(),
             ReadOutcome::Vanished
         ));
         assert_eq!(stat(&gone).unwrap(), Stat::Vanished);

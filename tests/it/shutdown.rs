@@ -238,3 +238,52 @@ async fn shutdown_stops_a_long_hash_and_logs_stopped_once_it_ended() {
         .collect();
     assert_eq!(queued, [BIG], "the file stays queued for the next start");
 }
+
+/// The sweep's own hashing (an aged file without a record is read before its HEAD) stops at once
+/// too when the sweep is cancelled (the daemon's shutdown, Ctrl-C of `sweep`): it used to read a
+/// 3 GB file to its end first. The file is kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_sweep_stops_hashing_at_once() {
+    let env = s3_env();
+    let bucket = create_bucket(&env, "sweephash").await;
+    let store = Store::new();
+    let db = TestDb::create().await;
+    db.local("abcdHUGEfile", days_ago(90), None, None).await;
+    let huge = store.root.join("local_content/ab/cd/HUGEfile");
+    std::fs::create_dir_all(huge.parent().unwrap()).unwrap();
+    std::fs::File::create(&huge)
+        .unwrap()
+        .set_len(3 << 30)
+        .unwrap();
+    let mut raw = raw_config(&env, &env.endpoint, &bucket, &store);
+    raw.database = Some(db.raw());
+    raw.sweep.keep_local_for = Some("30d".into());
+    raw.sweep.confirm_synapse_reads_from_bucket = Some(true);
+    let config = validated(raw);
+    let cancel = CancellationToken::new();
+    let run = tokio::spawn({
+        let cancel = cancel.clone();
+        async move { synapse_s3_offload::sweep::run_standalone(&config, false, &cancel).await }
+    });
+    let me = std::process::id();
+    wait_until(
+        "the sweep reading the 3 GB file",
+        Duration::from_secs(30),
+        || open_files(me).contains(&huge),
+    )
+    .await;
+    let t = Instant::now();
+    cancel.cancel();
+    let _ = run.await.unwrap();
+    let took = t.elapsed();
+    eprintln!("sweep ended {took:?} after its cancellation");
+    assert!(
+        took < Duration::from_secs(3),
+        "the sweep ended {took:?} after its cancellation"
+    );
+    assert!(
+        !open_files(me).contains(&huge),
+        "the file is still being read"
+    );
+    assert!(huge.exists(), "kept");
+}
