@@ -17,6 +17,7 @@ use crate::md5::Md5;
 use crate::sha256::Sha256;
 use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 /// Files up to this size are read into memory and sent from there.
 pub const INLINE_MAX: u64 = 1 << 20;
@@ -36,6 +37,43 @@ pub fn cancelled() -> io::Error {
 /// Whether `e` is [`cancelled`]: not the file's fault and not a failure; the file stays queued.
 pub fn is_cancelled(e: &io::Error) -> bool {
     e.get_ref().is_some_and(|inner| inner.is::<Cancelled>())
+}
+
+/// The blocking tasks of uploads (open, read, hash, stat), tracked, with the token their reads
+/// look at. An upload future dropped at shutdown leaves its blocking task running, holding the
+/// file and the state database open: [`Reads::abandon`] stops their reads within a chunk, and
+/// [`Reads::ended`] says when they are over.
+#[derive(Default)]
+pub struct Reads {
+    cancel: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl Reads {
+    /// The token to hand to the reads run by [`Reads::run`].
+    pub fn token(&self) -> CancellationToken {
+        self.cancel.clone()
+    }
+
+    /// Every read stops at its next chunk with [`cancelled`]; later ones stop at their first.
+    pub fn abandon(&self) {
+        self.cancel.cancel();
+    }
+
+    /// Waits up to `within` for every task to end; returns how many still run.
+    pub async fn ended(&self, within: std::time::Duration) -> usize {
+        self.tasks.close();
+        let _ = tokio::time::timeout(within, self.tasks.wait()).await;
+        self.tasks.len()
+    }
+
+    /// Runs `f` on a blocking thread, tracked.
+    pub async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, tokio::task::JoinError> {
+        self.tasks.spawn_blocking(f).await
+    }
 }
 
 /// The identity of a file's content as far as the filesystem tells: size and mtime.

@@ -48,7 +48,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use self::digest::{Content, Open, ReadOutcome, Stat};
 use self::heal::{HealError, Healed};
@@ -210,11 +209,8 @@ pub struct Uploader {
     /// Heal bad local copies (`Some(settle)`: not while open for writing, or younger than
     /// `settle` where leases are unavailable), or only report them (`None`).
     heal: Option<Duration>,
-    /// Fired by [`Uploader::abandon`]: the blocking reads end at their next chunk.
-    cancel: CancellationToken,
-    /// The blocking tasks (open, read, hash, stat) started for uploads: an upload future dropped
-    /// at shutdown leaves its blocking task running, holding the file and the state open.
-    tasks: TaskTracker,
+    /// The blocking tasks (open, read, hash, stat) of the uploads, cancellable and tracked.
+    reads: digest::Reads,
 }
 
 impl Uploader {
@@ -234,8 +230,7 @@ impl Uploader {
             assume_absent: false,
             arbiter: None,
             heal: Some(Duration::from_secs(2)),
-            cancel: CancellationToken::new(),
-            tasks: TaskTracker::new(),
+            reads: digest::Reads::default(),
         }
     }
 
@@ -243,7 +238,7 @@ impl Uploader {
     /// [`UploadError::Cancelled`], which is no failure), and no new one starts. The caller then
     /// drops the uploads and waits for [`Uploader::blocking_ended`].
     pub fn abandon(&self) {
-        self.cancel.cancel();
+        self.reads.abandon();
     }
 
     /// Waits up to `within` for the blocking tasks of this uploader's uploads to end (after
@@ -251,17 +246,7 @@ impl Uploader {
     /// e.g. on a dead NFS server). Returns how many are still running: abandoned to the process's
     /// exit.
     pub async fn blocking_ended(&self, within: Duration) -> usize {
-        self.tasks.close();
-        let _ = tokio::time::timeout(within, self.tasks.wait()).await;
-        self.tasks.len()
-    }
-
-    /// Runs `f` on a blocking thread, tracked (see [`Uploader::blocking_ended`]).
-    async fn blocking<T: Send + 'static>(
-        &self,
-        f: impl FnOnce() -> T + Send + 'static,
-    ) -> Result<T, tokio::task::JoinError> {
-        self.tasks.spawn_blocking(f).await
+        self.reads.ended(within).await
     }
 
     /// See [`Uploader::assume_absent`]: for a backfill into an empty prefix.
@@ -298,10 +283,11 @@ impl Uploader {
         let mut ours: Option<(u64, [u8; 16])> = None;
         for _round in 0..MAX_ROUNDS {
             let prepared = self
-                .blocking({
+                .reads
+                .run({
                     let (abs, state, p) = (abs.clone(), self.state.clone(), path.clone());
                     let (threshold, part_size) = (self.multipart_threshold, self.part_size);
-                    let (root, cancel) = (self.root.clone(), self.cancel.clone());
+                    let (root, cancel) = (self.root.clone(), self.reads.token());
                     move || prepare(&root, &abs, &state, &p, threshold, part_size, &cancel)
                 })
                 .await??;
@@ -390,7 +376,8 @@ impl Uploader {
             }
             ours = Some((size, hashed.md5));
             let after = self
-                .blocking({
+                .reads
+                .run({
                     let abs = abs.clone();
                     move || digest::stat(&abs)
                 })
@@ -434,9 +421,10 @@ impl Uploader {
             return Ok(o);
         }
         let etag = o.etag.clone().unwrap_or_default();
-        let (path, cancel) = (abs.to_owned(), self.cancel.clone());
+        let (path, cancel) = (abs.to_owned(), self.reads.token());
         let same = self
-            .blocking(move || digest::multipart_etag_matches(&path, snapshot, &etag, &cancel))
+            .reads
+            .run(move || digest::multipart_etag_matches(&path, snapshot, &etag, &cancel))
             .await?
             .map_err(|source| read_error(abs, source))?;
         if same {
