@@ -96,7 +96,6 @@ impl Case {
             .filter(|r| r.method == "DELETE" && r.path.contains("uploadId"))
             .count();
         assert_eq!(aborts, 1, "one AbortMultipartUpload");
-        let _ = &self.store;
     }
 }
 
@@ -126,6 +125,17 @@ async fn shutdown_during_a_multipart_upload_aborts_it_in_the_bucket() {
         .map(|(k, _)| k)
         .collect();
     assert_eq!(queued, [BIG], "the file stays queued for the next start");
+    drop(state);
+    // The next start uploads it.
+    c.proxy.set_put_delay(Duration::ZERO);
+    let mut d = Daemon::start(c.config.clone());
+    d.ready().await;
+    d.stop_drained().await;
+    let env = c.s3.env(&s3_env());
+    let files = c.store.read_all("local_content");
+    all_uploaded(&env, c.config.s3.bucket.as_str(), &files)
+        .await
+        .unwrap();
 }
 
 /// Ctrl-C of `upload` mid multipart upload: the upload in flight gets `shutdown_grace`, then it
