@@ -185,13 +185,13 @@ impl fmt::Display for Report {
         match &self.incomplete_uploads_unlisted {
             Some(why) => writeln!(f, "incomplete uploads:   {why}")?,
             None => {
-                let more = if self.incomplete_uploads_more {
-                    " at least"
+                // More than were listed: the count is a lower bound.
+                let title = if self.incomplete_uploads_more {
+                    "incomplete uploads:   at least "
                 } else {
-                    ""
+                    "incomplete uploads:"
                 };
-                let title = format!("incomplete uploads:  {more}");
-                category(f, &title, &self.incomplete_uploads, "multipart uploads")?;
+                category(f, title, &self.incomplete_uploads, "multipart uploads")?;
                 if self.incomplete_uploads.count > 0 && !self.fix {
                     writeln!(
                         f,
