@@ -106,7 +106,8 @@ pub enum Progress {
     Log,
 }
 
-/// Runs the backfill until done or `cancel` fires (in-flight files finish; the rest wait for the
+/// Runs the backfill until done or `cancel` fires (in-flight files get `shutdown_grace` to
+/// finish; then their reads stop and their multipart uploads are aborted; the rest wait for the
 /// next run).
 pub async fn run(
     config: &Config,
@@ -221,15 +222,27 @@ pub async fn run(
         // commits).
         let mut commits = futures::stream::FuturesUnordered::new();
         let mut walking = true;
+        // Set by an interruption: the uploads in flight get `shutdown_grace`, like the daemon's.
+        let mut grace: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
         loop {
             if !walking && commits.is_empty() {
                 break;
             }
             let (result, found) = tokio::select! {
-                _ = cancel.cancelled(), if !stop_walk.load(Ordering::Relaxed) => {
-                    tracing::warn!("Interrupted: finishing the uploads in flight, the rest waits for the next run.");
+                _ = cancel.cancelled(), if grace.is_none() => {
+                    tracing::warn!(grace = ?config.shutdown_grace, "Interrupted: finishing the uploads in flight within shutdown_grace, the rest waits for the next run.");
                     stop_walk.store(true, Ordering::Relaxed);
                     halt.cancel();
+                    grace = Some(Box::pin(tokio::time::sleep(config.shutdown_grace)));
+                    continue;
+                }
+                _ = async { grace.as_mut().expect("set").await }, if walking && grace.is_some() => {
+                    // The uploads still in flight are dropped with `results` below (their
+                    // records were not committed: they are looked at again next time); their
+                    // reads stop at the next chunk.
+                    tracing::warn!("Grace period over; unfinished uploads wait for the next run.");
+                    uploader.abandon();
+                    walking = false;
                     continue;
                 }
                 next = results.next(), if walking && commits.len() < MAX_COMMITS_WAITING => {
@@ -283,6 +296,18 @@ pub async fn run(
                 report_problem(&p, &mut summary);
             }
         }
+    }
+    // The dropped uploads' multipart uploads hold their parts in the bucket (billed) until
+    // aborted; their cancelled reads end meanwhile.
+    let (_, aborted) = tokio::join!(
+        uploader.blocking_ended(Duration::from_secs(2)),
+        uploader.store().abort_abandoned()
+    );
+    if aborted > 0 {
+        tracing::info!(
+            uploads = aborted,
+            "Aborted the multipart uploads the interruption left unfinished."
+        );
     }
     drop(rx);
     summary.unchanged += walker.await.unwrap_or(0);
@@ -358,6 +383,8 @@ fn tally(
         Ok(Outcome::Unchanged) => summary.unchanged += 1,
         Ok(Outcome::Vanished | Outcome::Withdrawn) => summary.vanished += 1,
         Ok(Outcome::NotRegular) => summary.skipped += 1,
+        // Interrupted: not a failure; the next run looks at it again.
+        Err(UploadError::Cancelled) => {}
         Err(e) if e.is_fatal_for_run() => {
             summary.failed += 1;
             stop_walk.store(true, Ordering::Relaxed);

@@ -6,7 +6,7 @@ use std::path::Path;
 use crate::md5::Md5;
 
 use crate::config::{DatabaseConfig, S3Config};
-use crate::upload::s3::{ObjectStore, PROBE_MARK};
+use crate::upload::s3::{IncompleteUploads, ObjectStore, PROBE_MARK};
 
 /// The outcome of all checks: printable lines, and whether any failed.
 #[derive(Debug, Default)]
@@ -166,6 +166,43 @@ async fn check_s3(s3: &S3Config, part_size: u64, c: &mut Checks) {
         (Ok(()), Ok(())) => c.ok("S3 read/write", format!("PUT, HEAD, GET and DELETE of a probe object under prefix {:?}", s3.prefix)),
         (Err((step, e)), _) => c.fail("S3 read/write", format!("{step} of the probe object failed: {e}")),
         (Ok(()), Err(e)) => c.fail("S3 read/write", format!("DELETE of the probe object failed (the daemon itself never deletes objects; the probe {key} stays): {}", crate::Chain(&e))),
+    }
+    check_incomplete_uploads(&store, c).await;
+}
+
+/// What to do about incomplete multipart uploads, whatever the provider lists.
+const LIFECYCLE_FIX: &str = "add a bucket lifecycle rule AbortIncompleteMultipartUpload with DaysAfterInitiation 1 to 7 (README, \"Incomplete multipart uploads\")";
+
+/// Incomplete multipart uploads under our prefix (a crash or `kill -9` mid-upload leaves one;
+/// their parts are billed). A note, not a failure: one may be an upload in flight right now.
+async fn check_incomplete_uploads(store: &ObjectStore, c: &mut Checks) {
+    const WHAT: &str = "incomplete multipart uploads";
+    let prefix = store.prefix();
+    match store.incomplete_uploads().await {
+        Ok(IncompleteUploads::Listed { uploads, .. }) if uploads.is_empty() => {
+            c.ok(WHAT, format!("none under prefix {prefix:?}"))
+        }
+        Ok(IncompleteUploads::Listed { uploads, truncated }) => {
+            let now = crate::state::now_ms();
+            let oldest = uploads.first().map_or_else(|| "unknown".into(), |u| u.age(now));
+            c.note(
+                WHAT,
+                format!(
+                    "{}{} under prefix {prefix:?}, the oldest started {oldest} ago: their parts are stored and billed until aborted (a crash or kill -9 mid-upload leaves one; one started minutes ago may be an upload in flight). {LIFECYCLE_FIX}; to clean now, `audit --fix` aborts those of media keys older than a day",
+                    if truncated { "at least " } else { "" },
+                    uploads.len()
+                ),
+            );
+        }
+        Ok(IncompleteUploads::Unsupported(_)) => c.note(
+            WHAT,
+            format!("not supported by this provider (it does not implement ListMultipartUploads), so they cannot be counted; where it supports lifecycle rules, {LIFECYCLE_FIX}"),
+        ),
+        Err(e) if e.status == Some(403) => c.note(
+            WHAT,
+            format!("cannot list them: access denied (the key needs s3:ListBucketMultipartUploads on the bucket); {LIFECYCLE_FIX}"),
+        ),
+        Err(e) => c.note(WHAT, format!("cannot list them: {}", crate::Chain(&e))),
     }
 }
 

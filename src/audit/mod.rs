@@ -8,7 +8,9 @@
 //!   an object of the same size);
 //! - **mismatched**: the object's size differs from the local file or our record, or its digest
 //!   (when the listing's ETag is an MD5 and a HEAD confirms it) differs from our record;
-//! - **orphan**: an object whose media has no database row; **unknown local**: the same for files.
+//! - **orphan**: an object whose media has no database row; **unknown local**: the same for files;
+//! - **incomplete uploads**: multipart uploads under the prefix never completed nor aborted
+//!   ([`incomplete`]; `--fix` aborts those of media keys older than a day).
 //!
 //! Safety (DESIGN.md 1, 5): the audit reads; it writes only with `--fix` (queues uploads) and
 //! `--delete-orphans` (see [`prune`]). Any S3, database or walk error aborts it before any deletion.
@@ -16,6 +18,7 @@
 //! audit saw it orphaned at least the grace period ago, and this one still does.
 
 mod forget;
+mod incomplete;
 mod incremental;
 pub mod job;
 pub mod limits;
@@ -253,6 +256,7 @@ impl Auditor<'_> {
                 }
             }
         }
+        incomplete::audit(self.store, &mut m.report, opts.fix, opts.dry_run, n).await;
         m.report.seconds = started.elapsed().as_secs_f64();
         Ok(m.report)
     }

@@ -100,6 +100,20 @@ pub struct Report {
     /// `too_many_deletions`), for metrics.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prune_refused_reason: Option<String>,
+    /// Incomplete multipart uploads under the prefix (ListMultipartUploads), by key without the
+    /// prefix, oldest first; their parts are billed. `bytes`: the parts of the oldest 100.
+    #[serde(default)]
+    pub incomplete_uploads: Category,
+    /// More than 10,000: `incomplete_uploads` counts the first ones.
+    #[serde(default)]
+    pub incomplete_uploads_more: bool,
+    /// Why they were not listed: "not supported by this provider" (no ListMultipartUploads), or
+    /// the error. `None`: listed.
+    #[serde(default)]
+    pub incomplete_uploads_unlisted: Option<String>,
+    /// With `--fix`: those older than a day with a media key, aborted (with `--dry-run`: would be).
+    #[serde(default)]
+    pub incomplete_uploads_aborted: u64,
 }
 
 impl Report {
@@ -168,6 +182,24 @@ impl fmt::Display for Report {
                 "rows",
             )?;
         }
+        match &self.incomplete_uploads_unlisted {
+            Some(why) => writeln!(f, "incomplete uploads:   {why}")?,
+            None => {
+                // More than were listed: the count is a lower bound.
+                let title = if self.incomplete_uploads_more {
+                    "incomplete uploads:   at least "
+                } else {
+                    "incomplete uploads:"
+                };
+                category(f, title, &self.incomplete_uploads, "multipart uploads")?;
+                if self.incomplete_uploads.count > 0 && !self.fix {
+                    writeln!(
+                        f,
+                        "    (their parts are billed until aborted: a bucket lifecycle rule AbortIncompleteMultipartUpload removes them; `audit --fix` aborts those older than a day now)"
+                    )?;
+                }
+            }
+        }
         if self.ignored_objects > 0 {
             writeln!(
                 f,
@@ -186,6 +218,18 @@ impl fmt::Display for Report {
                 "fix:                  {verb} {} uploads",
                 self.fix_queued
             )?;
+            let verb = if self.dry_run {
+                "would abort"
+            } else {
+                "aborted"
+            };
+            if self.incomplete_uploads.count > 0 {
+                writeln!(
+                    f,
+                    "fix:                  {verb} {} incomplete multipart uploads older than a day",
+                    self.incomplete_uploads_aborted
+                )?;
+            }
         }
         if self.delete_orphans {
             let verb = if self.dry_run {

@@ -11,7 +11,11 @@
 //!
 //! They meet only through the durable queue, the [`Intake`] that feeds it and the scan
 //! [`Signals`]. Shutdown: intake stops at once; uploads in flight get `shutdown_grace` to finish;
-//! the commit thread flushes; whatever is left stays in the durable queue for the next start.
+//! then their reads are cancelled (they end within a chunk) and their multipart uploads aborted
+//! (at most a few seconds more); the commit thread flushes; whatever is left stays in the durable
+//! queue for the next start. "Stopped." is logged once all of that is over: nothing of ours runs
+//! any more, except reads that hang in the kernel, which it counts (`abandoned_reads`) and the
+//! process's exit ends.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -251,13 +255,18 @@ pub async fn run_with(
     // Stop intake first (the watch is dropped when its stage ends), then let the pool drain.
     intake.cancel();
     while tasks.join_next().await.is_some() {}
-    let _ = dispatcher.await;
+    let drained = dispatcher.await.unwrap_or_default();
     let depth = queue.depth();
     // The stages' committer clones went with their tasks; these are the last ones (the queue
     // holds one too): the thread then flushes and ends.
     drop((queue, committer));
     handle.close().await;
-    tracing::info!(queued = depth.queued, "Stopped.");
+    tracing::info!(
+        queued = depth.queued,
+        aborted_multipart_uploads = drained.aborted_multiparts,
+        abandoned_reads = drained.abandoned_reads,
+        "Stopped."
+    );
     match failed {
         Some(e) => Err(DaemonError::State(StateError::Commit(e))),
         None => Ok(()),

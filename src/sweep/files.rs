@@ -10,6 +10,7 @@ use crate::state::Record;
 use crate::synapse_db::AgedMedia;
 use crate::upload::digest::{self, ReadOutcome, Snapshot, Stat};
 use crate::upload::s3::ObjectInfo;
+use tokio_util::sync::CancellationToken;
 
 /// Errors kept in a report, at most.
 const MAX_ERRORS: usize = 20;
@@ -102,11 +103,16 @@ pub struct Local {
 /// switches) were the largest share of a sweep's CPU in `perf`.
 pub type Examined = Vec<(MediaPath, Result<Option<Local>, String>)>;
 
-pub async fn examine(s: &Sweeper, media: &AgedMedia) -> Result<Examined, String> {
+pub async fn examine(
+    s: &Sweeper,
+    media: &AgedMedia,
+    cancel: &CancellationToken,
+) -> Result<Examined, String> {
     let (original, thumbs) = media_paths(media)?;
     let root = s.config.media_store_path.clone();
     let state = s.state.clone();
     let synapse = media.sha256();
+    let cancel = cancel.clone();
     tokio::task::spawn_blocking(move || {
         let paths = media_files(&root, original.clone(), thumbs)?;
         Ok(paths
@@ -114,7 +120,7 @@ pub async fn examine(s: &Sweeper, media: &AgedMedia) -> Result<Examined, String>
             .map(|p| {
                 // Synapse's hash is of the original; thumbnails have none.
                 let hash = if p == original { synapse } else { None };
-                let l = local(&state, &root, &p, hash);
+                let l = local(&state, &root, &p, hash, &cancel);
                 (p, l)
             })
             .collect())
@@ -161,12 +167,15 @@ fn media_files(
 }
 
 /// The file's snapshot and digests: from our record while the file still matches it (and holds
-/// the SHA-256 when Synapse's hash is to be compared), else read from the file. Blocking.
+/// the SHA-256 when Synapse's hash is to be compared), else read from the file. Blocking; a
+/// read stops within a chunk once `cancel` fires (the shutdown does not wait for a long hash):
+/// the file is kept, with that error.
 fn local(
     state: &crate::state::State,
     root: &Path,
     p: &MediaPath,
     synapse: Option<[u8; 32]>,
+    cancel: &CancellationToken,
 ) -> Result<Option<Local>, String> {
     let abs = p.to_path(root);
     let snapshot = match digest::stat(&abs).map_err(|e| e.to_string())? {
@@ -187,7 +196,7 @@ fn local(
             synapse,
         }));
     }
-    match digest::read_and_hash(&abs, 0, None).map_err(|e| e.to_string())? {
+    match digest::read_and_hash(&abs, 0, None, cancel).map_err(|e| e.to_string())? {
         ReadOutcome::Hashed(h) => Ok(Some(Local {
             snapshot: h.snapshot,
             md5: h.md5,

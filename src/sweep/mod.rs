@@ -277,7 +277,7 @@ impl Sweeper {
                     None => (
                         futures::stream::iter(media)
                             .map(|m| async {
-                                let examined = files::examine(self, &m).await;
+                                let examined = files::examine(self, &m, cancel).await;
                                 self.sweep_examined(
                                     m,
                                     examined,
@@ -331,7 +331,7 @@ impl Sweeper {
     ) -> (Vec<(files::MediaOutcome, bool)>, bool) {
         let examined: Vec<_> = futures::stream::iter(media)
             .map(|m| async {
-                let e = files::examine(self, &m).await;
+                let e = files::examine(self, &m, cancel).await;
                 (m, e)
             })
             .buffered(self.config.sweep.concurrency)

@@ -3,7 +3,10 @@
 //! each multipart part (large files, streamed from disk afterwards; `Content-MD5` on every part makes
 //! the server reject a part that changed between hashing and sending).
 //!
-//! Blocking: call from `spawn_blocking`.
+//! Blocking: call from `spawn_blocking`. The long reads (a file of several GB takes seconds to
+//! hash) look at a cancellation token between chunks of [`READ_BUF`] bytes and end with
+//! [`cancelled`] once it fires: a shutdown is not held up by a hash, and the file it was reading
+//! stays queued (see [`is_cancelled`]).
 
 use std::fs::File;
 use std::io::{self, Read};
@@ -13,10 +16,65 @@ use std::path::Path;
 use crate::md5::Md5;
 use crate::sha256::Sha256;
 use bytes::Bytes;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 /// Files up to this size are read into memory and sent from there.
 pub const INLINE_MAX: u64 = 1 << 20;
 const READ_BUF: usize = 256 * 1024;
+
+/// The marker inside the error a cancelled read ends with.
+#[derive(Debug, thiserror::Error)]
+#[error("cancelled: shutting down")]
+struct Cancelled;
+
+/// The error a read stopped by its cancellation token returns (`ErrorKind::Interrupted`, with a
+/// marker no system call produces).
+pub fn cancelled() -> io::Error {
+    io::Error::new(io::ErrorKind::Interrupted, Cancelled)
+}
+
+/// Whether `e` is [`cancelled`]: not the file's fault and not a failure; the file stays queued.
+pub fn is_cancelled(e: &io::Error) -> bool {
+    e.get_ref().is_some_and(|inner| inner.is::<Cancelled>())
+}
+
+/// The blocking tasks of uploads (open, read, hash, stat), tracked, with the token their reads
+/// look at. An upload future dropped at shutdown leaves its blocking task running, holding the
+/// file and the state database open: [`Reads::abandon`] stops their reads within a chunk, and
+/// [`Reads::ended`] says when they are over.
+#[derive(Default)]
+pub struct Reads {
+    cancel: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl Reads {
+    /// The token to hand to the reads run by [`Reads::run`].
+    pub fn token(&self) -> CancellationToken {
+        self.cancel.clone()
+    }
+
+    /// Every read stops at its next chunk with [`cancelled`]; later ones stop at their first.
+    pub fn abandon(&self) {
+        self.cancel.cancel();
+    }
+
+    /// Waits up to `within` for every task to end; returns how many still run.
+    pub async fn ended(&self, within: std::time::Duration) -> usize {
+        self.tasks.close();
+        let _ = tokio::time::timeout(within, self.tasks.wait()).await;
+        self.tasks.len()
+    }
+
+    /// Runs `f` on a blocking thread, tracked.
+    pub async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, tokio::task::JoinError> {
+        self.tasks.spawn_blocking(f).await
+    }
+}
 
 /// The identity of a file's content as far as the filesystem tells: size and mtime.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -156,8 +214,14 @@ impl std::fmt::Debug for Opened {
 
 impl Opened {
     /// Reads the file once and hashes it. With a `part_size` (multipart upload) the MD5 of every
-    /// part is computed too; otherwise files up to `inline_max` are kept in memory.
-    pub fn read_and_hash(self, inline_max: u64, part_size: Option<u64>) -> io::Result<ReadOutcome> {
+    /// part is computed too; otherwise files up to `inline_max` are kept in memory. Ends with
+    /// [`cancelled`] at the next chunk once `cancel` fires.
+    pub fn read_and_hash(
+        self,
+        inline_max: u64,
+        part_size: Option<u64>,
+        cancel: &CancellationToken,
+    ) -> io::Result<ReadOutcome> {
         let Opened { file, snapshot } = self;
         if part_size.is_none() && snapshot.size <= inline_max {
             let mut body = Vec::with_capacity(snapshot.size as usize + 1);
@@ -175,7 +239,7 @@ impl Opened {
                 content: Content::Inline(Bytes::from(body)),
             }));
         }
-        hash_parts(file, snapshot, part_size)
+        hash_parts(file, snapshot, part_size, cancel)
     }
 }
 
@@ -185,9 +249,10 @@ pub fn read_and_hash(
     path: &Path,
     inline_max: u64,
     part_size: Option<u64>,
+    cancel: &CancellationToken,
 ) -> io::Result<ReadOutcome> {
     match open(path)? {
-        Open::File(f) => f.read_and_hash(inline_max, part_size),
+        Open::File(f) => f.read_and_hash(inline_max, part_size, cancel),
         Open::Vanished => Ok(ReadOutcome::Vanished),
         Open::NotRegular => Ok(ReadOutcome::NotRegular),
     }
@@ -197,6 +262,7 @@ fn hash_parts(
     mut file: File,
     snapshot: Snapshot,
     part_size: Option<u64>,
+    cancel: &CancellationToken,
 ) -> io::Result<ReadOutcome> {
     let multipart = part_size.is_some();
     let part_size = part_size.unwrap_or(u64::MAX);
@@ -208,6 +274,11 @@ fn hash_parts(
     let mut parts = Vec::with_capacity(snapshot.size.div_ceil(part_size) as usize);
     let mut buf = vec![0u8; READ_BUF];
     loop {
+        // An atomic load per 256 KiB: a 3 GB file being hashed when the shutdown's grace ends
+        // stops within one chunk instead of holding the process for its whole read.
+        if cancel.is_cancelled() {
+            return Err(cancelled());
+        }
         // Never read across a part boundary, so each chunk belongs to exactly one part.
         let want = (part_size - in_part).min(READ_BUF as u64) as usize;
         let n = match file.read(&mut buf[..want]) {
@@ -267,8 +338,14 @@ pub const COMMON_PART_SIZES: &[u64] = &[
 /// Whether `etag` is the multipart ETag (`md5(md5(part 1) ‖ … ‖ md5(part N))-N`) of the file at
 /// `path` cut into parts of one of [`COMMON_PART_SIZES`], the file still being `snapshot`: a
 /// multipart object of another tool holds the same bytes as the file. Reads the file once per
-/// candidate part size that gives N parts (usually one). Blocking.
-pub fn multipart_etag_matches(path: &Path, snapshot: Snapshot, etag: &str) -> io::Result<bool> {
+/// candidate part size that gives N parts (usually one). Blocking; ends with [`cancelled`] once
+/// `cancel` fires.
+pub fn multipart_etag_matches(
+    path: &Path,
+    snapshot: Snapshot,
+    etag: &str,
+    cancel: &CancellationToken,
+) -> io::Result<bool> {
     let Some((hex_digest, n)) = etag.trim_matches('"').split_once('-') else {
         return Ok(false);
     };
@@ -288,7 +365,7 @@ pub fn multipart_etag_matches(path: &Path, snapshot: Snapshot, etag: &str) -> io
         if opened.snapshot != snapshot {
             return Ok(false);
         }
-        let ReadOutcome::Hashed(h) = hash_parts(opened.file, snapshot, Some(part))? else {
+        let ReadOutcome::Hashed(h) = hash_parts(opened.file, snapshot, Some(part), cancel)? else {
             return Ok(false);
         };
         let Content::Parts(parts, _) = h.content else {
@@ -322,10 +399,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let data: Vec<u8> = (0..(11u32 << 10)).map(|i| (i * 7 % 251) as u8).collect();
         let p = write(dir.path(), "f", &data);
-        let ReadOutcome::Hashed(inline) = read_and_hash(&p, u64::MAX, None).unwrap() else {
+        let ReadOutcome::Hashed(inline) =
+            read_and_hash(&p, u64::MAX, None, &CancellationToken::new()).unwrap()
+        else {
             panic!()
         };
-        let ReadOutcome::Hashed(parts) = read_and_hash(&p, 0, Some(4096)).unwrap() else {
+        let ReadOutcome::Hashed(parts) =
+            read_and_hash(&p, 0, Some(4096), &CancellationToken::new()).unwrap()
+        else {
             panic!()
         };
         assert_eq!(inline.md5, parts.md5);
@@ -337,7 +418,9 @@ mod tests {
         };
         assert_eq!(p.len(), 3);
         assert_eq!(p[2], <[u8; 16]>::from(::md5::Md5::digest(&data[8192..])));
-        let ReadOutcome::Hashed(streamed) = read_and_hash(&p_path(&dir), 0, None).unwrap() else {
+        let ReadOutcome::Hashed(streamed) =
+            read_and_hash(&p_path(&dir), 0, None, &CancellationToken::new()).unwrap()
+        else {
             panic!()
         };
         assert_eq!(streamed.md5, inline.md5);
@@ -363,18 +446,44 @@ mod tests {
             whole.update(::md5::Md5::digest(chunk));
         }
         let etag = format!("\"{}-3\"", hex::encode(whole.finalize()));
-        assert!(multipart_etag_matches(&p, snap, &etag).unwrap());
-        assert!(!multipart_etag_matches(&p, snap, &etag.replace("-3", "-4")).unwrap());
-        assert!(!multipart_etag_matches(&p, snap, &hex::encode([0u8; 16])).unwrap());
+        let go = CancellationToken::new();
+        assert!(multipart_etag_matches(&p, snap, &etag, &go).unwrap());
+        assert!(!multipart_etag_matches(&p, snap, &etag.replace("-3", "-4"), &go).unwrap());
+        assert!(!multipart_etag_matches(&p, snap, &hex::encode([0u8; 16]), &go).unwrap());
         let other = format!("{}-3", hex::encode([7u8; 16]));
-        assert!(!multipart_etag_matches(&p, snap, &other).unwrap());
+        assert!(!multipart_etag_matches(&p, snap, &other, &go).unwrap());
+        go.cancel();
+        let e = multipart_etag_matches(&p, snap, &etag, &go).unwrap_err();
+        assert!(is_cancelled(&e), "{e}");
+    }
+
+    /// A cancelled read ends with the cancellation error (not a read error of the file), and an
+    /// ordinary EINTR is not taken for one.
+    #[test]
+    fn a_cancelled_hash_ends_with_the_cancellation_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(dir.path(), "f", &[3u8; 3 << 20]);
+        let cancel = CancellationToken::new();
+        cancel.cancel();
+        let Open::File(f) = open(&p).unwrap() else {
+            panic!()
+        };
+        let e = f.read_and_hash(0, Some(1 << 20), &cancel).unwrap_err();
+        assert!(
+            is_cancelled(&e) && e.kind() == io::ErrorKind::Interrupted,
+            "{e}"
+        );
+        assert!(!is_cancelled(&io::Error::from(io::ErrorKind::Interrupted)));
+        assert!(!is_cancelled(&io::Error::from_raw_os_error(libc::EINTR)));
     }
 
     #[test]
     fn exact_multiple_of_part_size() {
         let dir = tempfile::tempdir().unwrap();
         let p = write(dir.path(), "f", &[1u8; 8192]);
-        let ReadOutcome::Hashed(h) = read_and_hash(&p, 0, Some(4096)).unwrap() else {
+        let ReadOutcome::Hashed(h) =
+            read_and_hash(&p, 0, Some(4096), &CancellationToken::new()).unwrap()
+        else {
             panic!()
         };
         let Content::Parts(parts, _) = h.content else {
@@ -401,7 +510,7 @@ mod tests {
         let link = dir.path().join("link");
         std::os::unix::fs::symlink(&target, &link).unwrap();
         assert!(matches!(
-            read_and_hash(&link, 1024, None).unwrap(),
+            read_and_hash(&link, 1024, None, &CancellationToken::new()).unwrap(),
             ReadOutcome::NotRegular
         ));
         assert_eq!(stat(&link).unwrap(), Stat::NotRegular);
@@ -409,12 +518,12 @@ mod tests {
         let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
         assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
         assert!(matches!(
-            read_and_hash(&fifo, 1024, None).unwrap(),
+            read_and_hash(&fifo, 1024, None, &CancellationToken::new()).unwrap(),
             ReadOutcome::NotRegular
         ));
         let gone = dir.path().join("gone");
         assert!(matches!(
-            read_and_hash(&gone, 1024, None).unwrap(),
+            read_and_hash(&gone, 1024, None, &CancellationToken::new()).unwrap(),
             ReadOutcome::Vanished
         ));
         assert_eq!(stat(&gone).unwrap(), Stat::Vanished);

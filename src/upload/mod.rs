@@ -48,6 +48,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio_util::sync::CancellationToken;
+
 use self::digest::{Content, Open, ReadOutcome, Stat};
 use self::heal::{HealError, Healed};
 use self::s3::{ErrorKind, ObjectInfo, ObjectStore, S3Error};
@@ -128,6 +130,10 @@ pub enum UploadError {
     State(#[from] StateError),
     #[error("the blocking reader task failed")]
     Join(#[from] tokio::task::JoinError),
+    /// Stopped by [`Uploader::abandon`] (the shutdown's grace is over): not a failure; the file
+    /// stays queued and is looked at again at the next start.
+    #[error("cancelled: shutting down; the file stays queued")]
+    Cancelled,
 }
 
 impl UploadError {
@@ -139,7 +145,8 @@ impl UploadError {
             | UploadError::Unverified { .. }
             | UploadError::Healing { .. }
             | UploadError::Arbiter { .. }
-            | UploadError::Join(_) => ErrorKind::Transient,
+            | UploadError::Join(_)
+            | UploadError::Cancelled => ErrorKind::Transient,
             // Out of file descriptors (ours or the system's) passes: not the file's fault.
             UploadError::Read { source, .. }
                 if matches!(source.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) =>
@@ -206,6 +213,8 @@ pub struct Uploader {
     /// Heal bad local copies (`Some(settle)`: not while open for writing, or younger than
     /// `settle` where leases are unavailable), or only report them (`None`).
     heal: Option<Duration>,
+    /// The blocking tasks (open, read, hash, stat) of the uploads, cancellable and tracked.
+    reads: digest::Reads,
 }
 
 impl Uploader {
@@ -225,7 +234,23 @@ impl Uploader {
             assume_absent: false,
             arbiter: None,
             heal: Some(Duration::from_secs(2)),
+            reads: digest::Reads::default(),
         }
+    }
+
+    /// The end of a shutdown's grace: every read in flight stops at its next chunk (with
+    /// [`UploadError::Cancelled`], which is no failure), and no new one starts. The caller then
+    /// drops the uploads and waits for [`Uploader::blocking_ended`].
+    pub fn abandon(&self) {
+        self.reads.abandon();
+    }
+
+    /// Waits up to `within` for the blocking tasks of this uploader's uploads to end (after
+    /// [`Uploader::abandon`] they end within one chunk of reading, unless a read itself hangs,
+    /// e.g. on a dead NFS server). Returns how many are still running: abandoned to the process's
+    /// exit.
+    pub async fn blocking_ended(&self, within: Duration) -> usize {
+        self.reads.ended(within).await
     }
 
     /// See [`Uploader::assume_absent`]: for a backfill into an empty prefix.
@@ -261,13 +286,15 @@ impl Uploader {
         // An object this upload wrote in an earlier round, from a file that then changed.
         let mut ours: Option<(u64, [u8; 16])> = None;
         for _round in 0..MAX_ROUNDS {
-            let prepared = blocking({
-                let (abs, state, p) = (abs.clone(), self.state.clone(), path.clone());
-                let (threshold, part_size) = (self.multipart_threshold, self.part_size);
-                let root = self.root.clone();
-                move || prepare(&root, &abs, &state, &p, threshold, part_size)
-            })
-            .await??;
+            let prepared = self
+                .reads
+                .run({
+                    let (abs, state, p) = (abs.clone(), self.state.clone(), path.clone());
+                    let (threshold, part_size) = (self.multipart_threshold, self.part_size);
+                    let (root, cancel) = (self.root.clone(), self.reads.token());
+                    move || prepare(&root, &abs, &state, &p, threshold, part_size, &cancel)
+                })
+                .await??;
             let (hashed, record) = match prepared {
                 Prepared::Hashed(h, r) => (h, r),
                 Prepared::Done(Outcome::Vanished) => return Ok(self.vanished(path).await),
@@ -353,12 +380,14 @@ impl Uploader {
                 }
             }
             ours = Some((size, hashed.md5));
-            let after = blocking({
-                let abs = abs.clone();
-                move || digest::stat(&abs)
-            })
-            .await?
-            .map_err(read_err)?;
+            let after = self
+                .reads
+                .run({
+                    let abs = abs.clone();
+                    move || digest::stat(&abs)
+                })
+                .await?
+                .map_err(read_err)?;
             match after {
                 Stat::File(s) if s == hashed.snapshot => {
                     return Ok(Outcome::Uploaded { record: new_record });
@@ -397,13 +426,12 @@ impl Uploader {
             return Ok(o);
         }
         let etag = o.etag.clone().unwrap_or_default();
-        let path = abs.to_owned();
-        let same = blocking(move || digest::multipart_etag_matches(&path, snapshot, &etag))
+        let (path, cancel) = (abs.to_owned(), self.reads.token());
+        let same = self
+            .reads
+            .run(move || digest::multipart_etag_matches(&path, snapshot, &etag, &cancel))
             .await?
-            .map_err(|source| UploadError::Read {
-                path: abs.to_owned(),
-                source,
-            })?;
+            .map_err(|source| read_error(abs, source))?;
         if same {
             o.meta_md5 = Some(local.md5);
         }
@@ -529,7 +557,19 @@ enum Prepared {
     Changed,
 }
 
-/// Steps 1–3: open, compare with the record, read and hash. Blocking.
+/// A read error of `abs`, or [`UploadError::Cancelled`] for a read stopped by the shutdown.
+fn read_error(abs: &Path, source: std::io::Error) -> UploadError {
+    if digest::is_cancelled(&source) {
+        return UploadError::Cancelled;
+    }
+    UploadError::Read {
+        path: abs.to_owned(),
+        source,
+    }
+}
+
+/// Steps 1–3: open, compare with the record, read and hash. Blocking; ends with
+/// [`UploadError::Cancelled`] once `cancel` fires (checked between chunks of the read).
 fn prepare(
     root: &Path,
     abs: &Path,
@@ -537,11 +577,12 @@ fn prepare(
     path: &MediaPath,
     multipart_threshold: u64,
     part_size: u64,
+    cancel: &CancellationToken,
 ) -> Result<Prepared, UploadError> {
-    let read_err = |source| UploadError::Read {
-        path: abs.to_owned(),
-        source,
-    };
+    if cancel.is_cancelled() {
+        return Err(UploadError::Cancelled);
+    }
+    let read_err = |source| read_error(abs, source);
     // A symlinked directory on the way would make us read a file outside the store.
     if !path.parents_are_dirs(root).map_err(read_err)? {
         return Ok(Prepared::Done(
@@ -566,7 +607,7 @@ fn prepare(
         (snap.size >= multipart_threshold).then(|| s3::part_size_for(snap.size, part_size));
     Ok(
         match opened
-            .read_and_hash(digest::INLINE_MAX, part_size)
+            .read_and_hash(digest::INLINE_MAX, part_size, cancel)
             .map_err(read_err)?
         {
             ReadOutcome::Hashed(h) => Prepared::Hashed(h, record),
@@ -588,12 +629,6 @@ pub fn limit_malloc_arenas() {
     unsafe {
         libc::mallopt(libc::M_ARENA_MAX, 2);
     }
-}
-
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> T + Send + 'static,
-) -> Result<T, tokio::task::JoinError> {
-    tokio::task::spawn_blocking(f).await
 }
 
 #[cfg(test)]

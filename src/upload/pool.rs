@@ -33,6 +33,19 @@ pub struct Stats {
     failures: AtomicU64,
 }
 
+/// How long the pool waits, once its grace is over, for the blocking reads it cancelled.
+const READS_END_WITHIN: Duration = Duration::from_secs(2);
+
+/// What the pool left behind when it stopped.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Drained {
+    /// Blocking reads still running (a read that hangs, e.g. on a dead NFS server): abandoned to
+    /// the process's exit.
+    pub abandoned_reads: usize,
+    /// Multipart uploads dropped by the end of the grace and aborted in the bucket.
+    pub aborted_multiparts: usize,
+}
+
 /// The upload stage.
 pub struct Pool {
     pub queue: Arc<Queue>,
@@ -86,8 +99,10 @@ impl Pool {
     }
 
     /// Claims due items and runs up to `upload.concurrency` uploads at once until `cancel`; then
-    /// lets the uploads in flight finish within `shutdown_grace` (the rest stays queued).
-    pub async fn run(self, cancel: CancellationToken) {
+    /// lets the uploads in flight finish within `shutdown_grace` (the rest stays queued), stops
+    /// the reads and aborts the multipart uploads of those that did not (within a few seconds
+    /// more: [`READS_END_WITHIN`], [`crate::upload::s3::ABANDONED_WITHIN`]).
+    pub async fn run(self, cancel: CancellationToken) -> Drained {
         let s = Arc::new(self);
         let mut running = JoinSet::new();
         // The store's limiter decides how many run at once: adaptive, at most `upload.concurrency`,
@@ -137,12 +152,33 @@ impl Pool {
             tokio::select! {
                 _ = &mut grace => {
                     tracing::warn!(left = running.len(), "Grace period over; unfinished uploads stay queued.");
+                    // The reads first: a dropped upload leaves its blocking read running (a 3 GB
+                    // hash held the process 12 s past a 1 s grace); cancelled, it ends within a
+                    // chunk as `Cancelled`, which records nothing.
+                    s.uploader.abandon();
                     running.abort_all();
                     while running.join_next().await.is_some() {}
                     break;
                 }
                 _ = running.join_next() => {}
             }
+        }
+        // The dropped uploads' futures are gone: their multipart uploads would keep their parts
+        // in the bucket (billed) until a lifecycle rule removes them. Abort them now, while the
+        // cancelled reads end.
+        let (abandoned_reads, aborted_multiparts) = tokio::join!(
+            s.uploader.blocking_ended(READS_END_WITHIN),
+            s.uploader.store().abort_abandoned()
+        );
+        if abandoned_reads > 0 {
+            tracing::warn!(
+                reads = abandoned_reads,
+                "Reads of media files still running after the shutdown's grace (a hung filesystem?); abandoned: the process exits without them."
+            );
+        }
+        Drained {
+            abandoned_reads,
+            aborted_multiparts,
         }
     }
 }
@@ -283,6 +319,12 @@ async fn process(s: Arc<Pool>, path: MediaPath, settle: bool, permit: Permit) {
         }
         Ok(Outcome::Unchanged | Outcome::Vanished | Outcome::NotRegular) => {
             s.queue.finish(&path, None).await
+        }
+        // The shutdown stopped it (only possible once the grace is over): no failure, no state
+        // write; the file is still in the durable queue for the next start.
+        Err(UploadError::Cancelled) => {
+            s.queue.defer(&path, now_ms());
+            Ok(())
         }
         Err(e) if signal == Signal::Unavailable && breaker == Breaker::Open => {
             // S3 is down (the breaker logged it once, with counts): put the file back as it was,

@@ -150,6 +150,9 @@ pub struct ObjectStore {
     limiter: Arc<Limiter>,
     /// `request_checksum_calculation: when_supported` (aws-chunked bodies with trailers).
     checksum_trailers: bool,
+    /// Multipart uploads created and neither completed nor aborted yet (upload id → key): an
+    /// upload dropped at shutdown leaves its entry here for [`ObjectStore::abort_abandoned`].
+    multiparts: multipart::InFlight,
 }
 
 impl ObjectStore {
@@ -219,6 +222,7 @@ impl ObjectStore {
             part_size,
             limiter,
             checksum_trailers: checksum(cfg.request_checksum_calculation),
+            multiparts: multipart::InFlight::default(),
         }
     }
 
@@ -431,8 +435,9 @@ impl ObjectStore {
 
     /// Multipart upload of `file`, streamed part by part from disk with each part's
     /// `Content-MD5` (computed beforehand by [`crate::upload::digest`]). Aborted on any failure so no
-    /// half-upload lingers (a crash can still leave one: a bucket lifecycle rule for incomplete
-    /// multipart uploads cleans those).
+    /// half-upload lingers; one dropped mid-way (the shutdown's grace ended) stays registered and
+    /// is aborted by [`ObjectStore::abort_abandoned`]. A crash or `kill -9` can still leave one:
+    /// `check` and `audit` list them, a bucket lifecycle rule cleans them.
     pub async fn put_multipart(
         &self,
         key: &str,
@@ -474,6 +479,10 @@ impl ObjectStore {
                 hint: String::new(),
             });
         };
+        // Registered before the first part: from here on a dropped future leaves the id behind.
+        // (Dropped while CreateMultipartUpload is in flight, the id is never known: only the
+        // lifecycle rule cleans that one.)
+        self.multiparts.insert(&upload_id, key);
         let path = fd_path(file);
         let result = self
             .upload_parts(key, &upload_id, &path, size, part_size, part_md5s)
@@ -513,6 +522,7 @@ impl ObjectStore {
                 tracing::warn!(key, error = %e, "Could not abort the failed multipart upload; a lifecycle rule will clean it.");
             }
         }
+        self.multiparts.remove(&upload_id);
         result
     }
 
@@ -573,6 +583,9 @@ impl ObjectStore {
 }
 
 mod list;
+mod multipart;
+
+pub use self::multipart::{ABANDONED_WITHIN, Incomplete, IncompleteUploads};
 
 #[cfg(test)]
 #[path = "s3_tests.rs"]

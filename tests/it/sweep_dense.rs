@@ -16,7 +16,7 @@ use crate::sweep::{Fixture, fixture};
 
 /// moto's S3 server from the environment (scripts/test.sh starts it). Fails, never skips, when
 /// it is not there.
-fn moto_env() -> S3Env {
+pub(crate) fn moto_env() -> S3Env {
     let endpoint = std::env::var("SSO_TEST_MOTO_ENDPOINT").unwrap_or_else(|_| {
         panic!(
             "no SSO_TEST_MOTO_ENDPOINT: run the tests with scripts/test.sh, which installs and starts moto's S3 server"
