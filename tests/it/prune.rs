@@ -502,3 +502,98 @@ async fn the_forget_and_prune_commands() {
         keys(&left)
     );
 }
+
+/// The prune job shares the sweep's lock: when its PostgreSQL session ends mid-run (a restart, a
+/// cut connection; here the server terminates it) another instance could take the lock, so the
+/// run stops with an error instead of deleting on. What it deleted were orphans; the next run
+/// deletes the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prune_that_loses_its_lock_stops() {
+    let env = s3_env();
+    let proxy = crate::faults_proxy::FaultProxy::start(env.addr, 18).await;
+    let endpoint = proxy.endpoint();
+    let c = case(&env, |raw| {
+        raw.s3.endpoint_url = Some(endpoint);
+        raw.prune.max_orphan_percent = Some(100.0);
+    })
+    .await;
+    // Forty more media, uploaded, then deleted through Synapse: 80 orphaned objects.
+    let ids: Vec<String> = (0..40).map(|i| format!("ffLOCK{i:07}")).collect();
+    for (i, id) in ids.iter().enumerate() {
+        c.db.local(id, days_ago(1), None, None).await;
+        c.db.local_thumb(id, 32, 32, "image/png", "crop").await;
+        let (a, b, r) = (&id[..2], &id[2..4], &id[4..]);
+        c.store.write(
+            &format!("local_content/{a}/{b}/{r}"),
+            &bytes(500 + i as u64, 100),
+        );
+        c.store.write(
+            &format!("local_thumbnails/{a}/{b}/{r}/32-32-image-png-crop"),
+            &bytes(600 + i as u64, 20),
+        );
+    }
+    let s = backfill::run(&c.config, Progress::Log, CancellationToken::new())
+        .await
+        .unwrap();
+    assert_eq!(s.failed, 0, "{s}");
+    for id in &ids {
+        synapse_deletes(&c, id).await;
+    }
+    let before = list_sizes(&env, &c.bucket).await.len();
+    let first = prune(&c.config, PrunePath::Incremental).await;
+    assert_eq!((first.orphans, first.deleted.count), (80, 0), "{first}");
+    tokio::time::sleep(GRACE).await;
+    // Slow DELETEs: the run lasts long enough to lose its lock in the middle.
+    proxy.latency(Duration::from_millis(150));
+    let cfg = c.config.clone();
+    let run = tokio::spawn(async move {
+        job::run_standalone(
+            &cfg,
+            Some(PrunePath::Incremental),
+            false,
+            &CancellationToken::new(),
+        )
+        .await
+    });
+    eventually("the first deletions", Duration::from_secs(30), || async {
+        match list_sizes(&env, &c.bucket).await.len() < before {
+            true => Ok(()),
+            false => Err("nothing deleted yet".to_owned()),
+        }
+    })
+    .await;
+    c.db.client
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' \
+             AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+            &[],
+        )
+        .await
+        .unwrap();
+    let stopped = run.await.unwrap();
+    proxy.latency(Duration::ZERO);
+    let why = match stopped {
+        Err(audit::AuditError::LostLock(why)) => why,
+        other => panic!("the run went on after losing its lock: {other:?}"),
+    };
+    assert!(why.contains("PostgreSQL"), "{why}");
+    let left = list_sizes(&env, &c.bucket).await;
+    assert!(
+        left.len() > before - 80,
+        "stopped early: {} of 80 left",
+        left.len() + 80 - before
+    );
+    for k in NEVER_TOUCHED {
+        assert!(left.contains_key(k), "{k} was deleted");
+    }
+    // The next run takes the lock again and finishes.
+    let r = prune_until_deleted(
+        &c.config,
+        PrunePath::Incremental,
+        Instant::now() - GRACE,
+        Duration::from_secs(20),
+    )
+    .await;
+    assert!(r.deleted.count > 0, "{r}");
+    assert_eq!(list_sizes(&env, &c.bucket).await.len(), before - 80);
+}
