@@ -69,24 +69,30 @@ async fn audit_report(config: &synapse_s3_offload::config::Config, fix: bool) ->
         .unwrap()
 }
 
+/// The config file of `store` for `bucket` on `env`; `s3_extra` goes into the `s3:` section.
+fn write_config(store: &Store, env: &S3Env, bucket: &str, s3_extra: &str) -> std::path::PathBuf {
+    let cfg = store.dir.path().join("config.yaml");
+    write_yaml(
+        &cfg,
+        &config_yaml(
+            store,
+            &env.endpoint,
+            bucket,
+            (&env.access_key, &env.secret_key),
+            s3_extra,
+            "",
+        ),
+    );
+    cfg
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_and_audit_count_incomplete_uploads_under_the_prefix_only() {
     let env = moto_env();
     let bucket = create_bucket(&env, "incomplete").await;
     let store = Store::new();
     let db = TestDb::create().await;
-    let cfg = store.dir.path().join("config.yaml");
-    write_yaml(
-        &cfg,
-        &config_yaml(
-            &store,
-            &env.endpoint,
-            &bucket,
-            (&env.access_key, &env.secret_key),
-            "  prefix: media/\n",
-            "",
-        ),
-    );
+    let cfg = write_config(&store, &env, &bucket, "  prefix: media/\n");
     let clean = check(&cfg);
     assert!(
         line(&clean, "incomplete multipart uploads").starts_with("✓")
@@ -178,18 +184,7 @@ async fn without_list_multipart_uploads_check_and_audit_say_so() {
     let bucket = create_bucket(&env, "nolistmp").await;
     let store = Store::new();
     let db = TestDb::create().await;
-    let cfg = store.dir.path().join("config.yaml");
-    write_yaml(
-        &cfg,
-        &config_yaml(
-            &store,
-            &env.endpoint,
-            &bucket,
-            (&env.access_key, &env.secret_key),
-            "",
-            "",
-        ),
-    );
+    let cfg = write_config(&store, &env, &bucket, "");
     let out = check(&cfg);
     let l = line(&out, "incomplete multipart uploads");
     assert!(

@@ -562,14 +562,7 @@ async fn a_prune_that_loses_its_lock_stops() {
         }
     })
     .await;
-    c.db.client
-        .execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' \
-             AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
-            &[],
-        )
-        .await
-        .unwrap();
+    c.db.end_lock_sessions().await;
     let stopped = run.await.unwrap();
     proxy.latency(Duration::ZERO);
     let why = match stopped {

@@ -532,14 +532,7 @@ async fn a_lock_whose_reply_times_out_is_not_left_held() {
     // Held: confirmed as such. Its session ended by the server (as by a restart): noticed.
     let lock = sweeps.try_lock().await.unwrap().expect("the lock is free");
     lock.still_held().await.unwrap();
-    db.client
-        .execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' \
-             AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
-            &[],
-        )
-        .await
-        .unwrap();
+    db.end_lock_sessions().await;
     eventually("the lost lock noticed", Duration::from_secs(10), || async {
         match lock.still_held().await {
             Err(why) => {

@@ -559,6 +559,19 @@ impl TestDb {
         }
     }
 
+    /// Ends the PostgreSQL sessions holding advisory locks in this database (the sweep's lock),
+    /// as a server restart or a cut connection would.
+    pub async fn end_lock_sessions(&self) {
+        self.client
+            .execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' \
+                 AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+                &[],
+            )
+            .await
+            .unwrap();
+    }
+
     /// Inserts a local media row; `last_access` None = never downloaded.
     pub async fn local(
         &self,
