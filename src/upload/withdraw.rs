@@ -17,6 +17,7 @@
 //! database, or when it does not answer, the object is kept and recorded as before; the prune job
 //! (`prune.enabled`) or `audit --delete-orphans` removes it later.
 
+use std::path::Path;
 use std::time::Duration;
 
 use crate::layout::{MediaPath, MediaRef};
@@ -65,6 +66,13 @@ impl Uploader {
         let (Some(db), Some(media)) = (&self.arbiter, path.media()) else {
             return Vanished::Kept;
         };
+        // Synapse removes the file, never its directory: a file gone with its directory is the
+        // store unmounted, replaced or moved away (the new store may not hold it yet, its row may
+        // come later), not a rejection.
+        let parent = path.to_path(&self.root);
+        if !parent.parent().is_some_and(Path::is_dir) {
+            return Vanished::Kept;
+        }
         let present = match &media {
             MediaRef::Local(id) => db
                 .local_media_present(std::slice::from_ref(id))

@@ -75,16 +75,57 @@ pub enum Msg {
     Error(notify::Error),
 }
 
-/// The live watcher. Dropping it stops the watch.
+/// The live watcher: one non-recursive inotify watch per directory, added by
+/// [`Watch::add_tree`] (the whole store at setup, each new directory as it appears). Dropping it
+/// stops the watch.
+///
+/// Why not notify's recursive mode: it adds all the watches in notify's own thread, which reads
+/// no event meanwhile, while its walk's opendirs are events on the watches already added (notify
+/// watches opens). Any store of more than ~16,000 directories (a year of Synapse media has far
+/// more) overflowed the kernel queue during every setup: each overflow asked for a new watch,
+/// whose setup overflowed again — a full scan and a new watch every 5 s, for ever (seen on 24,000
+/// directories). One `watch` call per directory lets notify's thread read between two.
 pub struct Watch {
-    _watcher: notify::RecommendedWatcher,
+    watcher: std::sync::Mutex<notify::RecommendedWatcher>,
 }
 
-/// Starts watching `root` recursively; events go to `tx`. When `tx` is full the event is dropped
-/// and `overflowed(kernel_overflow)` is called instead (`true` when the event dropped was the
-/// kernel's own queue overflow): the daemon then rescans (never blocks notify's thread, never
-/// loses a file silently). Blocking: adding the watches walks the whole tree.
-pub fn start(
+impl Watch {
+    /// Watches `dir` and every directory below it (symlinks are not followed). Returns how many
+    /// were watched. A directory removed meanwhile is skipped; the watch limit
+    /// (`fs.inotify.max_user_watches`) anywhere, or any error on `dir` itself, is the error.
+    /// Blocking: walks the tree.
+    pub fn add_tree(&self, dir: &Path) -> Result<u64, notify::Error> {
+        let mut n = 0;
+        let dirs = walkdir::WalkDir::new(dir)
+            .follow_links(false)
+            .into_iter()
+            .filter_map(Result::ok)
+            .filter(|e| e.file_type().is_dir());
+        for entry in dirs {
+            let r = self
+                .watcher
+                .lock()
+                .expect("not poisoned")
+                .watch(entry.path(), RecursiveMode::NonRecursive);
+            match r {
+                Ok(()) => n += 1,
+                Err(e) if matches!(e.kind, notify::ErrorKind::PathNotFound) => {}
+                Err(e) if is_watch_limit(&e) || entry.depth() == 0 => return Err(e),
+                // An unreadable subdirectory: the scans report it (degraded until readable).
+                Err(e) => {
+                    tracing::debug!(dir = %entry.path().display(), error = %e, "Cannot watch a directory.")
+                }
+            }
+        }
+        Ok(n)
+    }
+}
+
+/// A watcher with no watch yet (see [`Watch::add_tree`]); events go to `tx`. When `tx` is full the
+/// event is dropped and `overflowed(kernel_overflow)` is called instead (`true` when the event
+/// dropped was the kernel's own queue overflow): the daemon then rescans (never blocks notify's
+/// thread, never loses a file silently).
+pub fn watcher(
     root: &Path,
     tx: tokio::sync::mpsc::Sender<Msg>,
     overflowed: impl Fn(bool) + Send + 'static,
@@ -108,9 +149,21 @@ pub fn start(
     // notify follows symlinked directories by default: their events would then name files outside
     // the store under store paths. Never follow them (invariant 5); scans do not either.
     let config = notify::Config::default().with_follow_symlinks(false);
-    let mut watcher = notify::RecommendedWatcher::new(handler, config)?;
-    watcher.watch(root, RecursiveMode::Recursive)?;
-    Ok(Watch { _watcher: watcher })
+    let watcher = notify::RecommendedWatcher::new(handler, config)?;
+    Ok(Watch {
+        watcher: std::sync::Mutex::new(watcher),
+    })
+}
+
+/// [`watcher`] with the whole tree of `root` watched. Blocking.
+pub fn start(
+    root: &Path,
+    tx: tokio::sync::mpsc::Sender<Msg>,
+    overflowed: impl Fn(bool) + Send + 'static,
+) -> Result<Watch, notify::Error> {
+    let w = watcher(root, tx, overflowed)?;
+    w.add_tree(root)?;
+    Ok(w)
 }
 
 /// Whether the watch stage does anything with `event`: an action, or the root's own removal.

@@ -18,6 +18,7 @@
 use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc::Receiver;
@@ -100,11 +101,13 @@ impl Watcher {
             // change at the next check (one more setup), never as a missed one.
             let id = identity(&self.intake.root);
             let (tx, rx) = tokio::sync::mpsc::channel(self.event_buffer);
-            let setup = self.setup(tx, id.is_some(), first);
+            let watch = self.watcher(tx, id.is_some());
+            let setup = self.setup(watch.clone(), first);
             first = false;
-            let end = self.events(rx, id, &cancel).await;
+            let end = self.events(rx, id, watch.as_ref(), &cancel).await;
             // Waits for the watches to be added (or failed), then drops them.
-            drop(setup.await.ok().flatten());
+            let _ = setup.await;
+            drop(watch);
             match end {
                 End::Stop => return,
                 End::Rewatch(why) => {
@@ -115,39 +118,50 @@ impl Watcher {
         }
     }
 
-    /// Adds the watches on a blocking thread (it walks the whole tree). Runs beside the startup
-    /// scan, not before it, and while events are handled (the channel would overflow otherwise).
-    /// The live watch is the task's output: it lives in the join handle until awaited.
-    fn setup(
+    /// A new watcher (no watch yet), or `None` when the root is missing or notify cannot start.
+    fn watcher(
         &self,
         tx: tokio::sync::mpsc::Sender<Msg>,
         root_present: bool,
-        first: bool,
-    ) -> tokio::task::JoinHandle<Option<super::Watch>> {
+    ) -> Option<Arc<super::Watch>> {
+        if !root_present {
+            // The event loop reports it (RootGone) and asks again once it is back.
+            self.signals.watch_failed();
+            return None;
+        }
+        let overflowed = self.signals.clone();
+        // Our channel being full loses only our copies of events: a full scan closes that gap.
+        // A kernel overflow: the new watch's setup asks for the full scan once its watches are in
+        // place (see the event loop's `Action::Rescan`).
+        let w = super::watcher(&self.intake.root, tx, move |kernel_overflow| {
+            if kernel_overflow {
+                tracing::warn!(
+                    "inotify queue overflowed; scanning the store and watching it again."
+                );
+                overflowed.rewatch();
+            } else {
+                overflowed.full_scan();
+            }
+        });
+        match w {
+            Ok(w) => Some(Arc::new(w)),
+            Err(e) => {
+                self.signals.watch_failed();
+                watch_failed(&self.signals, &e);
+                None
+            }
+        }
+    }
+
+    /// Adds the watches on a blocking thread (it walks the whole tree). Runs beside the startup
+    /// scan, not before it, and while events are handled (the channel would overflow otherwise).
+    fn setup(&self, watch: Option<Arc<super::Watch>>, first: bool) -> tokio::task::JoinHandle<()> {
         let root = self.intake.root.clone();
         let signals = self.signals.clone();
         tokio::task::spawn_blocking(move || {
-            if !root_present {
-                // The event loop reports it (RootGone) and asks again once it is back.
-                signals.watch_failed();
-                return None;
-            }
-            let overflowed = signals.clone();
-            // Our channel being full loses only our copies of events: notify's own thread still
-            // adds the watches of new directories, so a full scan closes that gap; unless the
-            // event lost was the kernel's own overflow, which needs a new watch too.
-            let w = super::start(&root, tx, move |kernel_overflow| {
-                overflowed.full_scan();
-                if kernel_overflow {
-                    tracing::warn!(
-                        "inotify queue overflowed; scanning the store and watching it again."
-                    );
-                    overflowed.rewatch();
-                }
-            });
-            match &w {
-                Ok(_) => {
-                    let dirs = crate::scan::count_dirs(&root);
+            let Some(watch) = watch else { return };
+            match watch.add_tree(&root) {
+                Ok(dirs) => {
                     metrics::gauge!(crate::metrics::WATCHED_DIRS).set(dirs as f64);
                     if first {
                         tracing::info!(dirs, "Watching the media store.");
@@ -162,10 +176,9 @@ impl Watcher {
                 }
                 Err(e) => {
                     signals.watch_failed();
-                    watch_failed(&signals, e);
+                    watch_failed(&signals, &e);
                 }
             }
-            w.ok()
         })
     }
 
@@ -176,6 +189,7 @@ impl Watcher {
         &self,
         mut rx: Receiver<Msg>,
         id: Option<Identity>,
+        watch: Option<&Arc<super::Watch>>,
         cancel: &CancellationToken,
     ) -> End {
         let s = &self.signals;
@@ -244,11 +258,16 @@ impl Watcher {
                             match action {
                                 Action::Rescan => {
                                     // The kernel dropped events, "directory created" ones too:
-                                    // those directories have no watch. Scan now, watch again.
+                                    // those directories have no watch. Watch again, then scan:
+                                    // the setup asks for the scan once its watches are added
+                                    // (`Signals::watching`). Not both at once: notify's thread
+                                    // reads no event while it adds watches, and the scan's
+                                    // opendirs (an event each on the new watches) overflowed the
+                                    // new queue again; a soak saw 208 overflows in a row after
+                                    // one real one, a full scan and a new watch every 5 s.
                                     tracing::warn!(
                                         "inotify queue overflowed; scanning the store and watching it again."
                                     );
-                                    s.full_scan();
                                     end = end.or(Some(End::Rewatch("overflow")));
                                 }
                                 Action::Dir(dir) => {
@@ -275,9 +294,21 @@ impl Watcher {
                     }
                 }
             }
-            // The batch's new directories are scanned together; everything is enqueued in one
-            // commit.
+            // The batch's new directories are watched (with what they already hold), then scanned
+            // together; everything is enqueued in one commit.
             if !new_dirs.is_empty() {
+                if let Some(w) = watch {
+                    let (w, dirs, s) = (w.clone(), new_dirs.clone(), s.clone());
+                    let _ = tokio::task::spawn_blocking(move || {
+                        for d in dirs {
+                            match w.add_tree(&d) {
+                                Err(e) if super::is_watch_limit(&e) => watch_failed(&s, &e),
+                                _ => {}
+                            }
+                        }
+                    })
+                    .await;
+                }
                 files.extend(self.intake.scan_dirs(new_dirs).await);
             }
             if !files.is_empty() {

@@ -78,6 +78,58 @@ async fn after_an_inotify_overflow_new_directories_are_watched_again() {
     child.stop();
 }
 
+/// One overflow on a store of many directories turned into an endless storm: the overflow's full
+/// scan ran beside the new watch's setup, whose thread reads no event while it adds watches, and
+/// the scan's opendirs (an event each on the new watches) overflowed the new queue again: a full
+/// scan and a new watch every 5 s (208 in a 30-minute soak). Now the scan waits for the watch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_overflow_on_a_large_store_is_one_rewatch_not_a_storm() {
+    let env = s3_env();
+    let bucket = create_bucket(&env, "storm").await;
+    let store = Store::new();
+    let queued: usize = std::fs::read_to_string("/proc/sys/fs/inotify/max_queued_events")
+        .map(|s| s.trim().parse().unwrap())
+        .unwrap_or(16_384);
+    // More directories than the kernel queue holds events (none has a file: nothing to upload).
+    tokio::task::block_in_place(|| {
+        for i in 0..queued + 8_000 {
+            let d = store
+                .root
+                .join(format!("local_content/{:02x}/{:04x}", i % 256, i));
+            std::fs::create_dir_all(d).unwrap();
+        }
+    });
+    std::fs::create_dir(store.root.join("noise")).unwrap();
+    let (cfg, log) = daemon_files(&store, &env, &env.endpoint, &bucket, "");
+    let child = ChildDaemon::spawn(&cfg, &log, &[]);
+    child.ready().await;
+    wait_until("the startup scan", Duration::from_secs(60), || {
+        child.log().contains("Scan finished")
+    })
+    .await;
+    signal(child.id(), libc::SIGSTOP);
+    let noise = store.root.join("noise/noise");
+    tokio::task::block_in_place(|| {
+        for _ in 0..queued / 2 + 1_000 {
+            drop(std::fs::File::create(&noise).unwrap());
+        }
+    });
+    signal(child.id(), libc::SIGCONT);
+    wait_until("the overflow noticed", Duration::from_secs(30), || {
+        child.log().contains("inotify queue overflowed")
+    })
+    .await;
+    // Long enough for four more rounds of the storm (a new watch at most every 5 s).
+    let until = std::time::Instant::now() + Duration::from_secs(22);
+    wait_until("20 s after the overflow", Duration::from_secs(30), || {
+        std::time::Instant::now() >= until
+    })
+    .await;
+    let overflows = child.log().matches("inotify queue overflowed").count();
+    assert!(overflows <= 2, "{overflows} overflows after one: a storm");
+    child.stop();
+}
+
 /// `mv media media.old; mkdir media` left the watch on the old directory: nothing written into
 /// the new one was uploaded, without a word.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
