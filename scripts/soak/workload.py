@@ -192,6 +192,14 @@ def burst(args):
             db.add(f"INSERT INTO local_media_repository (media_id, media_type, media_length, "
                    f"created_ts, upload_name, user_id) VALUES ({q(i)}, 'image/png', 1, "
                    f"{now_ms}, 'burst', '@soak:example.com');")
+    # New directories are not watched yet, so their files make no events: rewrite one file at the
+    # root (not a media path, never uploaded) as many times again, which overflows the queue for
+    # sure (opens, writes and closes alternate, so the kernel cannot merge them).
+    noise = os.path.join(args.root, "soak-noise")
+    for _ in range(args.count):
+        with open(noise, "wb") as f:
+            f.write(b"x")
+    os.remove(noise)
     for _ in range(120):
         db.flush()
         if not db.pending:
