@@ -106,7 +106,8 @@ metrics:
 EOF
 chmod 600 "$work/config.yaml"
 
-RUST_LOG=info "$bin" --config "$work/config.yaml" run 2>"$work/daemon.log" &
+# The daemon's default log filter (info, and the noise it leaves out), as an admin runs it.
+env -u RUST_LOG "$bin" --config "$work/config.yaml" run 2>"$work/daemon.log" &
 daemon_pid=$!
 
 # RSS of the daemon every 2 s (kB).

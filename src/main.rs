@@ -147,7 +147,11 @@ const SIGV4_CAP: &str = "aws_sigv4=debug";
 fn init_logging(format: LogFormat) {
     use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new("info,aws_config=warn,aws_smithy_runtime=warn")
+        // notify warns each time a watched directory is deleted (it removes the watch twice: for
+        // the parent's delete event and the directory's own); hundreds of lines an hour.
+        tracing_subscriber::EnvFilter::new(
+            "info,aws_config=warn,aws_smithy_runtime=warn,notify::inotify=error",
+        )
     });
     // aws_sigv4 logs every request it signs, headers included, at TRACE: the SSE-C key travels in a
     // header (tests/it/security.rs caught it). Capped at DEBUG whatever RUST_LOG says, so that no
