@@ -72,9 +72,11 @@ esac
 s3port=$port
 if ((rtt > 0)); then
   # The latency proxy (examples/latency_proxy.rs): every client talks to it, it to the server.
-  # With SSO_BIN (a debug build of ours) the proxy is a debug build too: no release build needed.
+  # With SSO_BIN naming a debug build of ours the proxy is a debug build too (no release build
+  # needed); an SSO_BIN under a release directory gets the release proxy (a debug proxy adds its
+  # own delay per chunk to the RTT being measured).
   profile=release
-  if [[ -n "${SSO_BIN:-}" ]]; then profile=debug; fi
+  if [[ -n "${SSO_BIN:-}" && "$SSO_BIN" != */release/* ]]; then profile=debug; fi
   cargo build --locked -q --example latency_proxy $([[ $profile == release ]] && echo --release)
   port=$(free_port)
   "${CARGO_TARGET_DIR:-$PWD/target}/$profile/examples/latency_proxy" --listen "127.0.0.1:$port" \
