@@ -43,7 +43,12 @@ async fn five_percent_of_requests_failing_with_503_lose_nothing() {
 async fn s3_stalling_for_twice_the_request_timeout_loses_nothing() {
     let rig = Rig::new("stall", 3).await;
     let timeout = Duration::from_secs(1);
-    let d = Daemon::start(rig.config(|r| r.s3.request_timeout = Some("1s".into())));
+    let d = Daemon::start(rig.config(|r| {
+        r.s3.request_timeout = Some("1s".into());
+        // The stall's first half must see requests: no hold between a file's close and its PUT
+        // (with the default 1 s the first PUTs came in the stall's second half, under load).
+        r.upload.hold_after_close = Some("0s".into());
+    }));
     let first = join(stream(&rig.store.root, 5, Duration::ZERO, 30));
     rig.nothing_lost(&first).await;
 
