@@ -58,10 +58,7 @@ impl Intake {
     pub fn removed(&self, p: &Path) -> Option<Entry> {
         let path = self.media_path(p)?;
         let rec = self.state.record(&path).ok()??;
-        let written_ms = (rec.mtime_ns / 1_000_000).max(0) as u64;
-        let fresh =
-            now_ms().saturating_sub(written_ms) < crate::upload::FRESH_DELETION.as_millis() as u64;
-        fresh.then(|| (path, now_ms(), false))
+        crate::upload::written_lately(&rec).then(|| (path, now_ms(), false))
     }
 
     pub async fn enqueue(&self, files: Vec<Entry>) {

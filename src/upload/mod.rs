@@ -43,7 +43,7 @@ mod s3_compat;
 mod s3_error;
 pub mod verdict;
 mod withdraw;
-pub use withdraw::FRESH_DELETION;
+pub use withdraw::{FRESH_DELETION, written_lately};
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -21,7 +21,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use crate::layout::{MediaPath, MediaRef};
-use crate::state::now_ms;
+use crate::state::{Record, now_ms};
 
 use super::{Outcome, Uploader};
 
@@ -29,6 +29,12 @@ use super::{Outcome, Uploader};
 /// watch enqueues its deletion): a spam checker slower than the hold and the PUT rejects it
 /// after its record. Later deletions (the sweep, Synapse's retention of old media) are not.
 pub const FRESH_DELETION: Duration = Duration::from_secs(600);
+
+/// Whether the file `record` verified was written within [`FRESH_DELETION`] of now.
+pub fn written_lately(record: &Record) -> bool {
+    let written_ms = (record.mtime_ns / 1_000_000).max(0) as u64;
+    now_ms().saturating_sub(written_ms) < FRESH_DELETION.as_millis() as u64
+}
 
 /// What became of an object whose file vanished during its upload.
 #[derive(Debug, PartialEq, Eq)]
@@ -49,10 +55,7 @@ impl Uploader {
             .record_or_none(path)
             .ok()
             .flatten()
-            .is_some_and(|r| {
-                let written_ms = (r.mtime_ns / 1_000_000).max(0) as u64;
-                now_ms().saturating_sub(written_ms) < FRESH_DELETION.as_millis() as u64
-            });
+            .is_some_and(|r| written_lately(&r));
         if fresh && self.withdraw_vanished(path).await == Vanished::Withdrawn {
             Outcome::Withdrawn
         } else {
