@@ -11,13 +11,23 @@
 # One inotify watch per directory: fs.inotify.max_user_watches is raised (sysctl) when it is too
 # low for DIRS plus what other processes of this user may hold.
 #
-# usage: scripts/bench-idle.sh [--dirs 70000] [--seconds 60]
+# Scale (issue 20): `--files N` builds the store up to N files instead (THUMBS thumbnails per media,
+# `--thumbs`, default 1) and prints the `upload` that records them as the backfill's rate.
+# `--backlog N` then, after the idle measurement, stops the S3 server (a long outage), writes N new
+# files (same sizes) while the daemon runs, waits until all are queued (the queue-depth metric),
+# starts the server again on the same port and data, and times the drain to an empty queue: its
+# files/s against the backfill's.
+#
+# usage: scripts/bench-idle.sh [--dirs 70000 | --files N [--thumbs 1]] [--seconds 60] [--backlog 0]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-dirs=70000 seconds=60
+dirs=70000 seconds=60 files=0 thumbs=1 backlog=0
 while (($#)); do
   case "$1" in
     --dirs) dirs=$2; shift 2 ;;
+    --files) files=$2; shift 2 ;;
+    --thumbs) thumbs=$2; shift 2 ;;
+    --backlog) backlog=$2; shift 2 ;;
     --seconds) seconds=$2; shift 2 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
@@ -25,6 +35,8 @@ done
 . scripts/lib.sh
 build_release
 
+# --files: at most one directory per media and its thumbnails, plus the AB/CD levels.
+((files > 0)) && dirs=$((files + 200000))
 need=$((dirs * 2 + 100000))
 have=$(cat /proc/sys/fs/inotify/max_user_watches)
 if ((have < need)); then
@@ -33,16 +45,20 @@ if ((have < need)); then
 fi
 
 work=$(mktemp -d /var/tmp/sso-idle.XXXXXX)
-# Small objects only (~0.6 GB with 70,000 directories): tmpfs keeps the preparing upload quick.
-s3root=$(mktemp -d /dev/shm/sso-idle-s3.XXXXXX)
+# Small objects only (~0.6 GB with 70,000 directories): tmpfs keeps the preparing upload quick. A
+# store of more than 200,000 files keeps the objects on disk (tmpfs has ~3M inodes here).
+if ((files > 200000)); then s3root=$(mktemp -d /var/tmp/sso-idle-s3.XXXXXX)
+else s3root=$(mktemp -d /dev/shm/sso-idle-s3.XXXXXX); fi
 trap 'kill $s3pid 2>/dev/null; rm -rf "$work" "$s3root"' EXIT
 start_s3s "$s3root" bench bench benchsecret "$work/s3s.log"
 
-echo "==> A store of $dirs directories"
-python3 - "$work/media" "$dirs" <<'PY'
+# make_store ROOT DIRS FILES THUMBS SEED: media (one original, THUMBS thumbnails) until DIRS
+# directories or, with FILES > 0, FILES files.
+make_store() {
+python3 - "$@" <<'PY'
 import os, random, string, sys
-root, want = sys.argv[1], int(sys.argv[2])
-rng = random.Random(70)
+root, want, want_files, thumbs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+rng = random.Random(int(sys.argv[5]))
 made = set()
 def mkdirs(rel):
     # Counts every directory level below the store root, as inotify needs one watch for each.
@@ -55,20 +71,24 @@ def put(rel, size):
         f.write(rng.randbytes(size))
 origins = ["matrix.org", "example.com", "chat.mozilla.org", "kde.org:8448"]
 media = files = 0
-while len(made) < want:
+while (files < want_files) if want_files else (len(made) < want):
     mid = "".join(rng.choice(string.ascii_letters) for _ in range(24))
     a, b, rest = mid[:2], mid[2:4], mid[4:]
     if rng.random() < 0.3:
         o = rng.choice(origins)
-        content, thumbs = f"remote_content/{o}/{a}/{b}", f"remote_thumbnail/{o}/{a}/{b}/{rest}"
+        content, thumbs_dir = f"remote_content/{o}/{a}/{b}", f"remote_thumbnail/{o}/{a}/{b}/{rest}"
     else:
-        content, thumbs = f"local_content/{a}/{b}", f"local_thumbnails/{a}/{b}/{rest}"
-    mkdirs(content); mkdirs(thumbs)
+        content, thumbs_dir = f"local_content/{a}/{b}", f"local_thumbnails/{a}/{b}/{rest}"
+    mkdirs(content); mkdirs(thumbs_dir)
     put(f"{content}/{rest}", rng.randint(200, 2000))
-    put(f"{thumbs}/32-32-image-jpeg-crop", rng.randint(100, 500))
-    media += 1; files += 2
+    for w, h in [(32, 32), (96, 96), (320, 240), (640, 480), (800, 600)][:thumbs]:
+        put(f"{thumbs_dir}/{w}-{h}-image-jpeg-{'crop' if w < 100 else 'scale'}", rng.randint(100, 500))
+    media += 1; files += 1 + thumbs
 print(f"    {len(made)} directories, {media} media, {files} files")
 PY
+}
+if ((files > 0)); then echo "==> A store of $files files"; else echo "==> A store of $dirs directories"; fi
+make_store "$work/media" "$dirs" "$files" "$thumbs" 70
 cat >"$work/config.yaml" <<YAML
 media_store_path: $work/media
 state_dir: $work/state
@@ -78,14 +98,27 @@ s3:
   access_key_id: bench
   secret_access_key: benchsecret
 YAML
+mport=$(free_port)
+if ((backlog > 0)); then printf 'metrics:\n  listen: 127.0.0.1:%s\n' "$mport" >>"$work/config.yaml"; fi
 echo "==> upload (so the daemon finds everything recorded)"
-"$bin" --config "$work/config.yaml" upload --no-progress 2>"$work/upload.log" | tail -1
+t0=$(date +%s.%N)
+/usr/bin/time -f '%e %U %S %M' -o "$work/upload.time" \
+  "$bin" --config "$work/config.yaml" upload --no-progress 2>"$work/upload.log" | tail -1
+read -r uwall uuser usys urss <"$work/upload.time"
+ufiles=$(find "$work/media" -type f | wc -l)
+python3 -c "import sys; w,u,s,r,n=map(float,sys.argv[1:]); print(f'backfill: {n:.0f} files in {w:.1f} s = {n/w:.0f} files/s, client CPU {u+s:.1f} s, peak RSS {r/1024:.0f} MB')" \
+  "$uwall" "$uuser" "$usys" "$urss" "$ufiles" | tee "$work/backfill.txt"
 sync
+if ((backlog > 0)); then
+  # The backlog's files: new media of the same sizes, written while S3 is down.
+  make_store "$work/backlog" 0 "$backlog" "$thumbs" 71 >/dev/null
+fi
 
 echo "==> run: startup, then $seconds s idle"
-python3 - "$bin" "$work/config.yaml" "$seconds" <<'PY'
-import os, subprocess, sys, threading, time
+python3 - "$bin" "$work/config.yaml" "$seconds" "$backlog" "$s3pid" "$s3s" "$port" "$s3root" "$mport" "$work" <<'PY'
+import os, shutil, signal, subprocess, sys, threading, time, urllib.request
 binary, config, seconds = sys.argv[1], sys.argv[2], int(sys.argv[3])
+backlog, s3pid, s3s, s3port, s3root, mport, work = int(sys.argv[4]), int(sys.argv[5]), *sys.argv[6:]
 tick = os.sysconf("SC_CLK_TCK")
 t0 = time.monotonic()
 p = subprocess.Popen([binary, "--config", config, "run"], stderr=subprocess.PIPE, text=True)
@@ -123,9 +156,52 @@ c0, i0 = cpu(), time.monotonic()
 time.sleep(seconds)
 idle_cpu, idle_wall = cpu() - c0, time.monotonic() - i0
 rss, hwm = mem("VmRSS"), mem("VmHWM")
-p.terminate()
-p.wait(timeout=60)
 dirs = next((l.split("dirs=")[1].split()[0] for l in seen["lines"] if "dirs=" in l), "?")
 print(f"watches registered after {watch:.1f} s ({dirs} directories), startup scan done after {scan:.1f} s, startup CPU {startup_cpu:.1f} s")
 print(f"idle {idle_wall:.0f} s: daemon CPU {idle_cpu:.2f} s ({100 * idle_cpu / idle_wall:.2f} % of one core), RSS {rss:.1f} MB, peak {hwm:.1f} MB")
+def depth():
+    body = urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=10).read().decode()
+    return next(int(float(l.split()[-1])) for l in body.splitlines() if l.startswith("synapse_s3_offload_queue_depth"))
+def wait_until(cond, deadline, what):
+    end = time.monotonic() + deadline
+    while not cond():
+        if time.monotonic() > end or p.poll() is not None:
+            p.kill()
+            sys.exit(f"{what}: not within {deadline} s\n" + "\n".join(seen["lines"][-20:]))
+        time.sleep(0.2)
+server = None
+if backlog:
+    os.kill(s3pid, signal.SIGTERM)
+    while os.path.exists(f"/proc/{s3pid}") and open(f"/proc/{s3pid}/stat").read().split()[2] != "Z":
+        time.sleep(0.1)
+    t_out = time.monotonic()
+    # The backlog arrives as Synapse writes it: moved into the store one top-level folder at a
+    # time would be one event per folder; copied file by file, each is closed after writing.
+    src = os.path.join(work, "backlog")
+    store = os.path.join(work, "media")
+    written = 0
+    for d, _, fs in os.walk(src):
+        rel = os.path.relpath(d, src)
+        os.makedirs(os.path.join(store, rel), exist_ok=True)
+        for f in fs:
+            shutil.copyfile(os.path.join(d, f), os.path.join(store, rel, f))
+            written += 1
+    t_written = time.monotonic()
+    wait_until(lambda: depth() >= written, 1800, f"{written} files queued")
+    t_queued = time.monotonic()
+    print(f"S3 down: {written} files written in {t_written - t_out:.1f} s, all queued {t_queued - t_written:.1f} s later (queue depth {depth()})")
+    c0 = cpu()
+    server = subprocess.Popen([s3s, "--host", "127.0.0.1", "--port", s3port, "--access-key", "bench", "--secret-key", "benchsecret", s3root],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    t_back = time.monotonic()
+    wait_until(lambda: depth() == 0, 3600, "backlog drained")
+    drain, dcpu = time.monotonic() - t_back, cpu() - c0
+    missing = sum(not os.path.exists(os.path.join(s3root, "bench", os.path.relpath(os.path.join(d, f), src)))
+                  for d, _, fs in os.walk(src) for f in fs)
+    print(f"S3 back: backlog of {written} files drained in {drain:.1f} s = {written / drain:.0f} files/s, daemon CPU {dcpu:.1f} s, objects missing {missing}, RSS peak {mem('VmHWM'):.1f} MB")
+    print(open(os.path.join(work, "backfill.txt")).read().strip())
+p.terminate()
+p.wait(timeout=60)
+if server:
+    server.terminate()
 PY

@@ -15,7 +15,8 @@
 # never (one HEAD per file), auto (the default rule), always; RECORDS `records` (the state `upload`
 # left) or `fresh` (no records: the first sweep after a migration, every file read). `--server moto`
 # runs moto's S3 server (PyPI; its listings carry ETags, which s3s-fs's do not, so on s3s-fs a dense
-# sweep still HEADs every file). `--rtt-ms N` puts examples/latency_proxy.rs between every client
+# sweep still HEADs every file); `--server seaweedfs`, `garage` or `s3rver` starts that server as the
+# provider matrix does (scripts/servers.sh: installed once, cached). `--rtt-ms N` puts examples/latency_proxy.rs between every client
 # (ours and s3_media_upload) and the server, adding N ms per round trip.
 #
 # With --sqlite the database is a SQLite file with Synapse's real schema
@@ -23,12 +24,14 @@
 # skipped (this compares our two backends: run once with and once without --sqlite).
 #
 # usage: scripts/bench-sweep.sh [--rows 1000000] [--aged 100000] [--concurrency 16]
-#                               [--peer-divisor 1] [--no-peer] [--server s3s|moto]
+#                               [--peer-divisor 1] [--no-peer]
+#                               [--server s3s|moto|seaweedfs|garage|s3rver]
 #                               [--cases "never/records auto/records never/fresh auto/fresh"]
 #                               [--rtt-ms 0] [--sqlite]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rows=1000000 aged=100000 concurrency=16 divisor=1 peer=1 server=s3s rtt=0 sqlite=0
+s3key=bench s3secret=benchsecret
 cases="never/records auto/records never/fresh auto/fresh"
 while (($#)); do
   case "$1" in
@@ -52,7 +55,7 @@ s3root=$(mktemp -d /dev/shm/sso-sweep-s3.XXXXXX)
 db="sso_bench_$$" pdb="sso_bench_peer_$$"
 psql_() { psql -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -U postgres "$@"; }
 proxypid=
-trap 'kill $s3pid $proxypid 2>/dev/null; rm -rf "$work" "$s3root"; for d in $db $pdb; do psql_ -d postgres -c "DROP DATABASE IF EXISTS $d" >/dev/null 2>&1; done' EXIT
+trap 'kill $s3pid $proxypid 2>/dev/null; [[ -f "$work/server/pid" ]] && stop "$work/server"; rm -rf "$work" "$s3root"; for d in $db $pdb; do psql_ -d postgres -c "DROP DATABASE IF EXISTS $d" >/dev/null 2>&1; done' EXIT
 case "$server" in
   s3s) start_s3s "$s3root" bench bench benchsecret "$work/s3s.log" ;;
   moto)
@@ -67,7 +70,30 @@ case "$server" in
     AWS_ACCESS_KEY_ID=bench AWS_SECRET_ACCESS_KEY=benchsecret "$moto_venv/bin/python" -c \
       "import boto3; boto3.client('s3', endpoint_url='http://127.0.0.1:$port', region_name='us-east-1').create_bucket(Bucket='bench')"
     ;;
-  *) echo "--server s3s or moto" >&2; exit 2 ;;
+  seaweedfs | garage | s3rver)
+    source scripts/servers.sh
+    dir=$work/server
+    mkdir -p "$dir"
+    "start_$server"
+    s3key=$key s3secret=$secret
+    ensure_venv
+    # The port opens before some servers answer (SeaweedFS's filer, Garage's layout): retried.
+    "$cache/venv/bin/python" - "http://127.0.0.1:$port" "$key" "$secret" <<'PY'
+import sys, time, boto3
+from botocore.config import Config
+s3 = boto3.client("s3", endpoint_url=sys.argv[1], region_name="us-east-1",
+                  aws_access_key_id=sys.argv[2], aws_secret_access_key=sys.argv[3],
+                  config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1}))
+for _ in range(150):
+    try:
+        s3.create_bucket(Bucket="bench"); break
+    except Exception as e:
+        err = e; time.sleep(0.2)
+else:
+    sys.exit(f"the server never accepted a bucket: {err}")
+PY
+    ;;
+  *) echo "--server s3s, moto, seaweedfs, garage or s3rver" >&2; exit 2 ;;
 esac
 s3port=$port
 if ((rtt > 0)); then
@@ -170,8 +196,8 @@ state_dir: $work/state
 s3:
   bucket: bench
   endpoint_url: http://127.0.0.1:$port
-  access_key_id: bench
-  secret_access_key: benchsecret
+  access_key_id: $s3key
+  secret_access_key: $s3secret
 upload:
   concurrency: 16
 $database_yaml
@@ -220,7 +246,7 @@ echo "==> s3_media_upload update + upload --delete on $prows rows, $paged aged f
 rm -rf "$work/media"
 if ((divisor == 1)); then cp -a "$work/pristine" "$work/media"; else write_files "$paged"; fi
 smu_database_yaml "$work/smu" "$pdb"
-export AWS_ACCESS_KEY_ID=bench AWS_SECRET_ACCESS_KEY=benchsecret AWS_DEFAULT_REGION=us-east-1
+export AWS_ACCESS_KEY_ID=$s3key AWS_SECRET_ACCESS_KEY=$s3secret AWS_DEFAULT_REGION=us-east-1
 loopback_only
 (
   cd "$work/smu"

@@ -32,12 +32,12 @@ mod files;
 mod pages;
 pub mod provider;
 pub mod report;
+mod walk;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use self::dense::{Cursor as ListingCursor, Seen};
@@ -48,7 +48,6 @@ use crate::queue::Queue;
 use crate::state::{Committer, State, StateHandle, now_ms};
 use crate::synapse_db::{AgedMedia, Db, DbError};
 use crate::upload::s3::ObjectStore;
-use pages::{Cursor, PAGE, next_cursor};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SweepError {
@@ -222,164 +221,6 @@ impl Sweeper {
         report.list_requests =
             list_requests + listing.iter().flatten().map(|c| c.requests).sum::<u64>();
         r
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    async fn sweep_pages(
-        &self,
-        cutoff: i64,
-        dry_run: bool,
-        deletions: &AtomicU64,
-        report: &mut Report,
-        cancel: &CancellationToken,
-        listing: &mut Option<[ListingCursor; 4]>,
-        list_requests: &mut u64,
-    ) -> Result<(), DbError> {
-        // The next page is fetched while this page's media are swept. Querying only once a page
-        // was done stalled the sweep at every page boundary: the query walks the media_id index
-        // and filters on last access, 50-90 ms per 1,000 aged media among 1,000,000 rows (EXPLAIN
-        // ANALYZE), ~6 s of a 27 s sweep.
-        let mut cursor = Cursor::Local(String::new());
-        let mut page = None;
-        loop {
-            if cancel.is_cancelled() {
-                report.stopped.get_or_insert("shutting down".into());
-                return Ok(());
-            }
-            if self.limit_reached(deletions) {
-                report.limit_reached = true;
-                return Ok(());
-            }
-            let media = match page.take() {
-                Some(p) => p,
-                None => self.aged_page(&cursor, cutoff).await?,
-            };
-            let next = next_cursor(&media, &cursor, listing.is_some());
-            let fetch_next = async {
-                match &next {
-                    Some(c) => Some(self.aged_page(c, cutoff).await),
-                    None => None,
-                }
-            };
-            // Remote media paged by media id (a sweep that started sparse, or whose listing
-            // failed) are not in key order: they keep their HEADs.
-            let cursors = listing
-                .as_mut()
-                .filter(|_| !matches!(cursor, Cursor::Remote(..)));
-            let sweep_page = async {
-                match cursors {
-                    Some(c) => {
-                        let (outcomes, failed) = self
-                            .sweep_page_dense(media, c, dry_run, deletions, cancel)
-                            .await;
-                        (outcomes, failed)
-                    }
-                    None => (
-                        futures::stream::iter(media)
-                            .map(|m| async {
-                                let examined = files::examine(self, &m, cancel).await;
-                                self.sweep_examined(
-                                    m,
-                                    examined,
-                                    Vec::new(),
-                                    dry_run,
-                                    deletions,
-                                    cancel,
-                                )
-                                .await
-                            })
-                            .buffer_unordered(self.config.sweep.concurrency)
-                            .collect::<Vec<_>>()
-                            .await,
-                        false,
-                    ),
-                }
-            };
-            let ((outcomes, listing_failed), fetched) = tokio::join!(sweep_page, fetch_next);
-            if listing_failed && let Some(c) = listing.take() {
-                *list_requests += c.iter().map(|c| c.requests).sum::<u64>();
-            }
-            for (o, had_local_files) in outcomes {
-                // Aged media swept earlier are still aged: counting them as examined made "1 media
-                // examined, would delete 0 files" of a media with nothing left to delete.
-                if had_local_files {
-                    report.media_examined += 1;
-                } else {
-                    report.media_without_local_files += 1;
-                }
-                o.add_to(report);
-            }
-            let (Some(c), Some(fetched)) = (next, fetched) else {
-                return Ok(());
-            };
-            page = Some(fetched?);
-            cursor = c;
-        }
-    }
-
-    /// One page of aged media, dense: every media's files are examined (in parallel), then
-    /// looked up in the listing in key order (one forward walk per folder), then confirmed and
-    /// deleted (in parallel), each file the listing cannot confirm with its HEAD. Returns the
-    /// outcomes, and whether a listing failed (the rest of the sweep then uses HEADs only).
-    async fn sweep_page_dense(
-        &self,
-        media: Vec<AgedMedia>,
-        cursors: &mut [ListingCursor; 4],
-        dry_run: bool,
-        deletions: &AtomicU64,
-        cancel: &CancellationToken,
-    ) -> (Vec<(files::MediaOutcome, bool)>, bool) {
-        let examined: Vec<_> = futures::stream::iter(media)
-            .map(|m| async {
-                let e = files::examine(self, &m, cancel).await;
-                (m, e)
-            })
-            .buffered(self.config.sweep.concurrency)
-            .collect()
-            .await;
-        let mut failed = false;
-        let mut hints = Vec::with_capacity(examined.len());
-        for (_, e) in &examined {
-            let mut seen = Vec::new();
-            for (path, local) in e.iter().flatten() {
-                let mut hint = None;
-                if !failed
-                    && matches!(local, Ok(Some(_)))
-                    && let Some(c) = cursors
-                        .iter_mut()
-                        .find(|c| path.as_str().starts_with(c.within()))
-                {
-                    match c.lookup(&self.store, &path.key(self.store.prefix())).await {
-                        Ok(h) => hint = h,
-                        Err(e) => {
-                            tracing::warn!(error = %crate::Chain(&e), "Sweep: the bucket listing failed; confirming the rest with one HEAD per file.");
-                            failed = true;
-                        }
-                    }
-                }
-                seen.push(hint);
-            }
-            hints.push(seen);
-        }
-        let outcomes = futures::stream::iter(examined.into_iter().zip(hints))
-            .map(|((m, e), h)| self.sweep_examined(m, e, h, dry_run, deletions, cancel))
-            .buffer_unordered(self.config.sweep.concurrency)
-            .collect()
-            .await;
-        (outcomes, failed)
-    }
-
-    /// Up to PAGE aged media from where `cursor` points.
-    async fn aged_page(&self, cursor: &Cursor, cutoff: i64) -> Result<Vec<AgedMedia>, DbError> {
-        match cursor {
-            Cursor::Local(after) => self.db.aged_local(cutoff, after, PAGE).await,
-            Cursor::Remote(origin, id) => self.db.aged_remote(cutoff, (origin, id), PAGE).await,
-            Cursor::RemoteByPath(origin, fid) => {
-                self.db
-                    .aged_remote_by_path(cutoff, (origin, fid), PAGE)
-                    .await
-            }
-        }
     }
 
     fn limit_reached(&self, deletions: &AtomicU64) -> bool {
