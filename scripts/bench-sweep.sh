@@ -54,7 +54,7 @@ work=$(mktemp -d /var/tmp/sso-sweep.XXXXXX)
 s3root=$(mktemp -d /dev/shm/sso-sweep-s3.XXXXXX)
 db="sso_bench_$$" pdb="sso_bench_peer_$$"
 psql_() { psql -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -U postgres "$@"; }
-proxypid=
+proxypid= s3pid=
 trap 'kill $s3pid $proxypid 2>/dev/null; [[ -f "$work/server/pid" ]] && stop "$work/server"; rm -rf "$work" "$s3root"; for d in $db $pdb; do psql_ -d postgres -c "DROP DATABASE IF EXISTS $d" >/dev/null 2>&1; done' EXIT
 case "$server" in
   s3s) start_s3s "$s3root" bench bench benchsecret "$work/s3s.log" ;;
@@ -224,7 +224,8 @@ for c in $cases; do
     || { tail -5 "$work/sweep.err" >&2; exit 1; }
   summary=$(tail -1 "$work/sweep.out")
   echo "$summary"
-  deleted=$(grep -c '^deleted ' "$work/sweep.out" || true)
+  # The summary's count: the report lists at most 1,000 deleted paths.
+  deleted=$(grep -oP 'deleted \K[0-9]+(?= files)' <<<"$summary" || echo "?")
   left=$(find "$work/media/local_content" -type f | wc -l)
   t="$work/time-$listing-$records.txt"
   wall=$(grep -oP 'Elapsed \(wall clock\) time.*: \K.*' "$t")
