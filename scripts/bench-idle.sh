@@ -18,16 +18,21 @@
 # starts the server again on the same port and data, and times the drain to an empty queue: its
 # files/s against the backfill's.
 #
+# `--server seaweedfs` (or any server of scripts/servers.sh) instead of s3s-fs: SeaweedFS keeps
+# objects in volume files, not a file (and two sidecars) per object, so a million objects fit.
+#
 # usage: scripts/bench-idle.sh [--dirs 70000 | --files N [--thumbs 1]] [--seconds 60] [--backlog 0]
+#                              [--server s3s-fs]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-dirs=70000 seconds=60 files=0 thumbs=1 backlog=0
+dirs=70000 seconds=60 files=0 thumbs=1 backlog=0 server=s3s-fs
 while (($#)); do
   case "$1" in
     --dirs) dirs=$2; shift 2 ;;
     --files) files=$2; shift 2 ;;
     --thumbs) thumbs=$2; shift 2 ;;
     --backlog) backlog=$2; shift 2 ;;
+    --server) server=$2; shift 2 ;;
     --seconds) seconds=$2; shift 2 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
@@ -40,17 +45,40 @@ build_release
 need=$((dirs * 2 + 100000))
 have=$(cat /proc/sys/fs/inotify/max_user_watches)
 if ((have < need)); then
-  echo "NOTE: fs.inotify.max_user_watches is $have; raising it to 1048576 for this benchmark (sysctl -w, not persisted)" >&2
-  sysctl -qw fs.inotify.max_user_watches=1048576
+  want=$((need > 1048576 ? need : 1048576))
+  echo "NOTE: fs.inotify.max_user_watches is $have; raising it to $want for this benchmark (sysctl -w, not persisted)" >&2
+  sysctl -qw fs.inotify.max_user_watches=$want
 fi
 
 work=$(mktemp -d /var/tmp/sso-idle.XXXXXX)
 # Small objects only (~0.6 GB with 70,000 directories): tmpfs keeps the preparing upload quick. A
-# store of more than 200,000 files keeps the objects on disk (tmpfs has ~3M inodes here).
-if ((files > 200000)); then s3root=$(mktemp -d /var/tmp/sso-idle-s3.XXXXXX)
-else s3root=$(mktemp -d /dev/shm/sso-idle-s3.XXXXXX); fi
-trap 'kill $s3pid 2>/dev/null; rm -rf "$work" "$s3root"' EXIT
-start_s3s "$s3root" bench bench benchsecret "$work/s3s.log"
+# store of more than 200,000 files keeps the objects on disk (tmpfs has ~3M inodes here, and
+# s3s-fs writes two sidecar files per object).
+if ((files > 200000)); then dir=$(mktemp -d /var/tmp/sso-idle-s3.XXXXXX)
+else dir=$(mktemp -d /dev/shm/sso-idle-s3.XXXXXX); fi
+source scripts/servers.sh
+trap 'stop "$dir"; rm -rf "$work" "$dir"' EXIT
+"start_${server//-/_}"
+ensure_venv
+py=$cache/venv/bin/python
+# The port opens before some servers answer (SeaweedFS's filer): retried.
+"$py" - "http://127.0.0.1:$port" "$key" "$secret" <<'PY'
+import sys, time, boto3
+from botocore.config import Config
+s3 = boto3.client("s3", endpoint_url=sys.argv[1], region_name="us-east-1",
+                  aws_access_key_id=sys.argv[2], aws_secret_access_key=sys.argv[3],
+                  config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1}))
+for _ in range(150):
+    try:
+        s3.create_bucket(Bucket="bench"); break
+    except Exception as e:
+        err = e; time.sleep(0.2)
+else:
+    sys.exit(f"the server never accepted a bucket: {err}")
+PY
+# The outage of --backlog: the server stopped, then started again on the same port and data.
+printf 'cd %q; source scripts/lib.sh; source scripts/servers.sh; stop %q\n' "$PWD" "$dir" >"$work/server-stop.sh"
+printf 'cd %q; source scripts/lib.sh; source scripts/servers.sh; launch %q %q\n' "$PWD" "$dir" "$port" >"$work/server-start.sh"
 
 # make_store ROOT DIRS FILES THUMBS SEED: media (one original, THUMBS thumbnails) until DIRS
 # directories or, with FILES > 0, FILES files.
@@ -95,9 +123,10 @@ state_dir: $work/state
 s3:
   bucket: bench
   endpoint_url: http://127.0.0.1:$port
-  access_key_id: bench
-  secret_access_key: benchsecret
+  access_key_id: $key
+  secret_access_key: $secret
 YAML
+chmod 600 "$work/config.yaml"
 mport=$(free_port)
 if ((backlog > 0)); then printf 'metrics:\n  listen: 127.0.0.1:%s\n' "$mport" >>"$work/config.yaml"; fi
 echo "==> upload (so the daemon finds everything recorded)"
@@ -112,13 +141,33 @@ sync
 if ((backlog > 0)); then
   # The backlog's files: new media of the same sizes, written while S3 is down.
   make_store "$work/backlog" 0 "$backlog" "$thumbs" 71 >/dev/null
+  # The same files through `upload` into a bucket that already holds an object: a HEAD before
+  # each PUT, as the daemon does for every new file (an upload into an empty prefix skips it).
+  echo "==> upload of the backlog's files into a second bucket that is not empty (HEAD + PUT each)"
+  "$py" - "http://127.0.0.1:$port" "$key" "$secret" <<'PY'
+import sys, boto3
+from botocore.config import Config
+s3 = boto3.client("s3", endpoint_url=sys.argv[1], region_name="us-east-1",
+                  aws_access_key_id=sys.argv[2], aws_secret_access_key=sys.argv[3],
+                  config=Config(s3={"addressing_style": "path"}))
+s3.create_bucket(Bucket="bench2")
+s3.put_object(Bucket="bench2", Key="local_content/00/00/already-here", Body=b"x")
+PY
+  sed "s#^media_store_path: .*#media_store_path: $work/backlog#; s#^state_dir: .*#state_dir: $work/state2#; s#bucket: bench#bucket: bench2#; /^metrics:/,\$d" \
+    "$work/config.yaml" >"$work/config2.yaml"
+  /usr/bin/time -f '%e %U %S %M' -o "$work/upload2.time" \
+    "$bin" --config "$work/config2.yaml" upload --no-progress 2>"$work/upload2.log" | tail -1
+  read -r uwall uuser usys urss <"$work/upload2.time"
+  python3 -c "import sys; w,u,s,r,n=map(float,sys.argv[1:]); print(f'backfill, HEAD + PUT: {n:.0f} files in {w:.1f} s = {n/w:.0f} files/s, client CPU {u+s:.1f} s, peak RSS {r/1024:.0f} MB')" \
+    "$uwall" "$uuser" "$usys" "$urss" "$backlog" | tee -a "$work/backfill.txt"
 fi
 
 echo "==> run: startup, then $seconds s idle"
-python3 - "$bin" "$work/config.yaml" "$seconds" "$backlog" "$s3pid" "$s3s" "$port" "$s3root" "$mport" "$work" <<'PY'
-import os, shutil, signal, subprocess, sys, threading, time, urllib.request
+"$py" - "$bin" "$work/config.yaml" "$seconds" "$backlog" "$port" "$key" "$secret" "$mport" "$work" <<'PY'
+import os, shutil, subprocess, sys, threading, time, urllib.request
+from concurrent.futures import ThreadPoolExecutor
 binary, config, seconds = sys.argv[1], sys.argv[2], int(sys.argv[3])
-backlog, s3pid, s3s, s3port, s3root, mport, work = int(sys.argv[4]), int(sys.argv[5]), *sys.argv[6:]
+backlog, s3port, key, secret, mport, work = int(sys.argv[4]), *sys.argv[5:]
 tick = os.sysconf("SC_CLK_TCK")
 t0 = time.monotonic()
 p = subprocess.Popen([binary, "--config", config, "run"], stderr=subprocess.PIPE, text=True)
@@ -169,11 +218,8 @@ def wait_until(cond, deadline, what):
             p.kill()
             sys.exit(f"{what}: not within {deadline} s\n" + "\n".join(seen["lines"][-20:]))
         time.sleep(0.2)
-server = None
 if backlog:
-    os.kill(s3pid, signal.SIGTERM)
-    while os.path.exists(f"/proc/{s3pid}") and open(f"/proc/{s3pid}/stat").read().split()[2] != "Z":
-        time.sleep(0.1)
+    subprocess.run(["bash", os.path.join(work, "server-stop.sh")], check=True)
     t_out = time.monotonic()
     # The backlog arrives as Synapse writes it: moved into the store one top-level folder at a
     # time would be one event per folder; copied file by file, each is closed after writing.
@@ -191,8 +237,7 @@ if backlog:
     t_queued = time.monotonic()
     print(f"S3 down: {written} files written in {t_written - t_out:.1f} s, all queued {t_queued - t_written:.1f} s later (queue depth {depth()})")
     c0 = cpu()
-    server = subprocess.Popen([s3s, "--host", "127.0.0.1", "--port", s3port, "--access-key", "bench", "--secret-key", "benchsecret", s3root],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(["bash", os.path.join(work, "server-start.sh")], check=True)
     t_back = time.monotonic()
     # The circuit breaker's probe notices the server first: the first file's upload ends it.
     wait_until(lambda: depth() < written, 600, "the first upload after S3 came back")
@@ -200,12 +245,21 @@ if backlog:
     wait_until(lambda: depth() == 0, 3600, "backlog drained")
     drain, dcpu = time.monotonic() - t_back, cpu() - c0
     print(f"S3 back: the first queued file uploaded {t_first - t_back:.1f} s after the server started; the rest at {(written - 1) / max(time.monotonic() - t_first, 1e-3):.0f} files/s")
-    missing = sum(not os.path.exists(os.path.join(s3root, "bench", os.path.relpath(os.path.join(d, f), src)))
-                  for d, _, fs in os.walk(src) for f in fs)
+    import boto3
+    from botocore.config import Config
+    s3 = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{s3port}", region_name="us-east-1",
+                      aws_access_key_id=key, aws_secret_access_key=secret,
+                      config=Config(s3={"addressing_style": "path"}, max_pool_connections=32))
+    def absent(rel):
+        try:
+            return s3.head_object(Bucket="bench", Key=rel)["ContentLength"] != os.path.getsize(os.path.join(store, rel))
+        except Exception:
+            return True
+    rels = [os.path.relpath(os.path.join(d, f), src) for d, _, fs in os.walk(src) for f in fs]
+    with ThreadPoolExecutor(32) as pool:
+        missing = sum(pool.map(absent, rels))
     print(f"S3 back: backlog of {written} files drained in {drain:.1f} s = {written / drain:.0f} files/s, daemon CPU {dcpu:.1f} s, objects missing {missing}, RSS peak {mem('VmHWM'):.1f} MB")
     print(open(os.path.join(work, "backfill.txt")).read().strip())
 p.terminate()
 p.wait(timeout=60)
-if server:
-    server.terminate()
 PY
