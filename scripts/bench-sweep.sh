@@ -55,7 +55,7 @@ s3root=$(mktemp -d /dev/shm/sso-sweep-s3.XXXXXX)
 db="sso_bench_$$" pdb="sso_bench_peer_$$"
 psql_() { psql -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -U postgres "$@"; }
 proxypid= s3pid=
-trap 'kill $s3pid $proxypid 2>/dev/null; [[ -f "$work/server/pid" ]] && stop "$work/server"; rm -rf "$work" "$s3root"; for d in $db $pdb; do psql_ -d postgres -c "DROP DATABASE IF EXISTS $d" >/dev/null 2>&1; done' EXIT
+trap 'kill $s3pid $proxypid 2>/dev/null || true; [[ -f "$work/server/pid" ]] && stop "$work/server"; rm -rf "$work" "$s3root"; for d in $db $pdb; do psql_ -d postgres -c "DROP DATABASE IF EXISTS $d" >/dev/null 2>&1; done' EXIT
 case "$server" in
   s3s) start_s3s "$s3root" bench bench benchsecret "$work/s3s.log" ;;
   moto)

@@ -155,7 +155,9 @@ pub async fn run(
 
     let bar = Bar::new(progress);
     let stop_walk = Arc::new(AtomicBool::new(false));
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<scan::Found>(1024);
+    // Found files go to the uploads in batches: with the channel full (the walk is far ahead),
+    // every file taken woke the walking thread, one context switch per file.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<scan::Found>>(16);
     let (problem_tx, mut problem_rx) = tokio::sync::mpsc::unbounded_channel::<scan::Problem>();
     let walker = {
         let root = config.media_store_path.clone();
@@ -165,6 +167,7 @@ pub async fn run(
         let bar = bar.clone();
         tokio::task::spawn_blocking(move || {
             let mut unchanged = 0u64;
+            let mut batch = Vec::with_capacity(WALK_BATCH);
             scan::walk(&root, include_url_cache, |item| {
                 if stop.load(Ordering::Relaxed) {
                     return false;
@@ -181,11 +184,21 @@ pub async fn run(
                             return true;
                         }
                         bar.found(1, found.snapshot.size);
-                        tx.blocking_send(found).is_ok()
+                        batch.push(found);
+                        batch.len() < WALK_BATCH
+                            || tx
+                                .blocking_send(std::mem::replace(
+                                    &mut batch,
+                                    Vec::with_capacity(WALK_BATCH),
+                                ))
+                                .is_ok()
                     }
                     Item::Problem(p) => problem_tx.send(p).is_ok(),
                 }
             });
+            if !batch.is_empty() && !stop.load(Ordering::Relaxed) {
+                let _ = tx.blocking_send(batch);
+            }
             unchanged
         })
     };
@@ -194,7 +207,8 @@ pub async fn run(
     let mut fatal = None;
     let mut done = 0u64;
     {
-        let files = futures::stream::poll_fn(|cx| rx.poll_recv(cx));
+        let files =
+            futures::stream::poll_fn(|cx| rx.poll_recv(cx)).flat_map(futures::stream::iter);
         // The store's limiter sets how many run at once (adaptive, at most
         // `upload.concurrency`, paused by throttling); `halt` drops the files still waiting for a
         // slot once the run stops (they wait for the next run).
@@ -363,6 +377,9 @@ const COMMIT_LINGER: Duration = Duration::from_millis(25);
 
 /// Records waiting for their commit at most; beyond that, no new upload result is taken.
 const MAX_COMMITS_WAITING: usize = 1024;
+
+/// Found files per hand-over from the walk to the uploads (see `run`).
+const WALK_BATCH: usize = 64;
 
 /// Counts one finished file.
 fn tally(
