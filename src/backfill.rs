@@ -207,8 +207,7 @@ pub async fn run(
     let mut fatal = None;
     let mut done = 0u64;
     {
-        let files =
-            futures::stream::poll_fn(|cx| rx.poll_recv(cx)).flat_map(futures::stream::iter);
+        let files = futures::stream::poll_fn(|cx| rx.poll_recv(cx)).flat_map(futures::stream::iter);
         // The store's limiter sets how many run at once (adaptive, at most
         // `upload.concurrency`, paused by throttling); `halt` drops the files still waiting for a
         // slot once the run stops (they wait for the next run).

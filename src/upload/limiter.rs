@@ -14,7 +14,8 @@
 //!   so one burst of refusals counts once) and pauses new uploads until `Retry-After`.
 //! - **Circuit breaker** for "S3 is down": after `TRIP_AFTER` uploads in a row fail to reach S3
 //!   (connection refused, timeouts, 5xx), the breaker opens: no new uploads, except one probe at a
-//!   growing interval (1 s doubling to 30 s). The first upload that reaches S3 closes it and the
+//!   growing interval (1 s doubling to 10 s: a probe is one small request, and after a long outage
+//!   the backlog waits for the next probe). The first upload that reaches S3 closes it and the
 //!   full limit is back at once. One log line when it opens, one when it closes, with counts: an
 //!   outage with 200k files queued logs two lines, not one per attempt, and callers put the
 //!   files that failed while it was open back without writing their error to the state database.
@@ -44,7 +45,7 @@ const MAX_PAUSE: Duration = Duration::from_secs(60);
 /// Uploads in a row that could not reach S3 before the breaker opens.
 const TRIP_AFTER: u32 = 5;
 const FIRST_PROBE: Duration = Duration::from_secs(1);
-const MAX_PROBE: Duration = Duration::from_secs(30);
+const MAX_PROBE: Duration = Duration::from_secs(10);
 
 /// What an upload's outcome says about the bucket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -276,7 +277,7 @@ impl Limiter {
                     tracing::warn!(
                         failures_in_row = g.failures_in_row,
                         in_flight = g.in_flight,
-                        "S3 is unreachable: holding uploads, probing with one at a time (1 s, doubling to 30 s)."
+                        "S3 is unreachable: holding uploads, probing with one at a time (1 s, doubling to 10 s)."
                     );
                     g.open = Some(Open {
                         since: now,
