@@ -313,10 +313,38 @@ pub async fn bind(state_dir: &Path) -> Result<UnixListener, ControlError> {
             }
         }
     }
-    let listener = UnixListener::bind(&path).map_err(io(&path))?;
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(io(&path))?;
-    Ok(listener)
+    // Bound in a directory of its own (0700), made owner-only there, then renamed into place:
+    // bound at its final path, the socket existed with the umask's mode until the chmod, and
+    // another user could connect in between (a test saw 0755 under load) when `state_dir` itself
+    // is not private. A rename keeps the listener bound to the socket.
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let private = state_dir.join(format!(".ctl{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&private);
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&private)
+        .map_err(io(&private))?;
+    let staged = private.join(SOCKET);
+    let bound = match UnixListener::bind(&staged) {
+        // A long state_dir leaves no room under the socket path limit (108 bytes) for the staging
+        // directory: bound in place then, as before (state_dir is 0700 when we created it).
+        Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => {
+            let _ = std::fs::remove_dir_all(&private);
+            let l = UnixListener::bind(&path).map_err(io(&path))?;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+                .map_err(io(&path))?;
+            return Ok(l);
+        }
+        r => r,
+    };
+    let bound = bound.map_err(io(&staged)).and_then(|l| {
+        std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o600))
+            .map_err(io(&staged))?;
+        std::fs::rename(&staged, &path).map_err(io(&path))?;
+        Ok(l)
+    });
+    let _ = std::fs::remove_dir_all(&private);
+    bound
 }
 
 /// Reads one request from `stream` and writes `answer(request)`'s response.
@@ -352,6 +380,35 @@ where
 mod tests {
     use super::*;
     use tokio::io::AsyncReadExt;
+
+    /// The socket appears at its path already owner-only (staged in a private directory, which
+    /// is gone after), and answers; a state_dir too long for the staging directory under the
+    /// socket path limit still gets one, bound in place.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_socket_is_owner_only_from_its_first_moment() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        // 92 bytes: control.sock fits under the 108-byte limit, .ctlPID/control.sock does not.
+        let long = dir
+            .path()
+            .join("s".repeat(91 - dir.path().as_os_str().len()));
+        std::fs::create_dir(&long).unwrap();
+        for state_dir in [dir.path(), long.as_path()] {
+            let listener = bind(state_dir).await.unwrap();
+            let path = state_dir.join(SOCKET);
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600, "{}", path.display());
+            let left: Vec<_> = std::fs::read_dir(state_dir)
+                .unwrap()
+                .filter_map(|e| e.ok())
+                .filter(|e| e.file_name().to_string_lossy().starts_with(".ctl"))
+                .collect();
+            assert!(left.is_empty(), "staging directory left: {left:?}");
+            let (accepted, connected) = tokio::join!(listener.accept(), UnixStream::connect(&path));
+            accepted.unwrap();
+            connected.unwrap();
+        }
+    }
 
     /// A request longer than MAX_REQUEST is refused after reading MAX_REQUEST + 1 bytes, not
     /// buffered whole (any size used to be).
