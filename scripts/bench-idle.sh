@@ -61,21 +61,7 @@ trap 'stop "$dir"; rm -rf "$work" "$dir"' EXIT
 "start_${server//-/_}"
 ensure_venv
 py=$cache/venv/bin/python
-# The port opens before some servers answer (SeaweedFS's filer): retried.
-"$py" - "http://127.0.0.1:$port" "$key" "$secret" <<'PY'
-import sys, time, boto3
-from botocore.config import Config
-s3 = boto3.client("s3", endpoint_url=sys.argv[1], region_name="us-east-1",
-                  aws_access_key_id=sys.argv[2], aws_secret_access_key=sys.argv[3],
-                  config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1}))
-for _ in range(150):
-    try:
-        s3.create_bucket(Bucket="bench"); break
-    except Exception as e:
-        err = e; time.sleep(0.2)
-else:
-    sys.exit(f"the server never accepted a bucket: {err}")
-PY
+create_bucket bench
 # The outage of --backlog: the server stopped, then started again on the same port and data.
 printf 'cd %q; source scripts/lib.sh; source scripts/servers.sh; stop %q\n' "$PWD" "$dir" >"$work/server-stop.sh"
 printf 'cd %q; source scripts/lib.sh; source scripts/servers.sh; launch %q %q\n' "$PWD" "$dir" "$port" >"$work/server-start.sh"

@@ -76,22 +76,7 @@ case "$server" in
     mkdir -p "$dir"
     "start_$server"
     s3key=$key s3secret=$secret
-    ensure_venv
-    # The port opens before some servers answer (SeaweedFS's filer, Garage's layout): retried.
-    "$cache/venv/bin/python" - "http://127.0.0.1:$port" "$key" "$secret" <<'PY'
-import sys, time, boto3
-from botocore.config import Config
-s3 = boto3.client("s3", endpoint_url=sys.argv[1], region_name="us-east-1",
-                  aws_access_key_id=sys.argv[2], aws_secret_access_key=sys.argv[3],
-                  config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1}))
-for _ in range(150):
-    try:
-        s3.create_bucket(Bucket="bench"); break
-    except Exception as e:
-        err = e; time.sleep(0.2)
-else:
-    sys.exit(f"the server never accepted a bucket: {err}")
-PY
+    create_bucket bench
     ;;
   *) echo "--server s3s, moto, seaweedfs, garage or s3rver" >&2; exit 2 ;;
 esac

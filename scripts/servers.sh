@@ -205,3 +205,23 @@ else:
 EOF
 }
 
+# create_bucket NAME: on the server just started ($port, $key, $secret), retried while it comes up
+# (the port opens before SeaweedFS's filer or Garage's layout answers).
+create_bucket() {
+  ensure_venv
+  "$cache/venv/bin/python" - "http://127.0.0.1:$port" "$key" "$secret" "$1" <<'PY'
+import sys, time, boto3
+from botocore.config import Config
+s3 = boto3.client("s3", endpoint_url=sys.argv[1], region_name="us-east-1",
+                  aws_access_key_id=sys.argv[2], aws_secret_access_key=sys.argv[3],
+                  config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1}))
+err = None
+for _ in range(150):
+    try:
+        s3.create_bucket(Bucket=sys.argv[4]); break
+    except Exception as e:
+        err = e; time.sleep(0.2)
+else:
+    sys.exit(f"the server never accepted the bucket {sys.argv[4]}: {err}")
+PY
+}
