@@ -115,7 +115,6 @@ pub async fn run(
     cancel: CancellationToken,
 ) -> Result<Summary, BackfillError> {
     let started = Instant::now();
-    crate::upload::limit_malloc_arenas();
     let state = State::open(&config.state_dir)?;
     let store = Arc::new(ObjectStore::new(&config.s3, config.upload.multipart_part_size).await);
     store.check_bucket().await.map_err(BackfillError::Bucket)?;

@@ -105,7 +105,6 @@ pub async fn run_with(
     shutdown: CancellationToken,
     opts: Options,
 ) -> Result<(), DaemonError> {
-    crate::upload::limit_malloc_arenas();
     let handle = StateHandle::start(open_state(&config.state_dir).await?);
     let (state, committer) = (handle.state.clone(), handle.committer.clone());
     let queue = Arc::new(Queue::open(&state, committer.clone(), &config.upload)?);

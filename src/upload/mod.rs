@@ -547,19 +547,6 @@ fn describe(why: &str, local: &Local, object: Option<&ObjectInfo>) -> String {
     )
 }
 
-/// Caps glibc's malloc at two arenas. By default every thread that allocates may get an arena of
-/// its own (up to 8 per core), and the 1 MiB bodies freed on one thread's arena are not reused by
-/// another: with `upload.concurrency` files in flight on many blocking threads, peak RSS was 47 MB
-/// instead of 30 MB on the same store (measured with `MALLOC_ARENA_MAX=2`; same CPU).
-/// Call before the busy threads first allocate (it only limits arenas created afterwards).
-pub fn limit_malloc_arenas() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes an allocator tunable; any value is valid.
-    unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 2);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
