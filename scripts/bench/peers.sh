@@ -11,7 +11,7 @@
 # usage: scripts/bench/peers.sh [--files N] [--scale F] [--rounds R] [--tools ours,s5cmd,...]
 #                               [--rtt 30ms] [--time-limit SECONDS] [--trace FILE]
 #   --tools  subset and order of (default: all at their defaults, then ours and s5cmd tuned)
-#              ours          our defaults (adaptive, upload.concurrency cap 64)
+#              ours          our defaults (adaptive, upload.concurrency cap 96)
 #              ours-16       upload.concurrency: 16        ours-256  upload.concurrency: 256
 #              s5cmd         its defaults (256 workers)    s5cmd-16  --numworkers 16
 #              rclone        its defaults (4 transfers)    rclone-16 --transfers 16 --checkers 16

@@ -6,9 +6,13 @@ use super::{
 };
 
 /// `upload.concurrency` by default: the ceiling of the adaptive limit (`upload::limiter`), which
-/// starts at 16 and finds what the link and the provider take. 64 reaches ~2,000 small files/s at
-/// 30 ms RTT; with at most 4 parts per multipart upload it stays well inside 1024 descriptors.
-pub const DEFAULT_UPLOAD_CONCURRENCY: usize = 64;
+/// starts at 16 and finds what the link and the provider take. On a quiet machine at 30 ms RTT
+/// the limit sat at a cap of 64 (1.07-1.10x s5cmd's 256 workers); 96 gave 1.35x there and kept
+/// 1.36x s5cmd-16 at 0 ms, where 128 fell to 1.29x: more in flight only costs CPU on a fast link
+/// (BENCHMARKS.md). Each upload in flight holds at most 9 descriptors (the daemon raises its soft
+/// open-file limit to the hard one, and lowers this cap if even that is too low) and at most one
+/// body of up to 1 MiB in memory (`digest::INLINE_MAX`; larger files stream from disk).
+pub const DEFAULT_UPLOAD_CONCURRENCY: usize = 96;
 
 pub(super) fn validate_upload(raw: RawUpload) -> Result<UploadConfig, ConfigError> {
     let concurrency = raw.concurrency.unwrap_or(DEFAULT_UPLOAD_CONCURRENCY);
