@@ -139,7 +139,8 @@ static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 /// `_RJEM_MALLOC_CONF` on the same store); an idle daemon returns memory soon after a burst.
 #[unsafe(export_name = "_rjem_malloc_conf")]
 #[allow(non_upper_case_globals)]
-pub static malloc_conf: &[u8; 62] = b"narenas:2,dirty_decay_ms:100,muzzy_decay_ms:0,tcache_max:1024\0";
+pub static malloc_conf: &[u8; 62] =
+    b"narenas:2,dirty_decay_ms:100,muzzy_decay_ms:0,tcache_max:1024\0";
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
