@@ -187,38 +187,29 @@ EOF
   "${g[@]}" key import --yes -n sso "$key" "$secret" >/dev/null
   "${g[@]}" key allow --create-bucket "$key" >/dev/null
   # The new layout takes a moment to be in force: until a bucket can be created, tests would fail.
-  ensure_venv
-  "$cache/venv/bin/python" - "http://127.0.0.1:$port" "$key" "$secret" <<'EOF'
-import sys, time, boto3
-from botocore.config import Config
-s3 = boto3.client("s3", endpoint_url=sys.argv[1], region_name="us-east-1",
-                  aws_access_key_id=sys.argv[2], aws_secret_access_key=sys.argv[3],
-                  config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1}))
-err = None
-for _ in range(150):
-    try:
-        s3.create_bucket(Bucket="sso-ready-probe"); s3.delete_bucket(Bucket="sso-ready-probe"); break
-    except Exception as e:
-        err = e; time.sleep(0.2)
-else:
-    sys.exit(f"Garage never accepted a bucket: {err}")
-EOF
+  create_bucket sso-ready-probe delete
 }
 
-# create_bucket NAME: on the server just started ($port, $key, $secret), retried while it comes up
-# (the port opens before SeaweedFS's filer or Garage's layout answers).
+# create_bucket NAME [delete]: on the server just started ($port, $key, $secret), retried while it
+# comes up (the port opens before SeaweedFS's filer or Garage's layout answers); with `delete`, the
+# bucket is deleted again (a readiness probe).
 create_bucket() {
   ensure_venv
-  "$cache/venv/bin/python" - "http://127.0.0.1:$port" "$key" "$secret" "$1" <<'PY'
+  "$cache/venv/bin/python" - "http://127.0.0.1:$port" "$key" "$secret" "$@" <<'PY'
 import sys, time, boto3
 from botocore.config import Config
 s3 = boto3.client("s3", endpoint_url=sys.argv[1], region_name="us-east-1",
                   aws_access_key_id=sys.argv[2], aws_secret_access_key=sys.argv[3],
                   config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1}))
-err = None
+err, created = None, False
 for _ in range(150):
     try:
-        s3.create_bucket(Bucket=sys.argv[4]); break
+        if not created:
+            s3.create_bucket(Bucket=sys.argv[4])
+            created = True
+        if len(sys.argv) > 5:
+            s3.delete_bucket(Bucket=sys.argv[4])
+        break
     except Exception as e:
         err = e; time.sleep(0.2)
 else:

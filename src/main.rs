@@ -126,8 +126,8 @@ enum Command {
 // jemalloc, not glibc's malloc: with glibc, malloc and free were ~17 % of `upload`'s CPU at 0 ms
 // RTT (every request allocates ~500 times in the SDK, every body 35 KB–1 MiB, freed on another
 // thread; `malloc_consolidate` on each large request). With jemalloc the same 20,001-file upload
-// took ~15 % less CPU (BENCHMARKS.md, "0 ms"). mimalloc was tried before and dropped: its RSS
-// grew tenfold in this pattern.
+// took ~15 % less CPU (BENCHMARKS.md, "After jemalloc and a cap of 96"). mimalloc was tried
+// before and dropped: its RSS grew tenfold in this pattern.
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
