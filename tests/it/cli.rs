@@ -253,3 +253,29 @@ async fn root_against_a_store_owned_by_another_user_is_refused_with_advice() {
     let r = tokio::task::block_in_place(|| run(&cfg, &[]));
     assert_eq!(r.code, 0, "{}", r.stderr);
 }
+
+/// The binary's allocator options (`malloc_conf` in `src/main.rs`) are read and valid: jemalloc
+/// ignores an unknown or misspelt option with only a line on stderr, and a symbol renamed by a
+/// tikv-jemallocator upgrade would drop all of them silently (RSS back to ~60 MB).
+#[test]
+fn the_allocator_reads_our_options() {
+    let out = Command::new(env!("CARGO_BIN_EXE_synapse-s3-offload"))
+        .arg("--version")
+        .env("_RJEM_MALLOC_CONF", "confirm_conf:true")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for option in [
+        "narenas:2",
+        "dirty_decay_ms:100",
+        "muzzy_decay_ms:0",
+        "tcache_max:1024",
+    ] {
+        assert!(
+            stderr.contains(&format!("Set conf value: {option}")),
+            "{option} not applied:\n{stderr}"
+        );
+    }
+    assert!(!stderr.contains("Invalid conf"), "{stderr}");
+}
